@@ -1,0 +1,197 @@
+"""The transform convention (DESIGN.md section 2), in one place.
+
+A case's transform file ``N.txt`` holds ``R``, read with SimpleITK. ``R`` maps a point of
+the *upright* space (where the radiologist drew the labels) to the point of the *scan*
+that is shown there, both in LPS millimetres:
+
+    upright = sitk.Resample(ct, ct, R, sitk.sitkLinear, -1024)
+
+So ``R`` is used as-is to pull scan intensities into the upright space, and its inverse
+carries upright labels back onto the scan. Files written the other way round are read
+with ``invert=True``; nothing here guesses the direction.
+
+Slicer: a transform read from an ITK file is a "from parent" (resampling) transform in
+RAS. Applied to the CT volume, ``R`` as "from parent" shows the head upright, so the
+Slicer node's "to parent" matrix is ``inverse(R)`` converted LPS -> RAS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import re
+from typing import List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+#: LPS <-> RAS flip (x and y change sign); its own inverse.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_ITKSNAP_TYPE = "MatrixOffsetTransformBase_double_3_3"
+# Types that SimpleITK reads as linear 3D maps (as the sole member of a composite too).
+_LINEAR_TYPES = {
+    "AffineTransform", "MatrixOffsetTransformBase", "Euler3DTransform", "VersorRigid3DTransform",
+    "Similarity3DTransform", "ScaleVersor3DTransform", "ScaleSkewVersor3DTransform",
+    "ScaleTransform", "ScaleLogarithmicTransform", "TranslationTransform", "VersorTransform",
+    "Rigid3DTransform", "CenteredAffineTransform", "ComposeScaleSkewVersor3DTransform",
+    "QuaternionRigidTransform", "IdentityTransform", "FixedCenterOfRotationAffineTransform",
+}
+# Singular value bounds: a head-pose transform is a rotation; scaling beyond these
+# bounds is a warning, a (near) zero singular value an error.
+_SCALE_WARN = 0.05
+_SINGULAR_MIN = 1e-3
+
+
+class TransformWarning(UserWarning):
+    """The transform loads but looks unusual (scaling, shear, very large rotation)."""
+
+
+def identity() -> sitk.AffineTransform:
+    """The transform of a case without ``N.txt``: upright space equals scan space."""
+    return sitk.AffineTransform(3)
+
+
+def matrix_of(transform: sitk.Transform) -> np.ndarray:
+    """4x4 homogeneous LPS matrix of a linear transform (``q = M @ p``).
+
+    Evaluated by mapping points rather than by reading parameters: SimpleITK wraps an
+    ITK-SNAP file as a ``CompositeTransform`` whose member has no typed accessors.
+    """
+    base = np.array(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
+    m = np.eye(4)
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        m[:3, axis] = np.array(transform.TransformPoint(tuple(unit))) - base
+    m[:3, 3] = base
+    return m
+
+
+def affine_from_matrix(m: np.ndarray) -> sitk.AffineTransform:
+    """SimpleITK affine (centre 0) from a 4x4 homogeneous LPS matrix."""
+    m = np.asarray(m, dtype=np.float64)
+    tf = sitk.AffineTransform(3)
+    tf.SetMatrix(m[:3, :3].ravel().tolist())
+    tf.SetTranslation(m[:3, 3].tolist())
+    return tf
+
+
+def itk_types(transform: sitk.Transform) -> List[str]:
+    """ITK class names inside a (possibly composite) transform, from its printout.
+
+    SimpleITK has no typed view of a composite's members, so the RTTI lines of the
+    printout are the reliable way to see a B-spline hiding in an ITK file.
+    """
+    names = re.findall(r"RTTI typeinfo:\s+itk::(\w+)<", str(transform))
+    return [n for n in names if n != "CompositeTransform"]
+
+
+def validate(transform: sitk.Transform, source: str = "the transform") -> sitk.AffineTransform:
+    """Check a transform is a usable 3D linear head pose; return it as one affine.
+
+    Raises :class:`InputError` for non-linear, non-3D, singular or non-finite
+    transforms (SimpleITK loads all of these without complaint). Warns
+    (:class:`TransformWarning`) on scaling, shear or mirroring, which a head pose
+    should not have.
+    """
+    if transform.GetDimension() != 3:
+        raise InputError(f"{source} is {transform.GetDimension()}D, not 3D.",
+                         "Give the 3D transform saved with the scan.")
+    for name in itk_types(transform):
+        if name not in _LINEAR_TYPES:
+            raise InputError(f"{source} is of type {name}, which is not a linear transform.",
+                             "Give a rigid or affine ITK transform, as ITK-SNAP saves it.")
+    m = matrix_of(transform)
+    if not np.all(np.isfinite(m)):
+        raise InputError(f"{source} contains NaN or infinite numbers.",
+                         "Save the transform again from ITK-SNAP.")
+    sv = np.linalg.svd(m[:3, :3], compute_uv=False)
+    if sv.min() < _SINGULAR_MIN:
+        raise InputError(f"{source} is singular (it flattens the image; singular values "
+                         f"{', '.join(f'{s:.3g}' for s in sv)}).",
+                         "Give the head-pose transform that ITK-SNAP saved, not a projection.")
+    if np.linalg.det(m[:3, :3]) < 0:
+        warnings.warn(f"{source} mirrors the image (negative determinant): left and right "
+                      "would swap. Check the file.", TransformWarning, stacklevel=2)
+    if np.abs(sv - 1.0).max() > _SCALE_WARN:
+        warnings.warn(f"{source} scales or shears the image (singular values "
+                      f"{', '.join(f'{s:.3f}' for s in sv)}); a head pose is a rotation. "
+                      "The result may be distorted.", TransformWarning, stacklevel=2)
+    return affine_from_matrix(m)
+
+
+def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTransform:
+    """Read ``R`` (upright -> scan, LPS) from an ITK transform file.
+
+    ``None`` means no transform: identity. ``invert=True`` is for files written the
+    other way round (scan -> upright).
+    """
+    if path is None:
+        return identity()
+    if not os.path.isfile(path):
+        raise InputError(f"transform file not found: {path}.", "Check the path, or leave the transform out.")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"transform file is empty: {path}.", "Save the transform again from ITK-SNAP.")
+    try:
+        raw = sitk.ReadTransform(str(path))
+    except Exception as exc:  # SimpleITK raises RuntimeError with ITK's text
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                         f"({first[:160]}).",
+                         "Give the .txt/.tfm file that ITK-SNAP saves (Transform: "
+                         f"{_ITKSNAP_TYPE}).") from None
+    tf = validate(raw, source=f"transform file {os.path.basename(path)}")
+    return affine_from_matrix(np.linalg.inv(matrix_of(tf))) if invert else tf
+
+
+def write_transform(path: str, transform: sitk.Transform) -> None:
+    """Write ``transform`` as ITK-SNAP does (``MatrixOffsetTransformBase_double_3_3``).
+
+    Written by hand rather than with ``sitk.WriteTransform`` so that the file has the
+    exact type name ITK-SNAP uses; SimpleITK reads it back unchanged. Atomic: the
+    file appears only when complete.
+    """
+    m = matrix_of(transform)
+    params = list(m[:3, :3].ravel()) + list(m[:3, 3])
+    text = ("#Insight Transform File V1.0\n#Transform 0\n"
+            f"Transform: {_ITKSNAP_TYPE}\n"
+            "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
+            "FixedParameters: 0 0 0\n")
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def slicer_to_parent_ras(transform: sitk.Transform) -> np.ndarray:
+    """4x4 RAS "to parent" matrix for a Slicer transform node that shows the scan upright."""
+    return LPS_TO_RAS @ np.linalg.inv(matrix_of(transform)) @ LPS_TO_RAS
+
+
+def from_slicer_to_parent_ras(to_parent_ras: np.ndarray) -> sitk.AffineTransform:
+    """``R`` from a Slicer node's "to parent" RAS matrix (inverse of the function above)."""
+    return affine_from_matrix(LPS_TO_RAS @ np.linalg.inv(np.asarray(to_parent_ras, float)) @ LPS_TO_RAS)
+
+
+def rotation(angles_deg: Tuple[float, float, float], center=(0.0, 0.0, 0.0),
+             translation=(0.0, 0.0, 0.0)) -> sitk.AffineTransform:
+    """Head-pose transform from rotations about x, y, z (degrees) about ``center`` (LPS mm).
+
+    Used to make tilted phantoms and synthetic cases with a known ``R``.
+    """
+    rx, ry, rz = (math.radians(a) for a in angles_deg)
+    e = sitk.Euler3DTransform(tuple(float(c) for c in center), rx, ry, rz,
+                              tuple(float(t) for t in translation))
+    return affine_from_matrix(matrix_of(e))
+
+
+def rotation_angle_deg(transform: sitk.Transform) -> float:
+    """Angle of the rotation part (degrees): how far a pose is from upright."""
+    a = matrix_of(transform)[:3, :3]
+    u, _, vt = np.linalg.svd(a)
+    r = u @ vt
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
