@@ -1,0 +1,285 @@
+"""The ``brainlobeseg`` command: ``segment``, ``demo`` and ``models``.
+
+Errors the user can fix (:class:`InputError`) print one line and exit with status 2;
+nothing partial is written (each case's files are staged and moved into place together).
+A progress bar is drawn on a terminal and left out when output is piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__, geometry, imageio, models, output, regions, transforms
+from .errors import EXIT_INPUT_ERROR, Cancelled, InputError
+from .inference import FUSIONS, MODES, SegmentationResult, Segmenter
+
+EXIT_NO_MODELS = 3
+EXIT_INTERNAL = 1
+EXIT_CANCELLED = 130
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; silent when the stream is not a TTY."""
+
+    def __init__(self, label: str, stream=None, enabled: Optional[bool] = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label, self._last = label, -1.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if not self.enabled or (fraction - self._last < 0.01 and fraction < 1.0):
+            return
+        self._last = fraction
+        filled = int(round(30 * fraction))
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                          f"{100 * fraction:3.0f}% {message[:40]:<40}")
+        if fraction >= 1.0:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def output_names(case: str) -> Tuple[str, str, str]:
+    """Output file names of a case: scan-grid labels, upright labels, Slicer segmentation."""
+    return f"{case}-aspects.nii.gz", f"{case}-aspects-upright.nii.gz", f"{case}-aspects.seg.nrrd"
+
+
+def write_outputs(result: SegmentationResult, outdir: str, case: str,
+                  extra: Optional[Callable[[output.OutputSet], None]] = None) -> List[Path]:
+    """Write a case's outputs all together (staged, then renamed)."""
+    scan_name, upright_name, seg_name = output_names(case)
+    with output.OutputSet(outdir) as out:
+        output.write_labelmap(result.labels_scan, out.path(scan_name))
+        output.write_labelmap(result.labels_upright, out.path(upright_name))
+        output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
+        if extra is not None:
+            extra(out)
+        return out.commit()
+
+
+def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optional[str]]]:
+    """(case name, scan path, transform path) for a file, a DICOM folder or a dataset folder."""
+    if os.path.isdir(scan) and not _is_dicom_folder(scan):
+        if transform:
+            raise InputError("--transform cannot be used with a folder of cases.",
+                             "Put each case's transform next to it as N.txt (DESIGN.md layout).")
+        from .dataset import list_cases
+        return [(c.name, str(c.image_path), str(c.transform_path) if c.transform_path else None)
+                for c in list_cases(scan)]
+    return [(imageio.strip_image_suffix(scan), scan, transform)]
+
+
+def _is_dicom_folder(folder: str) -> bool:
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+    except Exception:
+        return False
+
+
+def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[str], invert: bool,
+                 force: bool, progress) -> Tuple[sitk.Image, SegmentationResult]:
+    """Read and check one scan and its transform, then segment it."""
+    transform = transforms.read_transform(transform_path, invert=invert)
+    scan = imageio.read_scan(scan_path)
+    imageio.check_ct(scan, force=force, name=os.path.basename(scan_path))
+    return scan, segmenter.segment(scan, transform, progress=progress)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    cases = _inputs(args.scan, args.transform)
+    segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
+    failed = 0
+    for name, scan_path, tf_path in cases:
+        bar = ProgressBar(name)
+        try:
+            t0 = time.perf_counter()
+            _, result = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
+                                     args.force, bar)
+            files = write_outputs(result, args.output, name)
+        except InputError as exc:
+            if len(cases) == 1:
+                raise
+            failed += 1
+            print(f"brainlobeseg: {name}: {exc}", file=sys.stderr)
+            continue
+        print(f"{name}: {result.mode} segmentation in {time.perf_counter() - t0:.1f} s -> "
+              + ", ".join(str(f) for f in files))
+    if failed:
+        print(f"brainlobeseg: {failed} of {len(cases)} cases failed (see above).", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    return 0
+
+
+def dice_per_label(truth: np.ndarray, pred: np.ndarray) -> dict:
+    """Dice of each region present in ``truth`` (label id -> Dice)."""
+    out = {}
+    for r in regions.REGIONS:
+        t, p = truth == r.label, pred == r.label
+        denom = t.sum() + p.sum()
+        if t.any():
+            out[r.label] = float(2.0 * (t & p).sum() / denom)
+    return out
+
+
+def demo_overlay(result: SegmentationResult, scan: sitk.Image, transform, path: str) -> None:
+    """Two axial slices of the upright head (ganglionic and supraganglionic level) with
+    the labels over the CT, side by side."""
+    hu = geometry.upright_resample(scan, transform, result.grid)
+    lab = result.labels_grid
+    ganglionic = [r.label for r in regions.REGIONS if r.level == "ganglionic"]
+    supra = [r.label for r in regions.REGIONS if r.level == "supraganglionic"]
+    panels = []
+    for group in (ganglionic, supra):
+        counts = np.isin(lab, group).sum(axis=(1, 2))
+        z = int(np.argmax(counts)) if counts.any() else lab.shape[0] // 2
+        # array y grows to posterior, x to the patient's left: flip x for radiological view
+        panels.append(output.overlay_slice(hu[z][::-1, ::-1], lab[z][::-1, ::-1]))
+    output.write_png(np.concatenate(panels, axis=1), path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if not models.list_model_folders(args.model):
+        print("brainlobeseg demo: no bundled models found in "
+              f"{args.model or models.bundled_models_dir()}. The demo segments with the bundled "
+              "models and cannot run without them; train and export them with "
+              "`python -m training` (see training/README.md).", file=sys.stderr)
+        return EXIT_NO_MODELS
+    from . import phantom
+    out = Path(args.output)
+    print(f"making a synthetic tilted head CT ({'x'.join(map(str, args.size))}, "
+          f"tilt {args.angles} degrees)...")
+    case = phantom.make_scan(size=tuple(args.size), angles_deg=tuple(args.angles), seed=args.seed)
+    in_dir = out / "input"
+    in_dir.mkdir(parents=True, exist_ok=True)
+    scan_path, tf_path = str(in_dir / "demo.nii.gz"), str(in_dir / "demo.txt")
+    imageio.write_image_atomic(case.ct, scan_path)
+    transforms.write_transform(tf_path, case.transform)
+    segmenter = Segmenter(args.mode, args.model, args.device)
+    t0 = time.perf_counter()
+    scan, result = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
+    seconds = time.perf_counter() - t0
+    transform = transforms.read_transform(tf_path)
+    files = write_outputs(result, str(out), "demo", extra=lambda o: demo_overlay(
+        result, scan, transform, o.path("demo-overlay.png")))
+    dice = dice_per_label(sitk.GetArrayViewFromImage(case.labels_scan),
+                          sitk.GetArrayViewFromImage(result.labels_scan))
+    print(f"segmented in {seconds:.1f} s ({result.mode}: {', '.join(result.model_names)}); "
+          f"{len(dice)} regions, mean Dice against the phantom's truth {np.mean(list(dice.values())):.3f}")
+    print(f"input:  {scan_path}\n        {tf_path}")
+    for f in files:
+        print(f"output: {f}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    folders = models.list_model_folders(args.model)
+    if not folders:
+        print(f"no models in {args.model or models.bundled_models_dir()}")
+        return EXIT_NO_MODELS
+    for folder in folders:
+        card = models.read_card(folder)
+        if args.json:
+            print(json.dumps(card.to_json(), indent=2))
+            continue
+        dice = card.metrics.get("mean_dice")
+        print(f"{card.name} {card.version} [{card.kind}] at {folder}\n"
+              f"  {card.description}\n"
+              f"  spacing {card.spacing_mm} mm, window {card.intensity.get('window')} HU, "
+              f"networks {', '.join(card.networks)}\n"
+              f"  trained on: {card.training.get('data', 'unknown')}\n"
+              f"  held-out mean Dice: {dice if dice is not None else 'not recorded'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainlobeseg", description=(
+        "Segment the 20 ASPECTS regions on non-contrast head CT."))
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment a scan, or a folder of cases (N.nii.gz + N.txt)")
+    s.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd), DICOM series folder, or dataset folder")
+    s.add_argument("--transform", help="ITK transform file that turns the head upright (ITK-SNAP)")
+    s.add_argument("--invert-transform", action="store_true",
+                   help="the transform file maps scan -> upright (the other way round)")
+    s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    _model_options(s)
+    s.set_defaults(func=cmd_segment)
+
+    d = sub.add_parser("demo", help="segment a built-in synthetic head CT (no data needed)")
+    d.add_argument("-o", "--output", default="brainlobeseg-demo", help="output folder")
+    d.add_argument("--size", type=int, nargs=3, default=[512, 512, 110], metavar=("X", "Y", "Z"))
+    d.add_argument("--angles", type=float, nargs=3, default=[8.0, -6.0, 10.0],
+                   metavar=("RX", "RY", "RZ"), help="head tilt in degrees")
+    d.add_argument("--seed", type=int, default=None)
+    _model_options(d, default_mode="ensemble")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the bundled models and their cards")
+    m.add_argument("--model", type=Path, default=None, help="folder of model folders")
+    m.add_argument("--json", action="store_true", help="print the full cards")
+    m.set_defaults(func=cmd_models)
+    _register_extensions(sub)
+    return p
+
+
+def _model_options(parser: argparse.ArgumentParser, default_mode: str = "3d") -> None:
+    parser.add_argument("--mode", choices=MODES, default=default_mode,
+                        help=f"model: planar (3 planes fused), 3d, or ensemble (default {default_mode})")
+    parser.add_argument("--fusion", choices=FUSIONS, default="mean",
+                        help="how the planar networks are fused: mean probability or majority vote")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model folder, or a folder of them (default: bundled models)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+
+
+def _register_extensions(sub) -> None:
+    """Subcommands of other modules (statistics, alignment, dataset tools), if present."""
+    for module in ("statistics", "alignment", "dataset"):
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=["register_cli"])
+        except ImportError:
+            continue
+        if hasattr(mod, "register_cli"):
+            mod.register_cli(sub)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", transforms.TransformWarning)
+        try:
+            code = args.func(args)
+        except InputError as exc:
+            print(f"brainlobeseg: error: {exc}", file=sys.stderr)
+            code = EXIT_INPUT_ERROR
+        except (Cancelled, KeyboardInterrupt):
+            print("brainlobeseg: cancelled; nothing was written.", file=sys.stderr)
+            code = EXIT_CANCELLED
+        except Exception as exc:  # a bug, not bad input: one line unless --debug
+            if args.debug:
+                raise
+            print(f"brainlobeseg: internal error: {type(exc).__name__}: {exc} "
+                  "(run with --debug for details and please report it)", file=sys.stderr)
+            code = EXIT_INTERNAL
+        for w in caught:
+            if issubclass(w.category, transforms.TransformWarning):
+                print(f"brainlobeseg: warning: {w.message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

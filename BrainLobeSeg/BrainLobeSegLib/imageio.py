@@ -1,0 +1,177 @@
+"""Reading and checking scans, and writing results so that no half-written file is left.
+
+A scan is read with SimpleITK from NIfTI, NRRD, MetaImage or a DICOM series folder. Before
+anything is computed it is checked (:func:`check_ct`): SimpleITK happily returns a
+truncated ``.nii.gz`` as zeros, a 4D series or an MR volume, and each of these would
+otherwise end as a wrong segmentation rather than an error.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+# A head CT in HU has air near -1000; below this the 1st percentile is not air.
+_AIR_HU_MAX = -500.0
+# Above this the 99.9th percentile of a HU CT of a head is bone; MR or a display-scaled
+# image rarely has both this and air.
+_BONE_HU_MIN = 300.0
+MIN_SIZE_VOXELS = 8          # per axis
+MIN_EXTENT_MM = 40.0         # per axis; smaller is not a head
+MAX_VOXELS = 400_000_000     # ~0.8 GB as int16, more than any head CT (guard for RAM)
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def check_gzip_complete(path: str) -> None:
+    """Raise :class:`InputError` if a gzip file is truncated or corrupt.
+
+    SimpleITK (via zlib) returns the decompressed part of a cut ``.nii.gz`` and fills
+    the rest with zeros, without an error; only reading the stream to its end (and
+    its CRC) tells.
+    """
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{path} is truncated or corrupt ({exc}).",
+                         "Copy or export the file again; the gzip stream ends early.") from None
+
+
+def image_suffix(path: str) -> str:
+    low = path.lower()
+    for s in _IMAGE_SUFFIXES:
+        if low.endswith(s):
+            return s
+    return os.path.splitext(low)[1]
+
+
+def read_scan(path: str) -> sitk.Image:
+    """Read a scan from a file or a DICOM series folder, with clear errors.
+
+    Returns the image as SimpleITK reads it (pixel type unchanged); call
+    :func:`check_ct` before using it as a head CT.
+    """
+    if not os.path.exists(path):
+        raise InputError(f"scan not found: {path}.", "Check the path.")
+    if os.path.isdir(path):
+        return _read_dicom_folder(path)
+    if os.path.getsize(path) == 0:
+        raise InputError(f"scan file is empty: {path}.", "Export or copy the scan again.")
+    if path.lower().endswith(".gz"):
+        check_gzip_complete(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        reason = msg[-1][:160] if msg else type(exc).__name__
+        raise InputError(f"cannot read {path} as an image ({reason}).",
+                         "Give a NIfTI (.nii, .nii.gz), NRRD or a DICOM series folder.") from None
+    return image
+
+
+def _read_dicom_folder(folder: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = reader.GetGDCMSeriesIDs(folder)
+    except Exception:
+        series = ()
+    if not series:
+        raise InputError(f"{folder} is a folder without a DICOM series.",
+                         "Give the folder of one CT series, or a NIfTI/NRRD file.")
+    # Several series (scout, bone and brain kernels...): take the one with most slices.
+    files = max((reader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except Exception as exc:
+        raise InputError(f"cannot read the DICOM series in {folder} ({str(exc).strip()[:160]}).",
+                         "Export the series again, or convert it to NIfTI.") from None
+
+
+def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
+    """Refuse images that are not a 3D head CT in HU.
+
+    ``force`` skips only the intensity check (for a CT stored with an unusual offset);
+    the structural checks (dimension, components, size, NaN) always apply.
+    """
+    dim = image.GetDimension()
+    if dim != 3:
+        what = "2D (a single slice)" if dim == 2 else f"{dim}D"
+        raise InputError(f"{name} is {what}, not a 3D volume.",
+                         "Give the whole 3D CT series" + (" (one time point)." if dim > 3 else "."))
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                         "(colour or vector image).", "Give the grey-scale CT volume.")
+    size = image.GetSize()
+    extent = [n * s for n, s in zip(size, image.GetSpacing())]
+    if min(size) < MIN_SIZE_VOXELS or min(extent) < MIN_EXTENT_MM:
+        raise InputError(f"{name} is too small to be a head CT ({'x'.join(map(str, size))} voxels, "
+                         f"{' x '.join(f'{e:.0f}' for e in extent)} mm).",
+                         "Give the whole head scan, not a crop or a thumbnail.")
+    n_voxels = int(np.prod(size))
+    if n_voxels > MAX_VOXELS:
+        raise InputError(f"{name} is too large ({'x'.join(map(str, size))} = {n_voxels / 1e6:.0f} "
+                         "million voxels).", "Crop it to the head or resample it to <= 0.4 mm "
+                         "in-plane and >= 0.5 mm slices first.")
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InputError(f"{name} contains {bad} NaN or infinite voxel values.",
+                         "Fix or re-export the scan; a CT has finite HU everywhere.")
+    if force:
+        return
+    sample = arr[:: max(1, arr.shape[0] // 24)].ravel()[::7]
+    lo, hi = np.percentile(sample, [1, 99.9])
+    if lo > _AIR_HU_MAX or hi < _BONE_HU_MIN:
+        raise InputError(f"{name} does not look like a CT in Hounsfield units (1st percentile "
+                         f"{lo:.0f}, 99.9th {hi:.0f}; a head CT has air near -1000 and bone above "
+                         f"{_BONE_HU_MIN:.0f}).",
+                         "Give a non-contrast head CT in HU (not MR, not a display-scaled image), "
+                         "or pass --force if you are sure it is one.")
+
+
+def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> None:
+    """Write an image so that ``path`` appears only when complete.
+
+    The data goes to a temporary file in the same folder (same suffix, so SimpleITK
+    picks the same format) and is renamed over ``path`` at the end.
+    """
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=image_suffix(path), dir=folder)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=compress)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def strip_image_suffix(path: str) -> str:
+    """``/a/b/12.nii.gz`` -> ``12``: the case name used for output files."""
+    base = os.path.basename(os.path.normpath(path))
+    suffix = image_suffix(base)
+    return base[: -len(suffix)] if suffix and base.lower().endswith(suffix) else base
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> Optional[str]:
+    """None if two images share size, spacing, origin and direction; else what differs."""
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    for what, x, y in (("spacing", a.GetSpacing(), b.GetSpacing()),
+                       ("origin", a.GetOrigin(), b.GetOrigin()),
+                       ("direction", a.GetDirection(), b.GetDirection())):
+        if not np.allclose(x, y, atol=tol * max(1.0, float(np.abs(x).max()))):
+            return f"{what} {tuple(round(v, 4) for v in x)} vs {tuple(round(v, 4) for v in y)}"
+    return None

@@ -1,0 +1,229 @@
+"""Model folders: the ``model.json`` card format and safe loading.
+
+A model folder (``Resources/Models/<name>/``) holds ``model.json`` and one weights file
+per network (``<network>.pt``, a plain ``state_dict`` of tensors). The card is the single
+source of truth for how a model is fed: spacing, intensity window, context slices,
+coordinate channel, label table. Training writes cards with :func:`save_card`; the engine
+reads them with :func:`load_model`.
+
+Safety: weights are loaded with ``torch.load(weights_only=True)`` (tensors only, no
+pickled code) after their sha256 matches the card; the network is built from
+:mod:`networks` by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import regions
+from .errors import ModelError
+from .networks import UNet, build_network
+
+CARD_NAME = "model.json"
+CARD_FORMAT = 1
+KINDS = ("planar", "3d")
+#: planar network names; also the axis of the (z, y, x) model-grid array they slice.
+PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
+MODELS_ENV = "BRAINLOBESEG_MODELS"
+
+_REQUIRED = {"format": int, "name": str, "version": str, "kind": str, "architecture": dict,
+             "spacing_mm": list, "intensity": dict, "labels": list, "networks": dict}
+
+
+@dataclass
+class ModelCard:
+    """What ``model.json`` holds. See DESIGN.md section 4."""
+
+    name: str
+    version: str
+    kind: str                           # "planar" or "3d"
+    architecture: Dict[str, Any]        # {"name": "UNet2D", "args": {...}}
+    spacing_mm: List[float]             # model grid spacing, x y z
+    intensity: Dict[str, Any]           # {"window": [lo, hi]} in HU -> [0, 1]
+    networks: Dict[str, Dict[str, str]]  # network name -> {"file": ..., "sha256": ...}
+    labels: List[dict] = field(default_factory=regions.label_table)
+    context_slices: int = 1             # planar: neighbours on each side (2.5D)
+    coordinate_channel: bool = True     # left-right channel appended to the input
+    patch_size: Optional[List[int]] = None  # 3d: sliding-window patch (z, y, x); None = whole
+    training: Dict[str, Any] = field(default_factory=dict)   # data provenance, settings
+    metrics: Dict[str, Any] = field(default_factory=dict)    # held-out evaluation
+    description: str = ""
+    format: int = CARD_FORMAT
+
+    @property
+    def in_channels(self) -> int:
+        n = (2 * self.context_slices + 1) if self.kind == "planar" else 1
+        return n + int(self.coordinate_channel)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "format", "name", "version", "kind", "description", "architecture", "spacing_mm",
+            "intensity", "context_slices", "coordinate_channel", "patch_size", "labels",
+            "networks", "training", "metrics")}
+
+
+@dataclass
+class LoadedModel:
+    """A validated card and its networks, in eval mode on one device."""
+
+    card: ModelCard
+    folder: Path
+    nets: Dict[str, UNet]
+    device: torch.device
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normalise_intensity(hu: np.ndarray, card: ModelCard) -> np.ndarray:
+    """HU -> network input in [0, 1] with the card's window (the only place this happens)."""
+    lo, hi = (float(v) for v in card.intensity["window"])
+    out = np.clip(hu, lo, hi, out=None if hu.dtype != np.float32 else hu)
+    out -= lo
+    out *= 1.0 / (hi - lo)
+    return out
+
+
+def read_card(folder: Path) -> ModelCard:
+    """Parse and check ``model.json`` (structure, kind, label table, architecture)."""
+    path = Path(folder) / CARD_NAME
+    if not path.is_file():
+        raise ModelError(f"{folder} is not a model folder (no {CARD_NAME}).",
+                         "Give a folder exported by `python -m training export`.")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}).", "Export the model again.") from None
+    for key, typ in _REQUIRED.items():
+        if not isinstance(data.get(key), typ):
+            raise ModelError(f"{path}: field {key!r} is missing or not a {typ.__name__}.",
+                             "Export the model again with this version of BrainLobeSeg.")
+    if data["format"] != CARD_FORMAT:
+        raise ModelError(f"{path} has card format {data['format']}, this engine reads {CARD_FORMAT}.",
+                         "Use a matching BrainLobeSeg version.")
+    known = set(ModelCard.__dataclass_fields__)
+    card = ModelCard(**{k: v for k, v in data.items() if k in known})
+    _check_card(card, path)
+    return card
+
+
+def _check_card(card: ModelCard, path: Path) -> None:
+    if card.kind not in KINDS:
+        raise ModelError(f"{path}: kind {card.kind!r} is not one of {KINDS}.", "Fix model.json.")
+    ours = [(r["label"], r["code"], r["side"]) for r in regions.label_table()]
+    theirs = [(r.get("label"), r.get("code"), r.get("side")) for r in card.labels]
+    if theirs != ours:
+        raise ModelError(f"{path}: the label table differs from BrainLobeSeg's 20 ASPECTS regions.",
+                         "Train the model with this version's regions table.")
+    if len(card.spacing_mm) != 3 or min(card.spacing_mm) <= 0:
+        raise ModelError(f"{path}: spacing_mm must be three positive numbers.", "Fix model.json.")
+    lo, hi = card.intensity.get("window", (0, 0))
+    if not hi > lo:
+        raise ModelError(f"{path}: intensity window {lo}..{hi} is empty.", "Fix model.json.")
+    expected = set(PLANES) if card.kind == "planar" else {"unet3d"}
+    if set(card.networks) != expected:
+        raise ModelError(f"{path}: a {card.kind} model needs networks {sorted(expected)}, "
+                         f"the card lists {sorted(card.networks)}.", "Export the model again.")
+    args = card.architecture.get("args", {})
+    if args.get("in_channels") != card.in_channels or args.get("num_classes") != regions.NUM_LABELS + 1:
+        raise ModelError(f"{path}: the architecture's channels ({args.get('in_channels')} in, "
+                         f"{args.get('num_classes')} out) do not match the card "
+                         f"({card.in_channels} in, {regions.NUM_LABELS + 1} out).", "Fix model.json.")
+
+
+def load_model(folder: Path, device: str = "cpu") -> LoadedModel:
+    """Load a model folder after checking its card and the sha256 of every weights file."""
+    folder = Path(folder)
+    card = read_card(folder)
+    nets = {}
+    for net_name, entry in card.networks.items():
+        wpath = folder / entry["file"]
+        if wpath.resolve().parent != folder.resolve():
+            raise ModelError(f"{folder}: weights file {entry['file']!r} lies outside the model folder.",
+                             "Fix model.json.")
+        if not wpath.is_file():
+            raise ModelError(f"{folder}: weights file {entry['file']} is missing.", "Export the model again.")
+        digest = sha256_of(wpath)
+        if digest != entry.get("sha256"):
+            raise ModelError(f"{wpath} does not match the sha256 in model.json (tampered or "
+                             "replaced).", "Restore the model folder from the release or export it again.")
+        net = build_network(card.architecture["name"], card.architecture["args"])
+        try:
+            state = torch.load(wpath, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        except Exception as exc:
+            raise ModelError(f"{wpath} does not fit the architecture in model.json ({str(exc)[:200]}).",
+                             "Export the model again.") from None
+        nets[net_name] = net.to(device).eval()
+    return LoadedModel(card=card, folder=folder, nets=nets, device=torch.device(device))
+
+
+def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) -> Path:
+    """Write weights and card (sha256 filled in); the card is written last, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    networks = {}
+    for net_name, net in nets.items():
+        wpath = folder / f"{net_name}.pt"
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        torch.save(state, wpath)
+        networks[net_name] = {"file": wpath.name, "sha256": sha256_of(wpath)}
+    card.networks = networks
+    _check_card(card, folder / CARD_NAME)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(card.to_json(), fh, indent=2)
+    os.replace(tmp, folder / CARD_NAME)
+    return folder
+
+
+def bundled_models_dir() -> Path:
+    """``BrainLobeSeg/Resources/Models`` (or ``$BRAINLOBESEG_MODELS``)."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def list_model_folders(root: Optional[Path] = None) -> List[Path]:
+    root = Path(root) if root else bundled_models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file())
+
+
+def find_models(mode: str, model_dir: Optional[Path] = None) -> List[Path]:
+    """The model folders a mode needs: ``planar`` and ``3d`` one each, ``ensemble`` both.
+
+    ``model_dir`` may be one model folder (used alone, its kind must fit the mode) or a
+    folder of model folders; default is the bundled models.
+    """
+    if model_dir is not None and (Path(model_dir) / CARD_NAME).is_file():
+        card = read_card(Path(model_dir))
+        if mode != "ensemble" and card.kind != mode:
+            raise ModelError(f"{model_dir} is a {card.kind} model, but mode {mode!r} was asked for.",
+                             f"Use --mode {card.kind}, or give a {mode} model.")
+        return [Path(model_dir)]
+    folders = list_model_folders(model_dir)
+    kinds = {read_card(f).kind: f for f in folders}
+    wanted = ["planar", "3d"] if mode == "ensemble" else [mode]
+    missing = [k for k in wanted if k not in kinds]
+    if missing:
+        where = model_dir or bundled_models_dir()
+        raise ModelError(f"no {' and '.join(missing)} model found in {where}.",
+                         "Train and export one (`python -m training train/export`), or pass --model.")
+    return [kinds[k] for k in wanted]
