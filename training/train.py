@@ -1,0 +1,346 @@
+"""``python -m training train``: planar (axial, coronal, sagittal) and 3D U-Nets.
+
+Inputs are prepared by the engine's own steps (:mod:`training.preprocess`), so the
+networks see at training time exactly what they see in the extension. A run folder holds
+``config.json`` (the card template: spacing, window, architecture), ``log.jsonl``,
+per-network checkpoints (resume with ``--resume``) and final weights, which
+``python -m training export`` turns into a model folder.
+
+Scales out with ``torchrun --nproc_per_node N -m training train ...``
+(DistributedDataParallel; gloo on CPU, nccl on CUDA); mixed precision on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from BrainLobeSegLib import models, regions
+from BrainLobeSegLib.inference import planar_inputs, volume_inputs
+from BrainLobeSegLib.networks import build_network
+
+from .losses import LOSSES, segmentation_loss
+from .preprocess import Prepared, load_dataset, phantom_cases
+
+WINDOW_HU = [-20.0, 100.0]   # brain and bone both visible; air -> 0, bone -> 1
+MIRROR = np.array(regions.mirror_lut(), np.uint8)
+DEFAULTS = {
+    "planar": {"spacing": 2.0, "base": 16, "depth": 4, "batch": 16, "iterations": 1500,
+               "canvas": [128, 128], "lr": 2e-3},
+    "3d": {"spacing": 2.0, "base": 8, "depth": 4, "batch": 2, "iterations": 800,
+           "patch": [64, 80, 80], "lr": 2e-3},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="dataset folder(s) in the DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights)")
+    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both")
+    p.add_argument("--iterations", type=int, default=None, help="per network (default per kind)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm")
+    p.add_argument("--base-features", type=int, default=None)
+    p.add_argument("--loss", choices=LOSSES, default="dicece")
+    p.add_argument("--alpha", type=float, default=0.85, help="Tversky false-positive weight")
+    p.add_argument("--beta", type=float, default=0.15, help="Tversky false-negative weight")
+    p.add_argument("--folds", type=int, default=1, help="k for k-fold cross-validation (1: none)")
+    p.add_argument("--fold", type=int, default=0, help="which fold is held out (0..k-1)")
+    p.add_argument("--phantoms", type=int, default=0, help="code phantoms mixed into training")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _flip(p: Prepared) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mirror left-right: pixels flip, left/right labels swap, the lateral coordinate
+    (distance from the midline, + = left) flips and changes sign."""
+    return p.volume[..., ::-1], MIRROR[p.labels[..., ::-1]], -p.lateral[::-1]
+
+
+def _views(p: Prepared, rng: np.random.Generator):
+    return _flip(p) if rng.random() < 0.5 else (p.volume, p.labels, p.lateral)
+
+
+def _fit(a: np.ndarray, shape: Sequence[int], starts: Sequence[int], fill: float) -> np.ndarray:
+    """Crop/pad the trailing dims of ``a`` to ``shape``; ``starts`` are offsets into ``a``
+    (negative: the array is placed further into the canvas)."""
+    out = np.full(a.shape[: a.ndim - len(shape)] + tuple(shape), fill, a.dtype)
+    src, dst = [], []
+    for n, m, s in zip(a.shape[-len(shape):], shape, starts):
+        lo, hi = max(s, 0), min(s + m, n)
+        src.append(slice(lo, max(hi, lo)))
+        dst.append(slice(lo - s, lo - s + max(hi - lo, 0)))
+    lead = (slice(None),) * (a.ndim - len(shape))
+    out[lead + tuple(dst)] = a[lead + tuple(src)]
+    return out
+
+
+def _random_starts(size: Sequence[int], shape: Sequence[int], rng, focus=None) -> List[int]:
+    starts = []
+    for ax, (n, m) in enumerate(zip(size, shape)):
+        if focus is not None:   # keep the labelled region inside the crop, jittered
+            lo, hi = focus[ax]
+            centre = (lo + hi) / 2 + rng.uniform(-0.25, 0.25) * m
+            starts.append(int(round(centre - m / 2)))
+        else:
+            starts.append(int(rng.integers(min(0, n - m), max(0, n - m) + 1)))
+    return starts
+
+
+def sample_planar(cases: List[Prepared], axis: int, batch: int, canvas: Sequence[int],
+                  context: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for _ in range(batch):
+        vol, lab, lat = _views(cases[int(rng.integers(len(cases)))], rng)
+        present = np.flatnonzero(lab.any(axis=tuple(a for a in range(3) if a != axis)))
+        n = vol.shape[axis]
+        i = int(rng.choice(present)) if len(present) and rng.random() < 0.85 else int(rng.integers(n))
+        x = planar_inputs(vol, lat, axis, context, i, i + 1, True)[0]
+        y = np.take(lab, i, axis=axis)
+        starts = _random_starts(y.shape, canvas, rng)
+        xs.append(_fit(x, canvas, starts, 0.0))
+        ys.append(_fit(y, canvas, starts, 0))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
+
+
+def sample_3d(cases: List[Prepared], batch: int, patch: Sequence[int], rng: np.random.Generator
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for _ in range(batch):
+        vol, lab, lat = _views(cases[int(rng.integers(len(cases)))], rng)
+        idx = np.argwhere(lab[::4, ::4, ::4]) * 4
+        focus = [(idx[:, a].min(), idx[:, a].max()) for a in range(3)] if len(idx) else None
+        starts = _random_starts(lab.shape, patch, rng, focus)
+        x = volume_inputs(np.ascontiguousarray(vol), np.ascontiguousarray(lat), True)[0]
+        xs.append(_fit(x, patch, starts, 0.0))
+        ys.append(_fit(lab, patch, starts, 0))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, max_deg: float,
+            image_channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Intensity jitter and noise on the image channels; a small random rotation and
+    scaling of image and labels (a residual head-pose error). The left-right channel
+    is left unrotated: it stays a coordinate of the grid, as in inference."""
+    b = x.shape[0]
+    img = x[:, :image_channels]
+    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (b,) + (1,) * (x.ndim - 1)).astype(np.float32))
+    shift = torch.from_numpy(rng.uniform(-0.05, 0.05, (b,) + (1,) * (x.ndim - 1)).astype(np.float32))
+    img = img * gain + shift + 0.02 * torch.randn_like(img)
+    dim = x.ndim - 2
+    theta = torch.zeros(b, dim, dim + 1)
+    for k in range(b):
+        ang = np.radians(rng.uniform(-max_deg, max_deg, 3 if dim == 3 else 1))
+        scale = rng.uniform(0.92, 1.08)
+        if dim == 2:
+            c, s = np.cos(ang[0]), np.sin(ang[0])
+            rot = np.array([[c, -s], [s, c]])
+        else:
+            rot = np.eye(3)
+            for ax, a in enumerate(ang):
+                c, s = np.cos(a), np.sin(a)
+                r = np.eye(3)
+                i, j = [q for q in range(3) if q != ax]
+                r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+                rot = rot @ r
+        theta[k, :, :dim] = torch.from_numpy(rot * scale)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                      align_corners=False)[:, 0].long()
+    return torch.cat([img, x[:, image_channels:]], dim=1), y
+
+
+# ----------------------------------------------------------------------------- training
+
+def class_weights(cases: List[Prepared]) -> torch.Tensor:
+    """Inverse square-root frequency, normalised to mean 1: the internal capsule and
+    caudate are 10x smaller than M5 and would otherwise be learnt last."""
+    counts = np.zeros(regions.NUM_LABELS + 1)
+    for c in cases:
+        counts += np.bincount(c.labels.ravel(), minlength=regions.NUM_LABELS + 1)
+    w = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def make_card(kind: str, cfg: dict) -> models.ModelCard:
+    """The card template of a run (networks and metrics are filled in at export)."""
+    card = models.ModelCard(
+        name=f"aspects-{kind}", version="0", kind=kind,
+        architecture={"name": "UNet2D" if kind == "planar" else "UNet3D", "args": {}},
+        spacing_mm=[cfg["spacing"]] * 3, intensity={"window": WINDOW_HU}, networks={},
+        context_slices=1, coordinate_channel=True, patch_size=None)
+    card.architecture["args"] = {"in_channels": card.in_channels,
+                                 "num_classes": regions.NUM_LABELS + 1,
+                                 "base_features": cfg["base"], "depth": cfg["depth"],
+                                 "norm": "batch"}
+    return card
+
+
+class Dist:
+    """torchrun environment: rank, world size, and whether this process logs/saves."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(self.local)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def train_network(net: torch.nn.Module, sampler: Callable[[np.random.Generator], tuple],
+                  name: str, run: Path, args: argparse.Namespace, iterations: int, lr: float,
+                  weights: torch.Tensor, image_channels: int, max_deg: float, device: str,
+                  dd: Dist, log: Callable[[dict], None]) -> torch.nn.Module:
+    """Train one network with AdamW + cosine decay; checkpoint and resume by name."""
+    net = net.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if dd.world > 1 else net
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
+    scaler = torch.amp.GradScaler("cuda", enabled=device == "cuda")
+    ckpt = run / f"checkpoint-{name}.pt"
+    start = 0
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["iteration"])
+        log({"event": "resumed", "network": name, "iteration": start})
+    rng = np.random.default_rng([args.seed, dd.rank, start, abs(hash(name)) % 10_000])
+    w = weights.to(device)
+    model.train()
+    t0, running = time.perf_counter(), []
+    for it in range(start, iterations):
+        x, y = augment(*sampler(rng), rng, max_deg, image_channels)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device_type="cuda", enabled=device == "cuda"):
+            loss = segmentation_loss(model(x), y, args.loss, args.alpha, args.beta, w)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        running.append(float(loss))
+        done = it + 1
+        if dd.main and (done % 25 == 0 or done == iterations):
+            log({"network": name, "iteration": done, "of": iterations,
+                 "loss": round(float(np.mean(running)), 4), "lr": opt.param_groups[0]["lr"],
+                 "seconds": round(time.perf_counter() - t0, 1)})
+            running = []
+        if dd.main and (done % args.checkpoint_every == 0 or done == iterations):
+            tmp = ckpt.with_suffix(".partial")
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "iteration": done}, tmp)
+            os.replace(tmp, ckpt)
+    if dd.main:
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, run / f"{name}.pt")
+    dd.barrier()
+    return net.eval()
+
+
+def split_folds(names: List[str], folds: int, fold: int, seed: int) -> Tuple[List[str], List[str]]:
+    """Deterministic k-fold split of case names: (training, held out)."""
+    if folds <= 1:
+        return names, []
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold must be in 0..{folds - 1}")
+    order = list(np.random.default_rng(seed).permutation(len(names)))
+    held = {names[i] for k, i in enumerate(order) if k % folds == fold}
+    return [n for n in names if n not in held], sorted(held)
+
+
+def run(args: argparse.Namespace) -> int:
+    from BrainLobeSegLib.dataset import list_cases
+    from BrainLobeSegLib.inference import resolve_device
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dd = Dist(device)
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = run_dir / "log.jsonl"
+
+    def log(entry: dict) -> None:
+        if not dd.main:
+            return
+        entry = {"time": round(time.time(), 1), **entry}
+        print(json.dumps(entry), flush=True)
+        with open(logfile, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    kinds = ["planar", "3d"] if args.kind == "both" else [args.kind]
+    config = json.loads((run_dir / "config.json").read_text()) if args.resume and (
+        run_dir / "config.json").is_file() else {"kinds": {}}
+    for kind in kinds:
+        cfg = dict(DEFAULTS[kind])
+        for key, value in (("iterations", args.iterations), ("batch", args.batch_size),
+                           ("lr", args.lr), ("spacing", args.spacing), ("base", args.base_features)):
+            if value is not None:
+                cfg[key] = value
+        card = make_card(kind, cfg)
+        multiple = 2 ** (cfg["depth"] - 1)
+        names = [c.name for d in args.data for c in list_cases(d) if c.seg_path is not None]
+        train_names, held = split_folds(names, args.folds, args.fold, args.seed)
+        cases: List[Prepared] = []
+        for d in args.data:
+            cases += load_dataset(d, card, multiple, run_dir / "cache", names=train_names,
+                                  log=lambda m: log({"prepare": m}))
+        if args.phantoms:
+            cases += phantom_cases(args.phantoms, card, multiple, args.seed)
+        if not cases:
+            raise SystemExit("no labelled cases to train on")
+        weights = class_weights(cases)
+        log({"event": "start", "kind": kind, "cases": len(cases), "held_out": held, "config": cfg,
+             "loss": args.loss, "world_size": dd.world, "device": device})
+        nets = list(models.PLANES) if kind == "planar" else ["unet3d"]
+        for name in nets:
+            torch.manual_seed(args.seed)
+            net = build_network(card.architecture["name"], card.architecture["args"])
+            if kind == "planar":
+                axis = models.PLANES[name]
+                sampler = (lambda a: lambda rng: sample_planar(
+                    cases, a, cfg["batch"], cfg["canvas"], card.context_slices, rng))(axis)
+                image_channels, max_deg = card.in_channels - 1, 8.0
+            else:
+                sampler = lambda rng: sample_3d(cases, cfg["batch"], cfg["patch"], rng)  # noqa: E731
+                image_channels, max_deg = 1, 5.0
+            train_network(net, sampler, name, run_dir, args, cfg["iterations"], cfg["lr"], weights,
+                          image_channels, max_deg, device, dd, log)
+        config["kinds"][kind] = {"card": card.to_json(), "config": cfg, "held_out": held,
+                                 "train_cases": len(cases), "phantoms": args.phantoms,
+                                 "data": [str(d) for d in args.data], "loss": args.loss,
+                                 "alpha": args.alpha, "beta": args.beta, "seed": args.seed,
+                                 "folds": args.folds, "fold": args.fold, "world_size": dd.world}
+        if dd.main:
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if dd.world > 1:
+        dist.destroy_process_group()
+    return 0
