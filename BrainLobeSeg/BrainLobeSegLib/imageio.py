@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+import struct
 import tempfile
 import zlib
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,16 +68,123 @@ def read_scan(path: str) -> sitk.Image:
         return _read_dicom_folder(path)
     if os.path.getsize(path) == 0:
         raise InputError(f"scan file is empty: {path}.", "Export or copy the scan again.")
-    if path.lower().endswith(".gz"):
+    gz = path.lower().endswith(".gz")
+    # The header first: a file claiming a huge volume is refused before ITK allocates
+    # it (ITK allocates the whole buffer before reading a single voxel).
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:
+        if gz:
+            check_gzip_complete(path)   # a clearer message for a cut or non-gzip file
+        raise InputError(f"cannot read {path} as an image ({_itk_reason(exc)}).",
+                         "Give a NIfTI (.nii, .nii.gz), NRRD or a DICOM series folder.") from None
+    check_voxel_count(reader.GetSize(), reader.GetNumberOfComponents(), os.path.basename(path))
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_data(path)
+    elif gz:
         check_gzip_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except Exception as exc:
-        msg = str(exc).strip().splitlines()
-        reason = msg[-1][:160] if msg else type(exc).__name__
-        raise InputError(f"cannot read {path} as an image ({reason}).",
+        raise InputError(f"cannot read {path} as an image ({_itk_reason(exc)}).",
                          "Give a NIfTI (.nii, .nii.gz), NRRD or a DICOM series folder.") from None
     return image
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The informative line of an ITK/SimpleITK exception, without source paths.
+
+    ITK's text ends with the "ITK ERROR: Class(0x...): message" line, sometimes followed
+    by "Reason: <strerror>" from a stale errno ("No such file or directory" for a file
+    that exists), which would mislead the user; that line is dropped.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Reason:")] or lines
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1]
+    line = re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
+    return line[:160]
+
+
+# NIfTI datatype code -> numpy dtype of the stored voxels (those a CT can come in).
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
+                 768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def _nifti_layout(head: bytes) -> Optional[Tuple[int, int, Optional[np.dtype]]]:
+    """(data offset, data bytes, float dtype or None) from a NIfTI-1/2 header.
+
+    None when the header is not one this function understands (ITK then decides).
+    """
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack_from(order + "i", head, 0)[0] == 348:
+            dims = struct.unpack_from(order + "8h", head, 40)
+            code, bitpix = struct.unpack_from(order + "2h", head, 70)
+            offset = int(struct.unpack_from(order + "f", head, 108)[0])
+            break
+        if len(head) >= 540 and struct.unpack_from(order + "i", head, 0)[0] == 540:
+            code, bitpix = struct.unpack_from(order + "2h", head, 12)
+            dims = struct.unpack_from(order + "8q", head, 16)
+            offset = int(struct.unpack_from(order + "q", head, 168)[0])
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
+        return None
+    n = int(np.prod([max(1, int(d)) for d in dims[1:ndim + 1]], dtype=np.float64))
+    kind = _NIFTI_DTYPES.get(code)
+    dtype = np.dtype(order + kind) if kind and kind[0] == "f" else None
+    return max(offset, 348), n * bitpix // 8, dtype
+
+
+def check_nifti_data(path: str) -> None:
+    """Raise :class:`InputError` if a NIfTI file holds fewer voxels than its header
+    says, or NaN/infinite values; for ``.nii.gz`` also if the gzip stream is cut.
+
+    SimpleITK reads a cut ``.nii`` (or a ``.nii.gz`` of one) as the data present followed
+    by zeros, and its NIfTI reader turns NaN and infinite voxels into 0 (which look like
+    brain tissue): neither is visible after reading. One streaming pass over the file.
+    """
+    gz = path.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(540)
+            layout = _nifti_layout(head)
+            if layout is None:           # not a header we know: only the gzip check
+                while gz and fh.read(1 << 22):
+                    pass
+                return
+            offset, expected, dtype = layout
+            if dtype is None and not gz:  # integer voxels on disk: the size tells
+                got, bad = os.path.getsize(path) - offset, 0
+            else:
+                if offset > len(head):
+                    fh.read(offset - len(head))
+                pending, rest, got, bad = head[offset:], b"", 0, 0
+                while True:
+                    chunk, pending = pending or fh.read(1 << 22), b""
+                    if not chunk:
+                        break
+                    if dtype is not None and got < expected:
+                        buf = rest + chunk[: expected - got]
+                        n = len(buf) // dtype.itemsize * dtype.itemsize
+                        block = np.frombuffer(buf[:n], dtype=dtype)
+                        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+                        rest = buf[n:]
+                    got += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{path} is truncated or corrupt ({exc}).",
+                         "Copy or export the file again; the gzip stream ends early.") from None
+    if got < expected:
+        raise InputError(f"{path} is truncated: its header announces {expected} bytes of voxel "
+                         f"data, the file holds {got}.", "Copy or export the file again.")
+    if bad:
+        raise InputError(f"{os.path.basename(path)} contains {bad} NaN or infinite voxel values.",
+                         "Fix or re-export the scan; a CT has finite HU everywhere.")
 
 
 def _read_dicom_folder(folder: str) -> sitk.Image:
@@ -97,6 +206,16 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
                          "Export the series again, or convert it to NIfTI.") from None
 
 
+def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the scan") -> None:
+    """The RAM guard: refuse volumes larger than :data:`MAX_VOXELS` (from a header too,
+    so nothing is allocated)."""
+    n_voxels = int(np.prod([int(n) for n in size], dtype=np.float64)) * max(1, int(components))
+    if n_voxels > MAX_VOXELS:
+        raise InputError(f"{name} is too large ({'x'.join(map(str, size))} = {n_voxels / 1e6:.0f} "
+                         "million voxels).", "Crop it to the head or resample it to <= 0.4 mm "
+                         "in-plane and >= 0.5 mm slices first.")
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
@@ -111,17 +230,15 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(colour or vector image).", "Give the grey-scale CT volume.")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{name} has complex voxel values, not HU.", "Give the grey-scale CT volume.")
     size = image.GetSize()
     extent = [n * s for n, s in zip(size, image.GetSpacing())]
     if min(size) < MIN_SIZE_VOXELS or min(extent) < MIN_EXTENT_MM:
         raise InputError(f"{name} is too small to be a head CT ({'x'.join(map(str, size))} voxels, "
                          f"{' x '.join(f'{e:.0f}' for e in extent)} mm).",
                          "Give the whole head scan, not a crop or a thumbnail.")
-    n_voxels = int(np.prod(size))
-    if n_voxels > MAX_VOXELS:
-        raise InputError(f"{name} is too large ({'x'.join(map(str, size))} = {n_voxels / 1e6:.0f} "
-                         "million voxels).", "Crop it to the head or resample it to <= 0.4 mm "
-                         "in-plane and >= 0.5 mm slices first.")
+    check_voxel_count(size, 1, name)
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())

@@ -44,6 +44,10 @@ _LINEAR_TYPES = {
 # bounds is a warning, a (near) zero singular value an error.
 _SCALE_WARN = 0.05
 _SINGULAR_MIN = 1e-3
+# Beyond these a file is not a head pose at all (wrong units, a projection, garbage);
+# matrix_of() also loses precision once translations dwarf the 1 mm probe points.
+_SCALE_MAX = 10.0
+_TRANSLATION_MAX_MM = 1e4
 
 
 class TransformWarning(UserWarning):
@@ -109,11 +113,18 @@ def validate(transform: sitk.Transform, source: str = "the transform") -> sitk.A
     if not np.all(np.isfinite(m)):
         raise InputError(f"{source} contains NaN or infinite numbers.",
                          "Save the transform again from ITK-SNAP.")
+    if np.abs(m[:3, 3]).max() > _TRANSLATION_MAX_MM:
+        raise InputError(f"{source} moves the image by {np.abs(m[:3, 3]).max():.3g} mm, "
+                         "far outside any scanner.", "Save the transform again from ITK-SNAP.")
     sv = np.linalg.svd(m[:3, :3], compute_uv=False)
     if sv.min() < _SINGULAR_MIN:
         raise InputError(f"{source} is singular (it flattens the image; singular values "
                          f"{', '.join(f'{s:.3g}' for s in sv)}).",
                          "Give the head-pose transform that ITK-SNAP saved, not a projection.")
+    if sv.max() > _SCALE_MAX or sv.min() < 1.0 / _SCALE_MAX:
+        raise InputError(f"{source} scales the image by {sv.min():.3g} to {sv.max():.3g}; a head "
+                         "pose is a rotation (scale 1).",
+                         "Check the file: it may use other units or not be a head-pose transform.")
     if np.linalg.det(m[:3, :3]) < 0:
         warnings.warn(f"{source} mirrors the image (negative determinant): left and right "
                       "would swap. Check the file.", TransformWarning, stacklevel=2)

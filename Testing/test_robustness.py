@@ -1,0 +1,453 @@
+"""Robustness of the engine's readers and checks (issue 6), below the CLI.
+
+Each test feeds one kind of bad input (a cut file, a 4D series, an MR volume, a singular
+transform...) to the function that must catch it and checks that it raises
+:class:`InputError` with a message naming the problem, that nothing else escapes, and
+that the input file is left as it was. The same cases end to end through the CLI are in
+``test_cli_errors.py``.
+
+The helpers at the top (a synthetic head CT, file hashes, output-folder checks) are
+shared with the other robustness suites, which import them from here: the images are
+kept small (48x48x24 at 4.5 x 4.5 x 5 mm, above the minimum size checks) so that the
+whole robustness suite stays fast on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainLobeSegLib import imageio, transforms
+from BrainLobeSegLib.errors import InputError
+
+SIZE = (48, 48, 24)            # x, y, z voxels
+SPACING = (4.5, 4.5, 5.0)      # mm: 216 x 216 x 120 mm, a whole head, 5 mm slices
+ITKSNAP_HEADER = ("#Insight Transform File V1.0\n#Transform 0\n"
+                  "Transform: MatrixOffsetTransformBase_double_3_3\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def head_array(size: Sequence[int] = SIZE, spacing: Sequence[float] = SPACING,
+               seed: int = 0) -> np.ndarray:
+    """A head-like HU volume ``(z, y, x)`` int16: air -1000, an ellipsoid skull at
+    ~1000 HU around brain at ~30 HU, with a little noise.
+
+    Deliberately independent of :mod:`phantom`: these tests need a plausible CT that
+    passes :func:`imageio.check_ct`, not anatomy, and must not break when the phantom
+    changes.
+    """
+    nx, ny, nz = size
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip((nz, ny, nx), tuple(spacing)[::-1])]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    outer = (x / 80.0) ** 2 + (y / 95.0) ** 2 + (z / 55.0) ** 2
+    inner = (x / 73.0) ** 2 + (y / 88.0) ** 2 + (z / 49.0) ** 2
+    rng = np.random.default_rng(seed)
+    arr = np.full(outer.shape, -1000.0)
+    arr[outer <= 1] = 1000.0
+    arr[inner <= 1] = 30.0
+    arr += rng.normal(0.0, 5.0, arr.shape)
+    return arr.astype(np.int16)
+
+
+def head_image(size: Sequence[int] = SIZE, spacing: Sequence[float] = SPACING,
+               direction: Optional[Sequence[float]] = None,
+               origin: Sequence[float] = (-100.0, -110.0, -60.0), seed: int = 0) -> sitk.Image:
+    """:func:`head_array` as a SimpleITK image with the given geometry."""
+    img = sitk.GetImageFromArray(head_array(size, spacing, seed))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    if direction is not None:
+        img.SetDirection(tuple(float(d) for d in direction))
+    return img
+
+
+def write(img: sitk.Image, path: Path, compress: bool = True) -> Path:
+    sitk.WriteImage(img, str(path), useCompression=compress)
+    return path
+
+
+def itksnap_text(params: Sequence) -> str:
+    """An ITK-SNAP transform file with the given 12 parameters (any text allowed)."""
+    return (ITKSNAP_HEADER + "Parameters: " + " ".join(str(p) for p in params)
+            + "\nFixedParameters: 0 0 0\n")
+
+
+def rotation_matrix(angles_deg: Tuple[float, float, float]) -> np.ndarray:
+    return transforms.matrix_of(transforms.rotation(angles_deg))[:3, :3]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> Dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` (to prove inputs unchanged)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(outdir: Path) -> list:
+    """Staging files or folders (``.partial-*``) left anywhere under ``outdir``."""
+    outdir = Path(outdir)
+    return [str(p) for p in outdir.rglob(".partial-*")] if outdir.exists() else []
+
+
+def assert_nothing_written(outdir: Path) -> None:
+    """After a refused input: no output file at all and no staging leftovers."""
+    outdir = Path(outdir)
+    assert leftovers(outdir) == []
+    files = [p for p in outdir.rglob("*") if p.is_file()] if outdir.exists() else []
+    assert files == [], f"refused input but files were written: {files}"
+
+
+def cut_in_half(path: Path) -> Path:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
+def raises_input_error(fn, *args, match: str, **kw) -> InputError:
+    """Call ``fn`` and return the :class:`InputError` it must raise (message checked)."""
+    with pytest.raises(InputError) as info:
+        fn(*args, **kw)
+    assert match.lower() in str(info.value).lower(), str(info.value)
+    assert "\n" not in str(info.value), "the message must be one line"
+    assert info.value.hint, "the message must say what to do"
+    return info.value
+
+
+# --------------------------------------------------------------------------- scan files
+
+def test_head_helper_passes_every_check(tmp_path):
+    """The base image of all cases below is accepted: each refusal is due to its defect."""
+    for suffix in (".nii.gz", ".nii", ".nrrd"):
+        path = write(head_image(), tmp_path / f"ok{suffix}")
+        img = imageio.read_scan(str(path))
+        imageio.check_ct(img)
+        assert img.GetSize() == SIZE
+
+
+def test_missing_scan(tmp_path):
+    raises_input_error(imageio.read_scan, str(tmp_path / "nope.nii.gz"), match="not found")
+
+
+def test_empty_scan(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    path.touch()
+    raises_input_error(imageio.read_scan, str(path), match="empty")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_scan(tmp_path, suffix):
+    """A file cut in half is refused. SimpleITK itself reads a cut ``.nii.gz`` *and* a
+    cut ``.nii`` without error (half the voxels, then zeros): both need our checks."""
+    path = cut_in_half(write(head_image(), tmp_path / f"cut{suffix}"))
+    before = sha256(path)
+    raises_input_error(imageio.read_scan, str(path), match="" if suffix in (".nrrd", ".mha") else "truncated")
+    assert sha256(path) == before
+
+
+def test_truncated_uncompressed_nifti_is_silently_zero_filled_by_simpleitk(tmp_path):
+    """Why the length check exists: without it the cut file 'reads' fine."""
+    path = cut_in_half(write(head_image(), tmp_path / "cut.nii", compress=False))
+    arr = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    assert (arr[-3:] == 0).all()
+
+
+def test_gzip_of_a_short_nifti_is_refused(tmp_path):
+    """A complete gzip stream around a NIfTI whose data is short (a cut ``.nii`` that was
+    compressed afterwards) passes the gzip check; the length check still catches it."""
+    raw = cut_in_half(write(head_image(), tmp_path / "short.nii", compress=False)).read_bytes()
+    path = tmp_path / "short.nii.gz"
+    path.write_bytes(gzip.compress(raw))
+    raises_input_error(imageio.read_scan, str(path), match="truncated")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"])
+def test_corrupt_scan(tmp_path, suffix):
+    path = tmp_path / f"random{suffix}"
+    path.write_bytes(np.random.default_rng(1).bytes(20_000))
+    before = sha256(path)
+    raises_input_error(imageio.read_scan, str(path), match="")
+    assert sha256(path) == before
+
+
+def test_corrupt_scan_reason_is_not_a_stray_errno(tmp_path):
+    """ITK appends 'Reason: No such file or directory' (a stale errno) to its MetaImage
+    errors; the user must not be told an existing file does not exist."""
+    path = cut_in_half(write(head_image(), tmp_path / "cut.mha"))
+    err = raises_input_error(imageio.read_scan, str(path), match="")
+    assert "no such file" not in str(err).lower()
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan")
+    raises_input_error(imageio.read_scan, str(tmp_path), match="DICOM")
+
+
+# --------------------------------------------------------------------------- image checks
+
+def test_2d_image(tmp_path):
+    img = sitk.GetImageFromArray(head_array()[12])
+    img.SetSpacing(SPACING[:2])
+    path = write(img, tmp_path / "slice.nii.gz")
+    raises_input_error(imageio.check_ct, imageio.read_scan(str(path)), match="2D")
+
+
+def test_4d_image(tmp_path):
+    frames = [head_image(seed=0), head_image(seed=1)]
+    img = sitk.JoinSeries(frames)                               # x, y, z, t
+    assert img.GetDimension() == 4
+    path = write(img, tmp_path / "series.nii.gz")
+    raises_input_error(imageio.check_ct, imageio.read_scan(str(path)), match="4D")
+
+
+def test_vector_image(tmp_path):
+    arr = np.stack([head_array()] * 3, axis=-1)                  # (z, y, x, 3)
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    img.SetSpacing(SPACING)
+    path = write(img, tmp_path / "rgb.nii.gz")
+    raises_input_error(imageio.check_ct, imageio.read_scan(str(path)), match="components")
+
+
+def test_complex_image(tmp_path):
+    img = sitk.GetImageFromArray(head_array().astype(np.complex64))
+    img.SetSpacing(SPACING)
+    path = write(img, tmp_path / "complex.nii.gz")
+    raises_input_error(imageio.check_ct, imageio.read_scan(str(path)), match="complex")
+
+
+def mr_like() -> sitk.Image:
+    """An MR-like volume: the same head, intensities 0..1000 (no air at -1000)."""
+    arr = head_array().astype(np.float32)
+    arr = np.where(arr < -500, 0.0, np.where(arr > 500, 150.0, 800.0))
+    img = sitk.GetImageFromArray(arr.astype(np.int16))
+    img.SetSpacing(SPACING)
+    return img
+
+
+def test_not_ct_refused_unless_forced():
+    err = raises_input_error(imageio.check_ct, mr_like(), match="does not look like a CT")
+    assert "--force" in str(err)
+    imageio.check_ct(mr_like(), force=True)
+
+
+@pytest.mark.parametrize("size,spacing", [((6, 6, 6), (30.0, 30.0, 30.0)),    # too few voxels
+                                          ((48, 48, 24), (0.5, 0.5, 0.5)),   # 24 x 24 x 12 mm
+                                          ((48, 48, 1), (4.5, 4.5, 5.0))])   # a single slice
+def test_tiny_volume(size, spacing):
+    img = sitk.Image(list(size), sitk.sitkInt16)
+    img.SetSpacing(spacing)
+    raises_input_error(imageio.check_ct, img, match="too small")
+
+
+def test_too_large_volume_guard(monkeypatch):
+    """The RAM guard, on a small image with the limit lowered (nothing big allocated)."""
+    img = head_image()
+    monkeypatch.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) - 1)
+    raises_input_error(imageio.check_ct, img, match="too large")
+
+
+def huge_header(path: Path, dims=(30000, 30000, 30000)) -> Path:
+    """A NIfTI made of a header alone that claims a 27 * 10^12-voxel (54 TB) volume."""
+    small = write(head_image(), path.with_name("small.nii"), compress=False).read_bytes()
+    header = bytearray(small[:352])
+    struct.pack_into("<3h", header, 42, *dims)
+    data = bytes(header)
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_too_large_volume_refused_from_the_header(tmp_path, name):
+    """Refused from the header, before a single voxel is allocated: without the guard
+    ITK would try to allocate 54 TB (and fail with an allocation error at best)."""
+    path = huge_header(tmp_path / name)
+    raises_input_error(imageio.read_scan, str(path), match="too large")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_non_finite_values(tmp_path, bad, suffix):
+    """NaN/inf voxels are refused, ``--force`` or not. SimpleITK's NIfTI reader turns
+    them into 0 (soft tissue) on reading, so for NIfTI ``read_scan`` must catch them in
+    the file; NRRD and MetaImage keep them and :func:`check_ct` catches them."""
+    arr = head_array().astype(np.float32)
+    arr[10, 20, 20] = bad
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(SPACING)
+    path = str(write(img, tmp_path / f"nan{suffix}"))
+    if suffix.startswith(".nii"):
+        raises_input_error(imageio.read_scan, path, match="1 NaN or infinite")
+        return
+    for force in (False, True):   # --force skips only the intensity check, never this one
+        raises_input_error(imageio.check_ct, imageio.read_scan(path), force=force,
+                           match="1 NaN or infinite")
+
+
+def test_nifti_data_check_accepts_float_ct_with_extensions_and_big_endian(tmp_path):
+    """The NIfTI data check must not refuse good files: float voxels, big-endian and a
+    header extension (data offset beyond 352) all pass and read back unchanged."""
+    arr = head_array().astype(np.float32)
+    path = tmp_path / "be.nii"
+    raw = write(sitk.GetImageFromArray(arr), path, compress=False).read_bytes()
+    hdr = bytearray(raw[:348])
+    # byte-swap every numeric field of the NIfTI-1 header (offset, struct format)
+    for off, fmt in [(0, "i"), (32, "i"), (36, "h"), (40, "8h"), (56, "3f"), (68, "4h"),
+                     (76, "8f"), (108, "3f"), (120, "h"), (124, "4f"), (140, "2i"),
+                     (252, "2h"), (256, "6f"), (280, "12f")]:
+        struct.pack_into(">" + fmt, hdr, off, *struct.unpack_from("<" + fmt, hdr, off))
+    ext = b"\x01\x00\x00\x00" + struct.pack(">ii", 32, 0) + b"\0" * 24   # one 32-byte extension
+    struct.pack_into(">f", hdr, 108, 352.0 + 32)
+    path.write_bytes(bytes(hdr) + ext + arr.astype(">f4").tobytes())
+    imageio.check_nifti_data(str(path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(imageio.read_scan(str(path))), arr)
+    # ...and the same layout is understood, not skipped: cut or NaN-holding copies fail
+    good = path.read_bytes()
+    path.write_bytes(good[:-8])
+    raises_input_error(imageio.read_scan, str(path), match="truncated")
+    arr[3, 4, 5] = np.nan
+    path.write_bytes(good[:384] + arr.astype(">f4").tobytes())
+    raises_input_error(imageio.read_scan, str(path), match="1 NaN")
+
+
+def test_five_mm_slices_and_oblique_directions_pass_the_checks():
+    """5 mm slices, oblique cosines and a gantry tilt (sheared direction) are valid CT."""
+    imageio.check_ct(head_image(spacing=(4.0, 4.0, 5.0)))
+    imageio.check_ct(head_image(direction=rotation_matrix((12.0, -8.0, 20.0)).ravel()))
+    imageio.check_ct(head_image(direction=gantry_tilt_direction(20.0)))
+
+
+def gantry_tilt_direction(tilt_deg: float) -> Tuple[float, ...]:
+    """Direction cosines of a gantry-tilted acquisition: the slice axis leans in y
+    while the in-plane axes stay put, so the columns are not orthogonal (a shear)."""
+    t = np.radians(tilt_deg)
+    return tuple(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, np.sin(t)], [0.0, 0.0, np.cos(t)]]).ravel())
+
+
+def test_write_image_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """A failing writer leaves neither the target nor a ``.partial-*`` file."""
+    def boom(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(imageio.sitk, "WriteImage", boom)
+    with pytest.raises(RuntimeError):
+        imageio.write_image_atomic(head_image(), str(tmp_path / "out.nii.gz"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- transform files
+
+def write_text(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_transform_missing_and_empty(tmp_path):
+    raises_input_error(transforms.read_transform, str(tmp_path / "none.txt"), match="not found")
+    raises_input_error(transforms.read_transform, write_text(tmp_path / "e.txt", ""), match="empty")
+
+
+@pytest.mark.parametrize("text", [
+    "hello, this is not a transform\n",
+    ITKSNAP_HEADER + "Parameters: 1 0 0\nFixedParameters: 0 0 0\n",       # too few numbers
+    ITKSNAP_HEADER + "Parameters: one two three\nFixedParameters: 0 0 0\n",
+    "#Insight Transform File V1.0\n#Transform 0\nTransform: NoSuchTransform_double_3_3\n"
+    "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n",
+])
+def test_garbage_transform(tmp_path, text):
+    path = write_text(tmp_path / "t.txt", text)
+    raises_input_error(transforms.read_transform, path, match="not an ITK transform")
+
+
+def test_binary_garbage_transform(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(np.random.default_rng(3).bytes(4000))
+    raises_input_error(transforms.read_transform, str(path), match="")
+
+
+def bspline_file(path: Path, composite: bool) -> str:
+    ref = sitk.Image([10, 10, 10], sitk.sitkFloat32)
+    ref.SetSpacing((20.0, 20.0, 20.0))
+    tf = sitk.BSplineTransformInitializer(ref, [2, 2, 2])
+    if composite:        # an affine followed by a B-spline: the B-spline must still be seen
+        tf = sitk.CompositeTransform([sitk.AffineTransform(3), tf])
+    sitk.WriteTransform(tf, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("composite", [False, True])
+def test_nonlinear_transform(tmp_path, composite):
+    path = bspline_file(tmp_path / "bspline.txt", composite)
+    raises_input_error(transforms.read_transform, path, match="not a linear transform")
+
+
+def test_2d_transform(tmp_path):
+    text = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_2_2\n"
+            "Parameters: 1 0 0 1 0 0\nFixedParameters: 0 0\n")
+    raises_input_error(transforms.read_transform, write_text(tmp_path / "t.txt", text), match="2D")
+
+
+@pytest.mark.parametrize("params", [
+    [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],                    # flattens z
+    [0] * 12,
+    [1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0],                    # two equal rows
+])
+@pytest.mark.parametrize("invert", [False, True])
+def test_singular_transform(tmp_path, params, invert):
+    path = write_text(tmp_path / "t.txt", itksnap_text(params))
+    raises_input_error(transforms.read_transform, path, invert=invert, match="singular")
+
+
+@pytest.mark.parametrize("params", [
+    [float("nan"), 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
+    [1, 0, 0, 0, 1, 0, 0, 0, 1, float("inf"), 0, 0],
+    [1e308, 0, 0, 0, 1e308, 0, 0, 0, 1e308, 0, 0, 0],
+])
+@pytest.mark.parametrize("invert", [False, True])
+def test_non_finite_transform(tmp_path, params, invert):
+    """NaN, inf and numbers whose use overflows are refused, however ITK parses them."""
+    path = write_text(tmp_path / "t.txt", itksnap_text(params))
+    with pytest.raises(InputError):
+        transforms.read_transform(path, invert=invert)
+
+
+@pytest.mark.parametrize("params,match", [
+    ([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0], "scales the image by"),     # cm vs mm, or worse
+    ([0.05, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], "scales the image by"),
+    ([1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1e9], "moves the image"),
+    ([1, 0, 0, 0, 1, 0, 0, 0, 1, 1e300, 0, 0], "moves the image"),
+])
+def test_absurd_transform(tmp_path, params, match):
+    """Loads, is finite and invertible, but is no head pose: refused, not warned."""
+    path = write_text(tmp_path / "t.txt", itksnap_text(params))
+    raises_input_error(transforms.read_transform, path, match=match)
+
+
+@pytest.mark.parametrize("params,what", [
+    ([1.3, 0, 0, 0, 1.3, 0, 0, 0, 1.3, 0, 0, 0], "scales or shears"),
+    ([1, 0.3, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], "scales or shears"),
+    ([-1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], "mirrors"),
+])
+def test_scaling_shear_mirror_warn_but_load(tmp_path, params, what):
+    path = write_text(tmp_path / "t.txt", itksnap_text(params))
+    with pytest.warns(transforms.TransformWarning, match=what):
+        tf = transforms.read_transform(path)
+    np.testing.assert_allclose(transforms.matrix_of(tf)[:3, :3], np.reshape(params[:9], (3, 3)))
+
+
+def test_rotation_loads_without_warning(tmp_path, recwarn):
+    m = rotation_matrix((10.0, -5.0, 7.0))
+    path = write_text(tmp_path / "t.txt", itksnap_text(list(m.ravel()) + [3, -2, 1]))
+    tf = transforms.read_transform(path)
+    np.testing.assert_allclose(transforms.matrix_of(tf)[:3, :3], m, atol=1e-12)
+    assert not [w for w in recwarn if issubclass(w.category, transforms.TransformWarning)]
