@@ -252,16 +252,40 @@ def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
+def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float,
+                  margin: int = 2) -> Tuple[np.ndarray, Grid]:
+    """Labels on a finer grid over the regions' bounding box, from interpolated probabilities.
+
+    Taking the argmax after linear interpolation gives smooth region borders where a
+    nearest-neighbour copy of coarse labels would give 2 mm stairs on a 0.45 mm scan.
+    Only the box around the regions is refined, which keeps time and memory small.
+    """
+    coarse = labels_from_probabilities(probs)
+    if spacing_mm >= min(grid.spacing) or not coarse.any():
+        return coarse, grid
+    box = geometry.crop_box(coarse.shape, coarse > 0)
+    lo = [max(0, s.start - margin) for s in box]
+    hi = [min(n, s.stop + margin) for s, n in zip(box, coarse.shape)]
+    sub = probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    src = Grid(tuple(grid.origin[a] + lo[2 - a] * grid.spacing[a] for a in range(3)),  # type: ignore[arg-type]
+               grid.spacing, (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]))
+    size = tuple(int((n - 1) * sp / spacing_mm) + 1 for n, sp in zip(src.size, src.spacing))
+    fine = Grid(src.origin, (spacing_mm,) * 3, size)  # type: ignore[arg-type]
+    return labels_from_probabilities(resample_probabilities(sub, src, fine)), fine
+
+
 class Segmenter:
     """Loads the models for a mode once and segments any number of scans."""
 
     def __init__(self, mode: str = "3d", model_dir: Optional[Path] = None, device: str = "auto",
-                 fusion: str = "mean", threads: Optional[int] = None, batch_size: int = 16) -> None:
+                 fusion: str = "mean", threads: Optional[int] = None, batch_size: int = 16,
+                 refine_mm: Optional[float] = 1.0) -> None:
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}.", f"Use one of {', '.join(MODES)}.")
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion {fusion!r}.", f"Use one of {', '.join(FUSIONS)}.")
         self.mode, self.fusion, self.batch_size = mode, fusion, batch_size
+        self.refine_mm = refine_mm   # None: labels go back from the model grid directly
         self.device = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
@@ -303,8 +327,11 @@ class Segmenter:
             labels = labels_from_probabilities(fused)
         st.report(0.93, "mapping labels back to the scan")
         with st.stage("to scan grid"):
-            labels_scan = geometry.labels_to_scan(labels, grid, scan, transform)
-            labels_upright = geometry.labels_to_upright_scan_grid(labels, grid, scan)
+            out_labels, out_grid = labels, grid
+            if self.refine_mm and self.refine_mm < min(grid.spacing):
+                out_labels, out_grid = refine_labels(fused, grid, self.refine_mm)
+            labels_scan = geometry.labels_to_scan(out_labels, out_grid, scan, transform)
+            labels_upright = geometry.labels_to_upright_scan_grid(out_labels, out_grid, scan)
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,
