@@ -48,22 +48,38 @@ class ProgressBar:
         self.stream.flush()
 
 
-def output_names(case: str) -> Tuple[str, str, str]:
+def output_names(case: str, labelmap_suffix: str = ".nii.gz") -> Tuple[str, str, str]:
     """Output file names of a case: scan-grid labels, upright labels, Slicer segmentation."""
-    return f"{case}-aspects.nii.gz", f"{case}-aspects-upright.nii.gz", f"{case}-aspects.seg.nrrd"
+    return (f"{case}-aspects{labelmap_suffix}", f"{case}-aspects-upright{labelmap_suffix}",
+            f"{case}-aspects.seg.nrrd")
+
+
+def labelmap_suffix(image: sitk.Image) -> str:
+    """``.nii.gz``, or ``.nrrd`` for a sheared grid (gantry tilt read from NRRD/MHA).
+
+    NIfTI cannot store non-orthogonal direction cosines: ITK's writer silently makes
+    them orthogonal, which would move the labels off the scan. NRRD keeps them.
+    """
+    d = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return ".nii.gz" if np.allclose(d.T @ d, np.eye(3), atol=1e-6) else ".nrrd"
 
 
 def write_outputs(result: SegmentationResult, outdir: str, case: str,
                   extra: Optional[Callable[[output.OutputSet], None]] = None) -> List[Path]:
     """Write a case's outputs all together (staged, then renamed)."""
-    scan_name, upright_name, seg_name = output_names(case)
-    with output.OutputSet(outdir) as out:
-        output.write_labelmap(result.labels_scan, out.path(scan_name))
-        output.write_labelmap(result.labels_upright, out.path(upright_name))
-        output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
-        if extra is not None:
-            extra(out)
-        return out.commit()
+    scan_name, upright_name, seg_name = output_names(case, labelmap_suffix(result.labels_scan))
+    try:
+        with output.OutputSet(outdir) as out:
+            output.write_labelmap(result.labels_scan, out.path(scan_name))
+            output.write_labelmap(result.labels_upright, out.path(upright_name))
+            output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
+            if extra is not None:
+                extra(out)
+            return out.commit()
+    except OSError as exc:   # disk full, no permission: the user's to fix, not a bug
+        raise InputError(f"cannot write the results of {case} to {outdir} "
+                         f"({exc.strerror or exc}); nothing was written.",
+                         "Free some space or choose another output folder with -o.") from None
 
 
 def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optional[str]]]:
@@ -79,10 +95,7 @@ def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optiona
 
 
 def _is_dicom_folder(folder: str) -> bool:
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
-    except Exception:
-        return False
+    return bool(imageio.dicom_series_ids(folder))
 
 
 def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[str], invert: bool,
@@ -94,7 +107,15 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
     return scan, segmenter.segment(scan, transform, progress=progress)
 
 
+def check_output_folder(path: str) -> None:
+    """Refuse an output path that is an existing file before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"the output path {path} exists and is not a folder.",
+                         "Give a folder for -o (it is created if missing).")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    check_output_folder(args.output)
     cases = _inputs(args.scan, args.transform)
     segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
     failed = 0

@@ -8,13 +8,14 @@ otherwise end as a wrong segmentation rather than an error.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
 import struct
 import tempfile
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -187,12 +188,34 @@ def check_nifti_data(path: str) -> None:
                          "Fix or re-export the scan; a CT has finite HU everywhere.")
 
 
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK's warnings (printed straight to the C stderr) for a block.
+
+    Used where a warning is expected and answered by our own message, e.g. GDCM's
+    "No Series were found" when a folder is probed for DICOM: the user must see one
+    clear line, not ITK's source paths.
+    """
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def dicom_series_ids(folder: str) -> Tuple[str, ...]:
+    """The DICOM series in a folder (empty when there are none), without ITK noise."""
+    try:
+        with quiet_itk():
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except Exception:
+        return ()
+
+
 def _read_dicom_folder(folder: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(folder)
-    except Exception:
-        series = ()
+    series = dicom_series_ids(folder)
     if not series:
         raise InputError(f"{folder} is a folder without a DICOM series.",
                          "Give the folder of one CT series, or a NIfTI/NRRD file.")
