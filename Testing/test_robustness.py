@@ -451,3 +451,14 @@ def test_rotation_loads_without_warning(tmp_path, recwarn):
     tf = transforms.read_transform(path)
     np.testing.assert_allclose(transforms.matrix_of(tf)[:3, :3], m, atol=1e-12)
     assert not [w for w in recwarn if issubclass(w.category, transforms.TransformWarning)]
+
+
+def test_written_images_get_the_normal_file_mode(tmp_path):
+    """Results are renamed from a ``mkstemp`` file (mode 0600); they must end up with
+    the mode any new file gets (0644 under umask 022) so others can open them."""
+    old = os.umask(0o022)
+    try:
+        imageio.write_image_atomic(head_image(), str(tmp_path / "labels.nii.gz"))
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "labels.nii.gz").stat().st_mode & 0o777) == oct(0o644)

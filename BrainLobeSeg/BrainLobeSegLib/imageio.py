@@ -279,6 +279,18 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
                          "or pass --force if you are sure it is one.")
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0666 less the umask).
+
+    Temporary files from :func:`tempfile.mkstemp` are 0600; renamed into place as they
+    are, results and model cards would be unreadable to the colleague or the Slicer
+    installation of another user that needs them.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> None:
     """Write an image so that ``path`` appears only when complete.
 
@@ -291,6 +303,7 @@ def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> N
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=compress)
+        os.chmod(tmp, default_file_mode())   # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from . import regions
 from .errors import ModelError
+from .imageio import default_file_mode
 from .networks import UNet, build_network
 
 CARD_NAME = "model.json"
@@ -108,6 +110,8 @@ def read_card(folder: Path) -> ModelCard:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}).", "Export the model again.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object (a model card).", "Export the model again.")
     for key, typ in _REQUIRED.items():
         if not isinstance(data.get(key), typ):
             raise ModelError(f"{path}: field {key!r} is missing or not a {typ.__name__}.",
@@ -121,28 +125,62 @@ def read_card(folder: Path) -> ModelCard:
     return card
 
 
+def _numbers(values: Any, count: int) -> bool:
+    """``values`` is a list of ``count`` finite real numbers (bools excluded)."""
+    return (isinstance(values, (list, tuple)) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                    for v in values))
+
+
 def _check_card(card: ModelCard, path: Path) -> None:
+    """Every field the engine uses, checked for type and range: a user's own model
+    folder must fail here with a clear message, not deep inside inference."""
     if card.kind not in KINDS:
         raise ModelError(f"{path}: kind {card.kind!r} is not one of {KINDS}.", "Fix model.json.")
+    if not (isinstance(card.architecture.get("name"), str)
+            and isinstance(card.architecture.get("args", {}), dict)):
+        raise ModelError(f"{path}: architecture must be {{\"name\": ..., \"args\": {{...}}}}.",
+                         "Fix model.json.")
     ours = [(r["label"], r["code"], r["side"]) for r in regions.label_table()]
-    theirs = [(r.get("label"), r.get("code"), r.get("side")) for r in card.labels]
+    theirs = [(r.get("label"), r.get("code"), r.get("side")) if isinstance(r, dict) else r
+              for r in card.labels]
     if theirs != ours:
         raise ModelError(f"{path}: the label table differs from BrainLobeSeg's 20 ASPECTS regions.",
                          "Train the model with this version's regions table.")
-    if len(card.spacing_mm) != 3 or min(card.spacing_mm) <= 0:
+    if not _numbers(card.spacing_mm, 3) or min(card.spacing_mm) <= 0:
         raise ModelError(f"{path}: spacing_mm must be three positive numbers.", "Fix model.json.")
-    lo, hi = card.intensity.get("window", (0, 0))
-    if not hi > lo:
-        raise ModelError(f"{path}: intensity window {lo}..{hi} is empty.", "Fix model.json.")
+    window = card.intensity.get("window")
+    if not _numbers(window, 2) or not window[1] > window[0]:
+        raise ModelError(f"{path}: intensity window must be two numbers lo < hi, not {window!r}.",
+                         "Fix model.json.")
+    if (not isinstance(card.context_slices, int) or isinstance(card.context_slices, bool)
+            or not 0 <= card.context_slices <= 16):
+        raise ModelError(f"{path}: context_slices must be an integer 0..16.", "Fix model.json.")
+    if not isinstance(card.coordinate_channel, bool):
+        raise ModelError(f"{path}: coordinate_channel must be true or false.", "Fix model.json.")
+    if card.patch_size is not None and not (
+            _numbers(card.patch_size, 3) and all(isinstance(p, int) and p > 0 for p in card.patch_size)):
+        raise ModelError(f"{path}: patch_size must be null or three positive integers.",
+                         "Fix model.json.")
     expected = set(PLANES) if card.kind == "planar" else {"unet3d"}
     if set(card.networks) != expected:
         raise ModelError(f"{path}: a {card.kind} model needs networks {sorted(expected)}, "
                          f"the card lists {sorted(card.networks)}.", "Export the model again.")
+    for net_name, entry in card.networks.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("sha256"), str)):
+            raise ModelError(f"{path}: network {net_name!r} needs a \"file\" and a \"sha256\".",
+                             "Export the model again.")
     args = card.architecture.get("args", {})
     if args.get("in_channels") != card.in_channels or args.get("num_classes") != regions.NUM_LABELS + 1:
         raise ModelError(f"{path}: the architecture's channels ({args.get('in_channels')} in, "
                          f"{args.get('num_classes')} out) do not match the card "
                          f"({card.in_channels} in, {regions.NUM_LABELS + 1} out).", "Fix model.json.")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """An exception text as one short line (no ANSI colours, tabs or newlines)."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())[:limit]
 
 
 def load_model(folder: Path, device: str = "cpu") -> LoadedModel:
@@ -161,13 +199,25 @@ def load_model(folder: Path, device: str = "cpu") -> LoadedModel:
         if digest != entry.get("sha256"):
             raise ModelError(f"{wpath} does not match the sha256 in model.json (tampered or "
                              "replaced).", "Restore the model folder from the release or export it again.")
-        net = build_network(card.architecture["name"], card.architecture["args"])
+        net = build_network(card.architecture["name"], card.architecture.get("args", {}))
         try:
+            # weights_only: tensors and plain containers only; a pickled object (code)
+            # is refused by the unpickler before anything of it is run.
             state = torch.load(wpath, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            raise ModelError(f"{wpath} holds pickled objects, not just tensors"
+                             + (f" (it refers to {found.group(1)})" if found else "")
+                             + "; it was not loaded.",
+                             "Use a model folder exported by `python -m training export` from a "
+                             "source you trust.") from None
+        if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+            raise ModelError(f"{wpath} is not a state_dict of tensors.", "Export the model again.")
+        try:
             net.load_state_dict(state, strict=True)
         except Exception as exc:
-            raise ModelError(f"{wpath} does not fit the architecture in model.json ({str(exc)[:200]}).",
-                             "Export the model again.") from None
+            raise ModelError(f"{wpath} does not fit the architecture in model.json "
+                             f"({_one_line(str(exc))}).", "Export the model again.") from None
         nets[net_name] = net.to(device).eval()
     return LoadedModel(card=card, folder=folder, nets=nets, device=torch.device(device))
 
@@ -187,6 +237,7 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(card.to_json(), fh, indent=2)
+    os.chmod(tmp, default_file_mode())   # mkstemp makes it private (0600)
     os.replace(tmp, folder / CARD_NAME)
     return folder
 
