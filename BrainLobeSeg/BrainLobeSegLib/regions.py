@@ -59,9 +59,14 @@ class Region:
 # (code, name, level, left colour, structure code); order defines ids 1-10 and 11-20.
 _LEFT_TABLE = [
     ("C", "caudate", "ganglionic", (230, 159, 0), (SCT, "11000004", "Caudate nucleus")),
-    ("L", "lentiform nucleus", "ganglionic", (213, 94, 0), (SCT, "87463005", "Lentiform nucleus")),
-    ("IC", "internal capsule", "ganglionic", (240, 228, 66), (SCT, "14645005", "Internal capsule")),
-    ("I", "insular ribbon", "ganglionic", (204, 121, 167), (SCT, "36169006", "Insula")),
+    # Codes checked against DICOM PS3.16 (CID 7153 caudate, insula; CID 7702 internal
+    # capsule) and Slicer's terminology JSON. 87463005, once used for L, is "Cerebral
+    # fornix"; no SNOMED code for the lentiform nucleus is in those lists, so L uses the
+    # project scheme rather than an unverified number.
+    ("L", "lentiform nucleus", "ganglionic", (213, 94, 0),
+     (PROJECT_SCHEME, "L", "ASPECTS L lentiform nucleus")),
+    ("IC", "internal capsule", "ganglionic", (240, 228, 66), (SCT, "85637007", "Internal capsule")),
+    ("I", "insular ribbon", "ganglionic", (204, 121, 167), (SCT, "36169008", "Insula")),
     ("M4", "anterior MCA cortex", "supraganglionic", (0, 114, 178),
      (PROJECT_SCHEME, "M4", "ASPECTS M4 anterior MCA cortex")),
     ("M5", "lateral MCA cortex", "supraganglionic", (0, 158, 115),
