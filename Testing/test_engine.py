@@ -1,0 +1,142 @@
+"""The engine's data flow: geometry, the transform convention, modes, outputs, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainLobeSegLib import geometry, inference, models, output, phantom, regions, transforms
+from BrainLobeSegLib.errors import Cancelled, InputError
+
+
+@pytest.fixture(scope="module")
+def tilted():
+    """A small tilted phantom with a known R (upright -> scan)."""
+    return phantom.make_scan(size=(96, 96, 48), spacing=(2.0, 2.0, 3.0), angles_deg=(12.0, -7.0, 9.0))
+
+
+def _agreement(a: sitk.Image, b: sitk.Image) -> float:
+    """Fraction of the union of labelled voxels on which two label images agree."""
+    x, y = sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)
+    fg = (x > 0) | (y > 0)
+    return float((x[fg] == y[fg]).mean())
+
+
+def test_upright_resample_undoes_the_tilt(tilted):
+    """The network input of a tilted scan is the upright head: the scan resampled with R
+    matches the upright phantom; without R (or with R inverted) it does not."""
+    head = geometry.head_box(tilted.ct, tilted.transform)
+    grid = head.grid((2.0, 2.0, 2.0))
+    upright_ct, _ = phantom.make_upright_phantom(spacing_mm=1.0)
+    reference = sitk.GetArrayFromImage(sitk.Resample(upright_ct, grid.reference(), sitk.AffineTransform(3),
+                                                     sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
+    inverse = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(tilted.transform)))
+
+    def misfit(tf) -> float:
+        """1 - correlation of the resampled scan with the upright phantom."""
+        vol = geometry.upright_resample(tilted.ct, tf, grid)
+        return 1.0 - float(np.corrcoef(vol.ravel(), reference.ravel())[0, 1])
+    right = misfit(tilted.transform)
+    assert right < 0.05
+    assert misfit(transforms.identity()) > 2 * right
+    assert misfit(inverse) > 4 * right
+
+
+def test_labels_go_back_to_the_right_scan_voxels(tilted):
+    """Labels known on the model grid, carried back by the engine with R^-1, land on the
+    scan voxels the phantom says they belong to (and only with the right direction)."""
+    head = geometry.head_box(tilted.ct, tilted.transform)
+    grid = head.grid((1.0, 1.0, 1.0))
+    truth_grid = sitk.GetArrayFromImage(sitk.Resample(
+        tilted.labels_upright, grid.reference(), sitk.AffineTransform(3), sitk.sitkNearestNeighbor))
+    # labels_upright is itself sampled on the scan grid; use a fine model grid so the
+    # round trip loses little.
+    back = geometry.labels_to_scan(truth_grid, grid, tilted.ct, tilted.transform)
+    assert geometry.Grid  # noqa: B018 (import used)
+    assert back.GetSize() == tilted.ct.GetSize()
+    assert back.GetOrigin() == tilted.ct.GetOrigin()
+    assert back.GetDirection() == tilted.ct.GetDirection()
+    assert back.GetSpacing() == tilted.ct.GetSpacing()
+    right = _agreement(back, tilted.labels_scan)
+    inverted = geometry.labels_to_scan(truth_grid, grid, tilted.ct,
+                                       transforms.affine_from_matrix(
+                                           np.linalg.inv(transforms.matrix_of(tilted.transform))))
+    assert right > 0.8
+    assert right - _agreement(inverted, tilted.labels_scan) > 0.3
+
+
+def test_head_box_midline_is_the_phantom_midline(tilted):
+    head = geometry.head_box(tilted.ct, tilted.transform)
+    upright = phantom.make_scan(size=(96, 96, 48), spacing=(2.0, 2.0, 3.0), angles_deg=(0, 0, 0))
+    assert abs(head.midline_x - geometry.head_box(upright.ct, upright.transform).midline_x) < 4.0
+
+
+@pytest.mark.parametrize("mode", inference.MODES)
+def test_every_mode_gives_labels_on_the_scan_grid(tiny_models, tilted, mode):
+    seg = inference.Segmenter(mode, tiny_models, "cpu")
+    res = seg.segment(tilted.ct, tilted.transform, keep_probabilities=True)
+    for img in (res.labels_scan, res.labels_upright):
+        assert img.GetSize() == tilted.ct.GetSize()
+        assert img.GetPixelID() == sitk.sitkUInt8
+        assert geometry  # noqa: B018
+    assert res.probabilities.shape == (regions.NUM_LABELS + 1,) + res.grid.shape
+    np.testing.assert_allclose(res.probabilities.sum(0), 1.0, atol=1e-4)
+    assert set(res.timings) >= {"crop", "upright resample", "inference", "to scan grid"}
+    if mode != "3d":
+        assert {"axial", "coronal", "sagittal"} <= set(res.member_labels)
+
+
+def test_progress_is_monotonic_and_cancel_stops(tiny_models, tilted):
+    seg = inference.Segmenter("planar", tiny_models, "cpu", batch_size=4)
+    seen = []
+    seg.segment(tilted.ct, tilted.transform, progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 10
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 5
+    with pytest.raises(Cancelled):
+        seg.segment(tilted.ct, tilted.transform, cancel=cancel)
+
+
+def test_vote_fusion_is_majority():
+    a = np.zeros((2, 3), np.uint8)
+    b = np.ones((2, 3), np.uint8)
+    mean = np.zeros((regions.NUM_LABELS + 1, 2, 3), np.float32)
+    fused = inference.fuse_probabilities([mean], [a, b, b], "vote")
+    assert (inference.labels_from_probabilities(fused) == 1).all()
+
+
+def test_resample_probabilities_between_grids():
+    box = geometry.HeadBox((-40.0, -50.0, -30.0), (40.0, 50.0, 30.0), 0.0)
+    coarse, fine = box.grid((4.0, 4.0, 4.0)), box.grid((2.0, 2.0, 2.0))
+    z = coarse.axis_coordinates(2)
+    probs = np.broadcast_to(z[None, :, None, None], (1,) + coarse.shape).astype(np.float32)
+    out = inference.resample_probabilities(probs, coarse, fine)
+    expected = np.clip(fine.axis_coordinates(2), z[0], z[-1])
+    np.testing.assert_allclose(out[0, :, 0, 0], expected, atol=1e-4)
+
+
+def test_seg_nrrd_has_20_named_segments(tmp_path, tilted):
+    slicerio = pytest.importorskip("slicerio")
+    path = str(tmp_path / "x.seg.nrrd")
+    output.write_seg_nrrd(tilted.labels_scan, path)
+    seg = slicerio.read_segmentation(path)
+    segs = seg["segments"]
+    assert [s["name"] for s in segs] == [r.segment_name for r in regions.REGIONS]
+    assert [s["labelValue"] for s in segs] == regions.LABELS
+    for s, r in zip(segs, regions.REGIONS):
+        np.testing.assert_allclose(s["color"], r.color_float, atol=1e-5)
+        assert s["terminology"]["type"] == list(r.type_code)
+        assert s["terminology"]["typeModifier"] == list(r.side_modifier)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(path))
+    np.testing.assert_array_equal(arr, sitk.GetArrayViewFromImage(tilted.labels_scan))
+
+
+def test_model_mode_mismatch_is_a_clear_error(tiny_models):
+    with pytest.raises(InputError, match="planar model"):
+        inference.Segmenter("3d", tiny_models / "tiny-planar", "cpu")
+    with pytest.raises(InputError, match="no 3d model"):
+        models.find_models("3d", tiny_models / "missing")
