@@ -1,0 +1,18 @@
+# Developer shortcuts. `make bench ATLAS=../shared/data` adds the atlas baseline;
+# BENCH_ARGS passes more options (see `python -m Testing.benchmarks.bench --help`),
+# e.g. BENCH_ARGS="--modes 3d --repeat 3" or BENCH_ARGS="--tiny-models".
+PYTHON ?= python
+ATLAS ?=
+BENCH_ARGS ?=
+
+.PHONY: bench test demo
+
+bench:
+	BENCH_COMMAND="make bench$(if $(ATLAS), ATLAS=$(ATLAS))$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
+	$(PYTHON) -m Testing.benchmarks.bench $(if $(ATLAS),--atlas-dir $(ATLAS)) $(BENCH_ARGS)
+
+test:
+	$(PYTHON) -m pytest -q
+
+demo:
+	$(PYTHON) -m BrainLobeSegLib.cli demo -o demo-output

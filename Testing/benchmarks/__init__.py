@@ -1,0 +1,1 @@
+"""Benchmarks of BrainLobeSeg (issue 5): ``python -m Testing.benchmarks.bench``."""
