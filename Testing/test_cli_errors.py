@@ -141,8 +141,10 @@ REFUSED: List[Case] = [
          "not a linear transform"),
     Case("transform: singular", with_transform(itksnap_text([1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])),
          "is singular"),
-    Case("transform: NaN", with_transform(itksnap_text(["nan"] + IDENTITY[1:])),
-         "not an ITK transform"),
+    Case("transform: NaN", with_transform(itksnap_text(["nan"] + IDENTITY[1:])), "NaN"),
+    Case("transform: empty Parameters (crashes ITK)", with_transform(
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: Euler3DTransform_double_3_3\n"
+        "Parameters: \nFixedParameters: 0 0 0\n"), "needs 6 parameters"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
     Case("output path is a file", output_is_a_file, "not a folder", extra=["OUT_IS_FILE"]),

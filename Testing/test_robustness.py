@@ -18,6 +18,8 @@ import gzip
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -37,19 +39,22 @@ ITKSNAP_HEADER = ("#Insight Transform File V1.0\n#Transform 0\n"
 # --------------------------------------------------------------------------- helpers
 
 def head_array(size: Sequence[int] = SIZE, spacing: Sequence[float] = SPACING,
-               seed: int = 0) -> np.ndarray:
+               seed: int = 0, scale: float = 0.6) -> np.ndarray:
     """A head-like HU volume ``(z, y, x)`` int16: air -1000, an ellipsoid skull at
     ~1000 HU around brain at ~30 HU, with a little noise.
 
     Deliberately independent of :mod:`phantom`: these tests need a plausible CT that
     passes :func:`imageio.check_ct`, not anatomy, and must not break when the phantom
-    changes.
+    changes. ``scale`` 0.6 makes a small head (about 96 x 114 x 66 mm) in the
+    whole-head field of view: the engine's work (and so the suite's time) grows with
+    the head's box, not with the scan.
     """
     nx, ny, nz = size
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip((nz, ny, nx), tuple(spacing)[::-1])]
     z, y, x = np.meshgrid(*axes, indexing="ij")
-    outer = (x / 80.0) ** 2 + (y / 95.0) ** 2 + (z / 55.0) ** 2
-    inner = (x / 73.0) ** 2 + (y / 88.0) ** 2 + (z / 49.0) ** 2
+    a, b, c = 80.0 * scale, 95.0 * scale, 55.0 * scale
+    outer = (x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2
+    inner = (x / (a - 7)) ** 2 + (y / (b - 7)) ** 2 + (z / (c - 6)) ** 2
     rng = np.random.default_rng(seed)
     arr = np.full(outer.shape, -1000.0)
     arr[outer <= 1] = 1000.0
@@ -227,8 +232,10 @@ def test_complex_image(tmp_path):
 
 
 def mr_like() -> sitk.Image:
-    """An MR-like volume: the same head, intensities 0..1000 (no air at -1000)."""
-    arr = head_array().astype(np.float32)
+    """An MR-like volume: a head with intensities 0..1000 (no air at -1000), in a tight
+    field of view (an MR background of 0 is all "head" to the CT head finder, so a
+    smaller image keeps the ``--force`` run quick)."""
+    arr = head_array(size=(24, 28, 16)).astype(np.float32)
     arr = np.where(arr < -500, 0.0, np.where(arr > 500, 150.0, 800.0))
     img = sitk.GetImageFromArray(arr.astype(np.int16))
     img.SetSpacing(SPACING)
@@ -361,8 +368,8 @@ def test_transform_missing_and_empty(tmp_path):
     "hello, this is not a transform\n",
     ITKSNAP_HEADER + "Parameters: 1 0 0\nFixedParameters: 0 0 0\n",       # too few numbers
     ITKSNAP_HEADER + "Parameters: one two three\nFixedParameters: 0 0 0\n",
-    "#Insight Transform File V1.0\n#Transform 0\nTransform: NoSuchTransform_double_3_3\n"
-    "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n",
+    "#Insight Transform File V1.0\n#Transform 0\nTransform: MatrixOffsetTransformBase\n"
+    "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n",          # no _double_3_3
 ])
 def test_garbage_transform(tmp_path, text):
     path = write_text(tmp_path / "t.txt", text)
@@ -462,3 +469,108 @@ def test_written_images_get_the_normal_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert oct((tmp_path / "labels.nii.gz").stat().st_mode & 0o777) == oct(0o644)
+
+
+# --------------------------------------------------------------------------- training data
+
+def dataset_case(folder: Path, labels: Optional[np.ndarray] = None, seg_image: Optional[sitk.Image] = None,
+                 name: str = "1"):
+    """Write case ``name`` (CT + labels) into ``folder``; return its ``dataset.Case``."""
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    ct = head_image()
+    write(ct, folder / f"{name}.nii.gz")
+    if seg_image is None:
+        arr = labels if labels is not None else (head_array() > 0).astype(np.uint8) * 5
+        seg_image = sitk.GetImageFromArray(arr)
+        seg_image.CopyInformation(ct)
+    write(seg_image, folder / f"{name}-seg.nii.gz")
+    return next(c for c in dataset.list_cases(folder) if c.name == name)
+
+
+def test_dataset_case_control(tmp_path):
+    """The base case reads: every refusal below is due to its one defect."""
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    ct, tf, seg = dataset.read_case(dataset_case(tmp_path))
+    assert seg.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayViewFromImage(seg))) == {0, 5}
+
+
+@pytest.mark.parametrize("values,dtype,shown", [
+    ([21], np.uint8, "21"), ([255], np.uint8, "255"), ([-1], np.int16, "-1"),
+    ([1000, 21], np.int16, "21, 1000"), ([2.5], np.float32, "2.5"), ([np.nan], np.float32, "nan"),
+])
+def test_dataset_unknown_label_values(tmp_path, values, dtype, shown):
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    arr = np.zeros(head_array().shape, dtype)
+    arr[10, 20, 20:20 + len(values)] = values
+    arr[5, 5, 5] = 3                                    # plus a valid one
+    case = dataset_case(tmp_path, labels=arr)
+    before = tree_hashes(tmp_path)
+    if np.isnan(values).any():   # NaN in a NIfTI never reaches the label check: read_scan
+        raises_input_error(dataset.read_case, case, match="NaN")
+    else:
+        err = raises_input_error(dataset.read_case, case, match="not label ids")
+        assert shown in str(err)
+    assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("change,what", [
+    (lambda img: sitk.Image([40, 48, 24], sitk.sitkUInt8), "size"),
+    (lambda img: _with(img, spacing=(4.5, 4.5, 4.0)), "spacing"),
+    (lambda img: _with(img, origin=(0.0, 0.0, 0.0)), "origin"),
+    (lambda img: _with(img, direction=rotation_matrix((0.0, 0.0, 30.0)).ravel()), "direction"),
+])
+def test_dataset_label_grid_differs_from_scan(tmp_path, change, what):
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    seg = sitk.Image(list(SIZE), sitk.sitkUInt8)
+    seg.CopyInformation(head_image())
+    case = dataset_case(tmp_path, seg_image=change(seg))
+    err = raises_input_error(dataset.read_case, case, match="not on the grid")
+    assert what in str(err)
+
+
+def _with(img: sitk.Image, **geometry) -> sitk.Image:
+    img = sitk.Image(img)
+    for key, value in geometry.items():
+        getattr(img, "Set" + key.capitalize())(tuple(float(v) for v in value))
+    return img
+
+
+@pytest.mark.parametrize("defect", ["cut", "4D", "random bytes", "empty"])
+def test_dataset_broken_label_file(tmp_path, defect):
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    case = dataset_case(tmp_path)
+    seg = tmp_path / "1-seg.nii.gz"
+    if defect == "cut":
+        cut_in_half(seg)
+    elif defect == "4D":
+        write(sitk.JoinSeries([sitk.ReadImage(str(seg))] * 2), seg)
+    elif defect == "random bytes":
+        seg.write_bytes(np.random.default_rng(5).bytes(5000))
+    else:
+        seg.write_bytes(b"")
+    raises_input_error(dataset.read_case, case, match="")
+
+
+# Files on which ITK's own text reader crashes the whole process (segmentation fault),
+# found by test_fuzz.py: an empty "Parameters:" line with fixed parameters present.
+ITK_CRASHERS = [f"#Insight Transform File V1.0\n#Transform 0\nTransform: {kind}_double_3_3\n"
+                f"Parameters: \nFixedParameters: 1 1 1{extra}\n"
+                for kind in ("Euler3DTransform", "VersorRigid3DTransform", "ScaleTransform",
+                             "Similarity3DTransform") for extra in ("", " 1")]
+
+
+def test_transform_files_that_crash_itk_are_refused_before_itk_reads_them(tmp_path):
+    """In a child process, so that a regression shows as a failed test, not a dead
+    test run: every file must give InputError and the process must exit normally."""
+    paths = []
+    for i, text in enumerate(ITK_CRASHERS):
+        paths.append(str(tmp_path / f"crash{i}.txt"))
+        Path(paths[-1]).write_text(text)
+    code = ("import sys\nfrom BrainLobeSegLib import transforms\nfrom BrainLobeSegLib.errors import InputError\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n        transforms.read_transform(p)\n    except InputError as e:\n"
+            "        print('refused', e.problem)\n    else:\n        print('accepted')\n")
+    proc = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"crashed (status {proc.returncode}):\n{proc.stderr[-2000:]}"
+    assert proc.stdout.count("refused") == len(paths), proc.stdout

@@ -135,6 +135,74 @@ def validate(transform: sitk.Transform, source: str = "the transform") -> sitk.A
     return affine_from_matrix(m)
 
 
+#: parameters each linear 3D ITK type stores (checked before ITK parses a text file)
+_PARAMETER_COUNTS = {
+    "AffineTransform": 12, "MatrixOffsetTransformBase": 12, "Rigid3DTransform": 12,
+    "ComposeScaleSkewVersor3DTransform": 12, "Euler3DTransform": 6, "VersorRigid3DTransform": 6,
+    "Similarity3DTransform": 7, "QuaternionRigidTransform": 7, "ScaleTransform": 3,
+    "ScaleLogarithmicTransform": 3, "ScaleVersor3DTransform": 9, "ScaleSkewVersor3DTransform": 15,
+    "TranslationTransform": 3, "VersorTransform": 3, "IdentityTransform": 0}
+_BINARY_TRANSFORM_SUFFIXES = (".mat", ".h5", ".hdf5")
+
+
+def check_itk_text(path: str) -> None:
+    """Check the structure of an ITK text transform file before ITK reads it.
+
+    ITK's text reader crashes the process (a segmentation fault: Slicer would close)
+    on some malformed files, e.g. an Euler3D, Similarity3D or Scale transform with an
+    empty ``Parameters:`` line. So each entry is checked here: a linear 3D type, and
+    the number of finite parameters that type stores. Binary formats (.mat, .h5) are
+    left to ITK.
+    """
+    if path.lower().endswith(_BINARY_TRANSFORM_SUFFIXES):
+        return
+    name = os.path.basename(path)
+    with open(path, "rb") as fh:
+        text = fh.read(1 << 20).decode("utf-8", "replace")
+    entries: List[dict] = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "Transform":
+            entries.append({"type": value.strip()})
+        elif key in ("Parameters", "FixedParameters") and entries:
+            entries[-1][key] = value.split()
+    if not entries:
+        raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                         "(no 'Transform:' line).",
+                         f"Give the .txt/.tfm file that ITK-SNAP saves (Transform: {_ITKSNAP_TYPE}).")
+    for entry in entries:
+        found = re.fullmatch(r"(\w+?)_(?:double|float)_(\d)_(\d)", entry["type"])
+        if found is None:
+            raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                             f"(unknown type {entry['type'][:60]!r}).",
+                             f"Give the .txt/.tfm file that ITK-SNAP saves (Transform: {_ITKSNAP_TYPE}).")
+        kind, dim_in, dim_out = found.groups()
+        if kind == "CompositeTransform":
+            continue
+        if (dim_in, dim_out) != ("3", "3"):
+            raise InputError(f"transform file {name} is {dim_in}D, not 3D.",
+                             "Give the 3D transform saved with the scan.")
+        if kind not in _LINEAR_TYPES:
+            raise InputError(f"transform file {name} is of type {kind}, which is not a linear "
+                             "transform.", "Give a rigid or affine ITK transform, as ITK-SNAP saves it.")
+        params = entry.get("Parameters")
+        expected = _PARAMETER_COUNTS.get(kind)
+        if params is None or (expected is not None and len(params) != expected):
+            raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                             f"({kind} needs {expected if expected is not None else 'its'} "
+                             f"parameters, the file has {len(params or [])}).",
+                             "Save the transform again from ITK-SNAP.")
+        for token in params + entry.get("FixedParameters", []):
+            try:
+                ok = math.isfinite(float(token))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise InputError(f"transform file {name} contains NaN, infinite or unreadable "
+                                 f"numbers ({token[:20]!r}).", "Save the transform again from ITK-SNAP.")
+
+
 def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTransform:
     """Read ``R`` (upright -> scan, LPS) from an ITK transform file.
 
@@ -147,6 +215,7 @@ def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTran
         raise InputError(f"transform file not found: {path}.", "Check the path, or leave the transform out.")
     if os.path.getsize(path) == 0:
         raise InputError(f"transform file is empty: {path}.", "Save the transform again from ITK-SNAP.")
+    check_itk_text(path)   # before ITK parses it: some malformed files crash ITK outright
     try:
         raw = sitk.ReadTransform(str(path))
     except Exception as exc:  # SimpleITK raises RuntimeError with ITK's text
