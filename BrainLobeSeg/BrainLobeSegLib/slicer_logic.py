@@ -1,0 +1,556 @@
+"""The Slicer module's logic: MRML nodes in, a 20-segment segmentation node out.
+
+Everything here uses only what the ``slicer-core`` pip wheel also provides
+(``vtkMRMLScene`` and its nodes, ``vtkSegment``/``vtkOrientedImageData``,
+``slicer.util`` array helpers). Nothing touches ``slicer.app``, ``slicer.mrmlScene`` or
+Qt, so the same code runs inside 3D Slicer and, headless, in the pytest suite on a plain
+``vtkMRMLScene``. The scene is always taken from the nodes passed in.
+
+Work is split in three steps so that a GUI can keep responding:
+
+1. :meth:`BrainLobeSegLogic.prepare` (main thread, fast): copies the CT voxels and
+   geometry out of the volume node and resolves the transform choice into ``R``
+   (DESIGN.md section 2). After this, nothing from MRML is needed.
+2. :meth:`BrainLobeSegLogic.run` (any thread, slow): the engine, pure numpy/SimpleITK/
+   torch. Progress goes to a callback, a cancel callback stops it between batches.
+3. :meth:`BrainLobeSegLogic.create_output` (main thread, fast): builds the
+   segmentation node. Only now is anything added to the scene, so a cancelled or
+   failed run leaves the scene exactly as it was.
+
+:meth:`BrainLobeSegLogic.segment` runs the three in a row for scripts and tests.
+
+The engine (torch) is imported inside :meth:`BrainLobeSegLogic.run` only, so this
+module imports without PyTorch and the Slicer module can offer to install it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from . import regions, transforms
+from .errors import InputError
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+#: Where ``R`` comes from: the volume's own parent transform, a chosen transform node,
+#: or nowhere (identity: the scan is taken as upright).
+TRANSFORM_SOURCES = ("parent", "node", "none")
+
+#: Segment IDs, as in the ``.seg.nrrd`` files :mod:`output` writes.
+SEGMENT_ID_FORMAT = "Segment_{label}"
+
+#: RAS <-> LPS for 3-vectors and 3x3 matrices (x and y change sign).
+_FLIP = np.diag([-1.0, -1.0, 1.0])
+
+NOTICE = ("BrainLobeSeg result: automatic ASPECTS region segmentation for research and "
+          "decision support. Not a medical device; check and correct before use.")
+
+
+# ----------------------------------------------------------------------------- volumes
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def _numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    """The volume's own IJK -> RAS matrix (4x4), without any parent transform."""
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return _numpy_matrix(m)
+
+
+def _check_volume(volume_node) -> None:
+    if volume_node is None:
+        raise InputError("no CT volume is selected.", "Load the head CT and select it as input.")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"'{volume_node.GetName()}' is not a scalar volume.",
+                         "Select the head CT (a scalar volume) as input.")
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"the volume '{volume_node.GetName()}' holds no image data.",
+                         "Load the CT again.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"the volume '{volume_node.GetName()}' has "
+                         f"{image.GetNumberOfScalarComponents()} components per voxel (colour or "
+                         "vector image), not CT numbers.", "Select the original head CT.")
+    if min(image.GetDimensions()) < 2:
+        raise InputError(f"the volume '{volume_node.GetName()}' is a single slice "
+                         f"({'x'.join(map(str, image.GetDimensions()))} voxels).",
+                         "Load the whole head CT series.")
+
+
+def image_from_volume_node(volume_node) -> sitk.Image:
+    """A copy of the volume's voxels as a SimpleITK image in LPS, with exact geometry.
+
+    Slicer stores a volume as voxels plus an IJK -> RAS matrix; ITK uses LPS origin,
+    spacing and direction. The columns of the matrix are the voxel axes scaled by the
+    spacing, so spacing is their length and direction their unit vectors, both with x and
+    y negated for LPS. The parent transform is *not* applied: this is the scan as
+    acquired, which is what ``R`` refers to. The voxels are copied, so the image stays
+    valid whatever happens to the node later (the engine reads it in another thread).
+    """
+    _check_volume(volume_node)
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    m = ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
+        raise InputError(f"the volume '{volume_node.GetName()}' has an invalid geometry "
+                         f"(voxel spacing {spacing.round(4).tolist()}).", "Load the CT again.")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
+    return image
+
+
+def update_volume_from_image(volume_node, image: sitk.Image) -> None:
+    """Set a volume node's voxels and geometry from a SimpleITK image (inverse of
+    :func:`image_from_volume_node`); used to load phantoms and engine outputs."""
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
+    spacing = np.asarray(image.GetSpacing(), float)
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = _FLIP @ direction * spacing
+    m[:3, 3] = _FLIP @ np.asarray(image.GetOrigin(), float)
+    volume_node.SetIJKToRASMatrix(_vtk_matrix(m))
+    volume_node.Modified()
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _transform_name(node) -> str:
+    return f"'{node.GetName()}'" if node.GetName() else "the transform"
+
+
+def matrix_to_world(transform_node) -> np.ndarray:
+    """A linear transform node's "to world" RAS matrix (its whole parent chain).
+
+    Non-linear nodes (grid, B-spline, thin plate) are refused: the convention needs
+    one linear map between the upright and the scan space.
+    """
+    if not transform_node.IsTransformToWorldLinear():
+        raise InputError(f"the transform {_transform_name(transform_node)} is not linear "
+                         "(it is, or depends on, a grid, B-spline or thin-plate transform).",
+                         "Use the linear transform that turns the head upright, e.g. the "
+                         "one ITK-SNAP saves, or choose no transform.")
+    m = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(m)
+    return _numpy_matrix(m)
+
+
+def transform_from_node(transform_node, invert: bool = False) -> sitk.AffineTransform:
+    """``R`` (upright -> scan, LPS) from a Slicer linear transform node.
+
+    A node that shows the CT upright when applied to it has the "to parent" matrix
+    ``slicer_to_parent_ras(R)``; :func:`transforms.from_slicer_to_parent_ras` undoes
+    that. ``invert`` is the explicit switch for transforms made the other way round.
+    The result is checked like a transform file (singular, absurd, mirrored, scaled).
+    """
+    R = transforms.from_slicer_to_parent_ras(matrix_to_world(transform_node))
+    if invert:
+        R = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
+    return transforms.validate(R, source=f"the transform {_transform_name(transform_node)}")
+
+
+def resolve_transform(volume_node, source: str = "parent", transform_node=None,
+                      invert: bool = False) -> Tuple[sitk.AffineTransform, str]:
+    """``R`` for a segmentation, from the user's choice, and a one-line description.
+
+    - ``parent``: the volume's parent transform (identity if it has none): the CT is
+      segmented as it is displayed, which is how a user checks that the head looks
+      upright before pressing Segment.
+    - ``node``: any linear transform node, applied to the volume or not.
+    - ``none``: identity; the scan is taken as upright.
+
+    ``invert`` inverts whichever transform is chosen (never guessed).
+    """
+    if source not in TRANSFORM_SOURCES:
+        raise InputError(f"unknown transform choice {source!r}.",
+                         f"Use one of {', '.join(TRANSFORM_SOURCES)}.")
+    if source == "parent":
+        transform_node = volume_node.GetParentTransformNode() if volume_node is not None else None
+        if transform_node is None:
+            return transforms.identity(), "no transform (the CT has no parent transform)"
+    elif source == "node":
+        if transform_node is None:
+            raise InputError("'transform node' was chosen but no transform node is selected.",
+                             "Select a transform node, load an ITK-SNAP transform, or choose "
+                             "another transform option.")
+    else:
+        return transforms.identity(), "no transform (the CT is taken as upright)"
+    R = transform_from_node(transform_node, invert)
+    angle = transforms.rotation_angle_deg(R)
+    return R, (f"transform {_transform_name(transform_node)}{' inverted' if invert else ''} "
+               f"(rotates by {angle:.1f} degrees)")
+
+
+def load_itksnap_transform(scene, path: str, invert: bool = False,
+                           name: Optional[str] = None):
+    """Read an ITK-SNAP transform file into a new ``vtkMRMLLinearTransformNode``.
+
+    Slicer's own reader refuses ``MatrixOffsetTransformBase_double_3_3``, so the file is
+    read with :func:`transforms.read_transform` (which also rejects non-linear, singular
+    and garbage files) and the node gets the "to parent" matrix
+    ``slicer_to_parent_ras(R)``: applied to the CT it shows the head upright. The file is
+    read before anything is added, so a bad file leaves the scene unchanged.
+    """
+    R = transforms.read_transform(str(path), invert=invert)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
+                                   name or os.path.splitext(os.path.basename(str(path)))[0])
+    node.SetMatrixTransformToParent(_vtk_matrix(transforms.slicer_to_parent_ras(R)))
+    node.SetAttribute("BrainLobeSeg.sourceFile", str(path))
+    node.SetAttribute("BrainLobeSeg.inverted", "true" if invert else "false")
+    return node
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+def _shared_labelmap(labels: np.ndarray, volume_node):
+    """A ``vtkOrientedImageData`` holding ``labels`` on the volume's own grid.
+
+    The segmentation is put under the volume's parent transform, so the volume's own
+    IJK -> RAS matrix is the right image-to-"node" matrix: the labels stay voxel-aligned
+    with the CT whether or not a transform is applied to it.
+    """
+    dims = volume_node.GetImageData().GetDimensions()
+    if tuple(labels.shape) != (dims[2], dims[1], dims[0]):
+        raise InputError(f"the labels ({'x'.join(map(str, labels.shape[::-1]))}) are not on the "
+                         f"CT's grid ({'x'.join(map(str, dims))}).", "Segment this CT again.")
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*dims)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+    flat = np.ascontiguousarray(labels, dtype=np.uint8).ravel()
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True,
+                                                               array_type=vtk.VTK_UNSIGNED_CHAR))
+    return image
+
+
+def fill_segmentation(segmentation_node, labels: np.ndarray, volume_node) -> None:
+    """Replace the node's segments with the 20 regions from a label array.
+
+    ``labels`` is the ``(k, j, i)`` uint8 array on the volume's grid (0 background,
+    1-20 regions). All 20 segments share one labelmap layer (as a ``.seg.nrrd`` does),
+    each with its label value, name, colour and terminology from :mod:`regions`; empty
+    regions are kept as empty segments so that every result has the same 20 segments.
+    The node goes under the volume's parent transform and takes the volume as
+    reference geometry.
+    """
+    labelmap = _shared_labelmap(labels, volume_node)
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    was_modifying = segmentation_node.StartModify()
+    try:
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentation = segmentation_node.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        segmentation.SetSourceRepresentationName(binary)
+        for r in regions.REGIONS:
+            segment = slicer.vtkSegment()
+            segment.SetName(r.segment_name)
+            segment.SetNameAutoGenerated(False)
+            segment.SetColor(*r.color_float)
+            segment.SetColorAutoGenerated(False)
+            segment.SetLabelValue(r.label)
+            segment.SetTag(tag, regions.terminology_entry(r))
+            segment.AddRepresentation(binary, labelmap)
+            segmentation.AddSegment(segment, SEGMENT_ID_FORMAT.format(label=r.label))
+    finally:
+        segmentation_node.EndModify(was_modifying)
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+
+
+# ----------------------------------------------------------------------------- logic
+
+@dataclass
+class SegmentationJob:
+    """Everything the engine needs, copied out of MRML (safe to use in a thread)."""
+
+    volume_node: Any                 # kept to build the output; not touched by run()
+    scan: sitk.Image                 # voxel copy with exact geometry (LPS)
+    transform: sitk.AffineTransform  # R: upright -> scan
+    transform_description: str
+    mode: str = "3d"
+    device: str = "auto"
+    model_dir: Optional[Path] = None
+    fusion: str = "mean"
+    ijk_to_ras: np.ndarray = field(default_factory=lambda: np.eye(4))
+    dimensions: Tuple[int, int, int] = (0, 0, 0)
+    warnings: List[str] = field(default_factory=list)
+
+
+class BrainLobeSegLogic:
+    """Segments a CT volume node into a 20-segment segmentation node, without a GUI.
+
+    Loaded models are cached per (mode, model folder, device, fusion), so repeated runs
+    skip loading. One run at a time per instance (the GUI allows no more).
+    ``segmenter_options`` go to the engine's ``Segmenter`` (e.g. ``threads``,
+    ``batch_size``, ``refine_mm``); the defaults are the engine's.
+    """
+
+    def __init__(self, segmenter_options: Optional[Dict[str, Any]] = None) -> None:
+        self._segmenters: Dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self.segmenter_options: Dict[str, Any] = dict(segmenter_options or {})
+
+    # -- step 1: main thread
+    def prepare(self, volume_node, transform_source: str = "parent", transform_node=None,
+                invert: bool = False, mode: str = "3d", device: str = "auto",
+                model_dir: Optional[os.PathLike] = None, fusion: str = "mean") -> SegmentationJob:
+        """Copy the CT and resolve ``R``; raises :class:`InputError` on unusable input.
+
+        Transform warnings (mirroring, scaling) are collected in ``job.warnings`` for the
+        caller to show, instead of going to a console nobody reads.
+        """
+        _check_volume(volume_node)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", transforms.TransformWarning)
+            R, description = resolve_transform(volume_node, transform_source, transform_node, invert)
+        scan = image_from_volume_node(volume_node)
+        return SegmentationJob(
+            volume_node=volume_node, scan=scan, transform=R, transform_description=description,
+            mode=mode, device=device, model_dir=Path(model_dir) if model_dir else None,
+            fusion=fusion, ijk_to_ras=ijk_to_ras(volume_node),
+            dimensions=tuple(volume_node.GetImageData().GetDimensions()),
+            warnings=[str(w.message) for w in caught
+                      if issubclass(w.category, transforms.TransformWarning)])
+
+    # -- step 2: any thread
+    def segmenter(self, mode: str, model_dir: Optional[Path], device: str, fusion: str = "mean"):
+        """The engine's :class:`inference.Segmenter` for these settings (loaded once)."""
+        from .inference import Segmenter   # torch: imported only when segmenting
+        key = (mode, str(model_dir) if model_dir else "", device, fusion)
+        with self._lock:
+            if key not in self._segmenters:
+                self._segmenters[key] = Segmenter(mode, model_dir, device, fusion,
+                                                  **self.segmenter_options)
+            return self._segmenters[key]
+
+    def run(self, job: SegmentationJob, progress: Optional[ProgressFn] = None,
+            cancel: Optional[CancelFn] = None):
+        """Run the engine on a prepared job; touches no MRML, so it may run in a thread.
+
+        Returns the engine's ``SegmentationResult``; raises ``Cancelled`` when ``cancel()``
+        turned true (checked between batches) and ``InputError`` for unusable input.
+        """
+        if cancel is not None and cancel():
+            from .errors import Cancelled
+            raise Cancelled("segmentation cancelled")
+        if progress is not None:
+            progress(0.0, "loading the models")
+        segmenter = self.segmenter(job.mode, job.model_dir, job.device, job.fusion)
+        return segmenter.segment(job.scan, job.transform, progress=progress, cancel=cancel)
+
+    # -- step 3: main thread
+    def create_output(self, job: SegmentationJob, result, output_node=None,
+                      name: Optional[str] = None):
+        """The segmentation node for a finished run (new, or ``output_node`` refilled).
+
+        The CT must be unchanged since :meth:`prepare` (same grid); otherwise the labels
+        would not fit it and nothing is written. A refilled node gets its old content
+        back if filling fails; a new node is removed.
+        """
+        volume = job.volume_node
+        scene = volume.GetScene() if volume is not None else None
+        if scene is None or volume.GetImageData() is None:
+            raise InputError("the CT volume was removed while it was being segmented.",
+                             "Load it again and press Segment.")
+        if (tuple(volume.GetImageData().GetDimensions()) != tuple(job.dimensions)
+                or not np.allclose(ijk_to_ras(volume), job.ijk_to_ras)):
+            raise InputError(f"the CT '{volume.GetName()}' changed while it was being segmented.",
+                             "Press Segment again.")
+        labels = sitk.GetArrayFromImage(result.labels_scan).astype(np.uint8, copy=False)
+        if output_node is not None:
+            backup = slicer.vtkSegmentation()
+            backup.DeepCopy(output_node.GetSegmentation())
+            try:
+                fill_segmentation(output_node, labels, volume)
+            except Exception:
+                output_node.GetSegmentation().DeepCopy(backup)
+                raise
+            node = output_node
+        else:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                           name or f"{volume.GetName()} ASPECTS regions")
+            try:
+                fill_segmentation(node, labels, volume)
+            except Exception:
+                _remove_node(scene, node)
+                raise
+        node.SetAttribute("BrainLobeSeg.notice", NOTICE)
+        node.SetAttribute("BrainLobeSeg.mode", str(getattr(result, "mode", job.mode)))
+        node.SetAttribute("BrainLobeSeg.models", ", ".join(getattr(result, "model_names", [])))
+        node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
+        node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
+        return node
+
+    # -- all three
+    def segment(self, volume_node, transform_source: str = "parent", transform_node=None,
+                invert: bool = False, mode: str = "3d", device: str = "auto",
+                model_dir: Optional[os.PathLike] = None, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelFn] = None, output_node=None, fusion: str = "mean",
+                name: Optional[str] = None):
+        """Segment ``volume_node`` and return the ``vtkMRMLSegmentationNode``.
+
+        Blocking; for scripts, tests and batch use. Raises ``Cancelled`` (nothing added to
+        the scene) when ``cancel()`` turns true, ``InputError`` for unusable input. A new
+        node is created unless ``output_node`` is given explicitly, in which case its
+        content is replaced. The input volume and its transform are only read.
+        """
+        job = self.prepare(volume_node, transform_source, transform_node, invert, mode, device,
+                           model_dir, fusion)
+        result = self.run(job, progress, cancel)
+        return self.create_output(job, result, output_node, name)
+
+
+class BackgroundRun:
+    """One engine run in a Python thread, observed by polling (no Qt here).
+
+    The GUI starts it, polls :meth:`status` and :meth:`done` from a ``qt.QTimer`` and,
+    once done, builds the output on the main thread with
+    :meth:`BrainLobeSegLogic.create_output`. The engine spends its time in torch and
+    SimpleITK code that releases the GIL, so Slicer keeps drawing meanwhile. Cancel sets
+    a ``threading.Event`` that the engine's cancel callback reads between batches.
+    """
+
+    def __init__(self, logic: BrainLobeSegLogic, job: SegmentationJob) -> None:
+        self.logic, self.job = logic, job
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.error_details = ""
+        self.started = 0.0
+        self.finished = 0.0
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._fraction, self._message = 0.0, "starting"
+        self._thread = threading.Thread(target=self._work, name="BrainLobeSeg segmentation",
+                                        daemon=True)
+
+    def start(self) -> "BackgroundRun":
+        import time
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _progress(self, fraction: float, message: str) -> None:
+        with self._lock:
+            self._fraction, self._message = fraction, message
+
+    def _work(self) -> None:
+        import time
+        import traceback
+        try:
+            self.result = self.logic.run(self.job, self._progress, self._cancel.is_set)
+        except BaseException as exc:  # reported on the main thread, never lost
+            self.error = exc
+            self.error_details = traceback.format_exc()
+        finally:
+            self.finished = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop at its next check (between batches)."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def status(self) -> Tuple[float, str]:
+        """Latest ``(fraction, message)`` reported by the engine."""
+        with self._lock:
+            return self._fraction, self._message
+
+    def done(self) -> bool:
+        return self.started > 0 and not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the run ends (or ``timeout`` seconds); True if it ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.finished - self.started)
+
+
+def describe_models(model_dir: Optional[os.PathLike] = None) -> List[str]:
+    """One line per model folder (name, version, kind), read from ``model.json`` only.
+
+    Uses ``json`` rather than the engine so that the panel can show the models before
+    PyTorch is installed.
+    """
+    import json
+    if model_dir:
+        root = Path(model_dir)
+    else:
+        env = os.environ.get("BRAINLOBESEG_MODELS")
+        root = Path(env) if env else Path(__file__).resolve().parent.parent / "Resources" / "Models"
+    folders = [root] if (root / "model.json").is_file() else (
+        sorted(p for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else [])
+    lines = []
+    for folder in folders:
+        try:
+            card = json.loads((folder / "model.json").read_text())
+            lines.append(f"{card.get('name', folder.name)} {card.get('version', '')} "
+                         f"({card.get('kind', '?')})".replace("  ", " "))
+        except (OSError, ValueError, AttributeError):
+            lines.append(f"{folder.name} (unreadable model.json)")
+    return lines
+
+
+def _remove_node(scene, node) -> None:
+    """Remove a node and the display/storage nodes it created."""
+    for i in range(node.GetNumberOfDisplayNodes() - 1, -1, -1):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            scene.RemoveNode(display)
+    scene.RemoveNode(node)
+
+
+def labels_from_segmentation(segmentation_node, volume_node) -> np.ndarray:
+    """The segmentation's region labels as a ``(k, j, i)`` uint8 array on the volume grid.
+
+    Read back segment by segment through ``vtkSegmentation`` (no temporary nodes), using
+    each segment's ID to find its region. Used by tests and the self-test to compare a
+    node with the engine's labels voxel for voxel.
+    """
+    dims = volume_node.GetImageData().GetDimensions()
+    out = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+    segmentation = segmentation_node.GetSegmentation()
+    for r in regions.REGIONS:
+        sid = SEGMENT_ID_FORMAT.format(label=r.label)
+        if segmentation.GetSegment(sid) is None:
+            continue
+        mask = slicer.vtkOrientedImageData()
+        segmentation_node.GetBinaryLabelmapRepresentation(sid, mask)
+        if mask.IsEmpty():
+            continue
+        resampled = slicer.vtkOrientedImageData()
+        reference = _shared_labelmap(out, volume_node)
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            mask, reference, resampled)
+        arr = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(out.shape)
+        out[arr > 0] = r.label
+    return out

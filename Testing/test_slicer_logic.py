@@ -1,0 +1,508 @@
+"""The Slicer module's logic on a real ``vtkMRMLScene`` from the ``slicer-core`` wheel.
+
+No mocks of MRML: volumes, transform and segmentation nodes are the real classes. The
+logic never uses ``slicer.mrmlScene``; only ``slicer.util.arrayFromSegmentBinaryLabelmap``
+(used here to read results back the way Slicer users do) needs it, so the ``util_hook``
+fixture points ``slicer.mrmlScene`` and ``slicer.modules.segmentations.logic()`` at the
+test scene and a real ``vtkSlicerSegmentationsModuleLogic``, as Slicer itself would.
+
+The phantom is a small head-like CT (48x48x32 voxels at 4 mm) and the models are the
+tiny random networks from ``conftest.tiny_models``, so the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from BrainLobeSegLib import regions, slicer_logic, torch_install, transforms
+from BrainLobeSegLib.errors import Cancelled, InputError
+from BrainLobeSegLib.slicer_logic import BackgroundRun, BrainLobeSegLogic
+
+FLIP = np.diag([-1.0, -1.0, 1.0])
+POSE_DEG = (10.0, -6.0, 8.0)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def util_hook(scene, monkeypatch):
+    """Let ``slicer.util`` segment helpers work on the test scene (as inside Slicer)."""
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentations_logic)), raising=False)
+    return scene
+
+
+def head_image(size=(48, 48, 32), spacing=4.0) -> sitk.Image:
+    """A head-like CT: air, a skull shell, brain with a slightly denser left half."""
+    nx, ny, nz = size
+    z, y, x = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
+    r = np.sqrt(((x - (nx - 1) / 2) / (0.42 * nx)) ** 2 + ((y - (ny - 1) / 2) / (0.46 * ny)) ** 2
+                + ((z - (nz - 1) / 2) / (0.44 * nz)) ** 2)
+    hu = np.full(r.shape, -1024, np.int16)
+    hu[r < 1.0] = 1000
+    hu[r < 0.88] = 32
+    hu[(r < 0.5) & (x < (nx - 1) / 2)] = 28
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((spacing,) * 3)
+    image.SetOrigin(tuple(-(n - 1) * spacing / 2 for n in size))
+    return image
+
+
+@pytest.fixture(scope="module")
+def fast_logic():
+    """A logic whose labels go straight back from the model grid (no 1 mm refinement:
+    the slow step on a 4 mm phantom), with models cached across the tests."""
+    return BrainLobeSegLogic(segmenter_options={"refine_mm": None})
+
+
+def add_volume(scene, image: sitk.Image, name: str = "CT"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer_logic.update_volume_from_image(node, image)
+    return node
+
+
+def block_labels(shape) -> np.ndarray:
+    """Every label 0..20 present, in blocks, so that no region is trivially empty."""
+    labels = np.zeros(shape, np.uint8)
+    flat = labels.reshape(-1)
+    edges = np.linspace(0, flat.size, regions.NUM_LABELS + 2).astype(int)
+    for label in range(1, regions.NUM_LABELS + 1):
+        flat[edges[label]:edges[label + 1]] = label
+    return labels
+
+
+def pose() -> sitk.AffineTransform:
+    return transforms.rotation(POSE_DEG, center=(0.0, 0.0, 0.0), translation=(3.0, -2.0, 1.0))
+
+
+def snapshot(volume, transform_node=None) -> dict:
+    """What must not change: the voxels, the geometry, the transform and its matrix."""
+    state = {"voxels": slicer.util.arrayFromVolume(volume).copy(),
+             "ijk": slicer_logic.ijk_to_ras(volume),
+             "parent": volume.GetTransformNodeID()}
+    if transform_node is not None:
+        m = vtk.vtkMatrix4x4()
+        transform_node.GetMatrixTransformToParent(m)
+        state["matrix"] = slicer_logic._numpy_matrix(m)
+    return state
+
+
+def assert_unchanged(before: dict, volume, transform_node=None) -> None:
+    after = snapshot(volume, transform_node)
+    np.testing.assert_array_equal(after["voxels"], before["voxels"])
+    np.testing.assert_array_equal(after["ijk"], before["ijk"])
+    assert after["parent"] == before["parent"]
+    if transform_node is not None:
+        np.testing.assert_array_equal(after["matrix"], before["matrix"])
+
+
+def segment_ids(node) -> list:
+    s = node.GetSegmentation()
+    return [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+
+
+def nodes_of(scene, class_name: str) -> int:
+    return scene.GetNumberOfNodesByClass(class_name)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def test_volume_to_sitk_round_trip_with_oblique_direction(scene):
+    """Voxels, spacing, origin and an oblique direction survive node <-> SimpleITK, and
+    a voxel's physical position agrees between the two (LPS vs RAS)."""
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(-1000, 1000, (7, 9, 11)).astype(np.int16))
+    rot = transforms.matrix_of(transforms.rotation((20.0, -35.0, 50.0)))[:3, :3]
+    image.SetDirection(rot.ravel().tolist())
+    image.SetSpacing((0.45, 0.7, 1.5))
+    image.SetOrigin((12.5, -30.25, 81.0))
+    node = add_volume(scene, image)
+    back = slicer_logic.image_from_volume_node(node)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-12)
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
+    ijk = (3, 5, 2)
+    ras = slicer_logic.ijk_to_ras(node) @ np.array([*ijk, 1.0])
+    np.testing.assert_allclose(FLIP @ ras[:3], image.TransformIndexToPhysicalPoint(ijk), atol=1e-9)
+
+
+def test_volume_copy_is_independent_of_the_node(scene):
+    """The engine gets a copy: changing the node afterwards does not change it."""
+    node = add_volume(scene, head_image())
+    image = slicer_logic.image_from_volume_node(node)
+    before = sitk.GetArrayFromImage(image).copy()
+    slicer.util.arrayFromVolume(node)[:] = 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), before)
+
+
+def test_unusable_volumes_are_refused(scene):
+    with pytest.raises(InputError, match="no CT volume"):
+        slicer_logic.image_from_volume_node(None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(InputError, match="no image data"):
+        slicer_logic.image_from_volume_node(empty)
+    flat = add_volume(scene, sitk.GetImageFromArray(np.zeros((1, 8, 8), np.int16)), "flat")
+    with pytest.raises(InputError, match="single slice"):
+        slicer_logic.image_from_volume_node(flat)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def test_itksnap_file_to_node_to_R(scene, tmp_path):
+    """An ITK-SNAP file becomes a node that R is read back from unchanged; applied to the
+    CT, the node carries each scan point to its upright point (the head shows upright)."""
+    R = pose()
+    path = tmp_path / "pose.txt"
+    transforms.write_transform(str(path), R)
+    assert "MatrixOffsetTransformBase_double_3_3" in path.read_text()
+    node = slicer_logic.load_itksnap_transform(scene, str(path))
+    assert node.IsA("vtkMRMLLinearTransformNode") and node.GetName() == "pose"
+    R_back = slicer_logic.transform_from_node(node)
+    np.testing.assert_allclose(transforms.matrix_of(R_back), transforms.matrix_of(R), atol=1e-9)
+    to_parent = slicer_logic.matrix_to_world(node)
+    for p_upright in ([0.0, 0.0, 0.0], [40.0, -25.0, 30.0], [-60.0, 10.0, -5.0]):
+        p_scan = np.array(R.TransformPoint(p_upright))
+        shown = to_parent @ np.array([*(FLIP @ p_scan), 1.0])
+        np.testing.assert_allclose(shown[:3], FLIP @ np.array(p_upright), atol=1e-9)
+    inverted = slicer_logic.transform_from_node(node, invert=True)
+    np.testing.assert_allclose(transforms.matrix_of(inverted),
+                               np.linalg.inv(transforms.matrix_of(R)), atol=1e-9)
+    node_inv = slicer_logic.load_itksnap_transform(scene, str(path), invert=True, name="inv")
+    np.testing.assert_allclose(transforms.matrix_of(slicer_logic.transform_from_node(node_inv)),
+                               np.linalg.inv(transforms.matrix_of(R)), atol=1e-9)
+
+
+@pytest.mark.parametrize("content", ["", "not a transform\n",
+                                     "#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n"])
+def test_bad_transform_files_add_no_node(scene, tmp_path, content):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(InputError):
+        slicer_logic.load_itksnap_transform(scene, str(path))
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_nonlinear_transform_nodes_are_refused(scene):
+    volume = add_volume(scene, head_image())
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    with pytest.raises(InputError, match="not linear"):
+        slicer_logic.resolve_transform(volume, "node", grid)
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "under a warp")
+    linear.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="not linear"):
+        slicer_logic.resolve_transform(volume, "node", linear)
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="not linear"):
+        slicer_logic.resolve_transform(volume, "parent")
+
+
+def test_transform_choices(scene):
+    volume = add_volume(scene, head_image())
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
+    node.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    identity = np.eye(4)
+    R, text = slicer_logic.resolve_transform(volume, "parent")
+    np.testing.assert_allclose(transforms.matrix_of(R), identity)
+    assert "no parent transform" in text
+    R, _ = slicer_logic.resolve_transform(volume, "none", node)
+    np.testing.assert_allclose(transforms.matrix_of(R), identity)
+    R, text = slicer_logic.resolve_transform(volume, "node", node)
+    np.testing.assert_allclose(transforms.matrix_of(R), transforms.matrix_of(pose()), atol=1e-9)
+    assert "'upright'" in text and "degrees" in text
+    volume.SetAndObserveTransformNodeID(node.GetID())
+    R, _ = slicer_logic.resolve_transform(volume, "parent")
+    np.testing.assert_allclose(transforms.matrix_of(R), transforms.matrix_of(pose()), atol=1e-9)
+    R, text = slicer_logic.resolve_transform(volume, "parent", invert=True)
+    np.testing.assert_allclose(transforms.matrix_of(R), np.linalg.inv(transforms.matrix_of(pose())),
+                               atol=1e-9)
+    assert "inverted" in text
+    with pytest.raises(InputError, match="no transform node is selected"):
+        slicer_logic.resolve_transform(volume, "node", None)
+    with pytest.raises(InputError, match="unknown transform choice"):
+        slicer_logic.resolve_transform(volume, "guess")
+
+
+def test_mirroring_transform_is_reported_not_hidden(scene):
+    volume = add_volume(scene, head_image())
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mirror")
+    node.SetMatrixTransformToParent(slicer_logic._vtk_matrix(np.diag([-1.0, 1.0, 1.0, 1.0])))
+    job = BrainLobeSegLogic().prepare(volume, "node", node)
+    assert any("mirrors" in w for w in job.warnings)
+
+
+# ----------------------------------------------------------------------------- segmentation node
+
+def check_regions(node) -> None:
+    """20 segments with the region table's ids, names, colours, label values, terminology."""
+    segmentation = node.GetSegmentation()
+    assert segment_ids(node) == [f"Segment_{r.label}" for r in regions.REGIONS]
+    tag_name = slicer.vtkSegment.GetTerminologyEntryTagName()
+    for r in regions.REGIONS:
+        segment = segmentation.GetSegment(f"Segment_{r.label}")
+        assert segment.GetName() == r.segment_name
+        np.testing.assert_allclose(segment.GetColor(), r.color_float, atol=1e-6)
+        assert segment.GetLabelValue() == r.label
+        tag = vtk.mutable("")
+        assert segment.GetTag(tag_name, tag)
+        assert str(tag) == regions.terminology_entry(r)
+        parts = str(tag).split("~")
+        assert len(parts) == 7 and parts[2] == "^".join(r.type_code)
+        assert parts[3] == "^".join(r.side_modifier)
+    assert segmentation.GetNumberOfLayers() == 1     # one shared labelmap, like .seg.nrrd
+
+
+def check_labels_match(node, volume, expected: np.ndarray) -> None:
+    """Each segment's binary labelmap, exported on the CT grid, equals ``expected == id``."""
+    for r in regions.REGIONS:
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, f"Segment_{r.label}", volume)
+        np.testing.assert_array_equal(mask > 0, expected == r.label, err_msg=r.segment_name)
+    np.testing.assert_array_equal(slicer_logic.labels_from_segmentation(node, volume), expected)
+
+
+def test_fill_segmentation_every_region_voxel_for_voxel(scene, util_hook):
+    """All 20 regions present: names, colours, terminology, reference geometry and the
+    labelmaps equal the label array exactly, with the CT under a transform."""
+    volume = add_volume(scene, head_image())
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
+    transform.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    before = snapshot(volume, transform)
+    labels = block_labels(slicer.util.arrayFromVolume(volume).shape)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    slicer_logic.fill_segmentation(node, labels, volume)
+    check_regions(node)
+    assert node.GetTransformNodeID() == transform.GetID()
+    geometry = node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    reference = slicer.vtkOrientedImageData()
+    reference.SetDimensions(volume.GetImageData().GetDimensions())
+    reference.SetImageToWorldMatrix(slicer_logic._vtk_matrix(slicer_logic.ijk_to_ras(volume)))
+    assert geometry == slicer.vtkSegmentationConverter.SerializeImageGeometry(reference)
+    check_labels_match(node, volume, labels)
+    assert node.GetDisplayNode() is not None
+    assert_unchanged(before, volume, transform)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture
+def ct_with_itksnap_pose(scene, tmp_path):
+    """A CT whose parent transform was loaded from an ITK-SNAP file."""
+    path = tmp_path / "case.txt"
+    transforms.write_transform(str(path), pose())
+    transform = slicer_logic.load_itksnap_transform(scene, str(path))
+    volume = add_volume(scene, head_image())
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    return volume, transform
+
+
+def test_segment_phantom_matches_the_engine(scene, util_hook, tiny_models, ct_with_itksnap_pose):
+    """The issue's scenario: phantom CT, ITK-SNAP transform node, tiny model. The node's
+    labelmaps equal the engine's ``labels_scan``; the input is untouched; the result sits
+    under the CT's transform so it overlays the CT as displayed."""
+    volume, transform = ct_with_itksnap_pose
+    before = snapshot(volume, transform)
+    logic = BrainLobeSegLogic()
+    job = logic.prepare(volume, "parent", mode="3d", device="cpu", model_dir=tiny_models)
+    np.testing.assert_allclose(transforms.matrix_of(job.transform), transforms.matrix_of(pose()),
+                               atol=1e-9)
+    result = logic.run(job)
+    segmentations = nodes_of(scene, "vtkMRMLSegmentationNode")
+    node = logic.create_output(job, result)
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == segmentations + 1
+    assert node.GetName() == "CT ASPECTS regions"
+    check_regions(node)
+    assert node.GetTransformNodeID() == transform.GetID()
+    check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
+    assert "Not a medical device" in node.GetAttribute("BrainLobeSeg.notice")
+    assert node.GetAttribute("BrainLobeSeg.models") == "tiny-3d"
+    assert_unchanged(before, volume, transform)
+
+    # The one-call API gives the same labels (CPU inference is deterministic).
+    again = logic.segment(volume, mode="3d", device="cpu", model_dir=tiny_models)
+    assert again is not node
+    check_labels_match(again, volume, sitk.GetArrayFromImage(result.labels_scan))
+    assert_unchanged(before, volume, transform)
+
+
+def test_output_node_is_refilled_only_when_given(scene, fast_logic, util_hook, tiny_models):
+    """An explicitly passed node gets the 20 regions instead of its old content; no
+    other segmentation node is created."""
+    volume = add_volume(scene, head_image())
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my corrections")
+    existing.GetSegmentation().AddEmptySegment("old", "old")
+    logic = fast_logic
+    job = logic.prepare(volume, "none", device="cpu", model_dir=tiny_models)
+    result = logic.run(job)
+    node = logic.create_output(job, result, output_node=existing)
+    assert node is existing and node.GetName() == "my corrections"
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == 1
+    check_regions(node)
+    check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
+
+
+def test_cancel_before_and_during_run_adds_no_node(scene, fast_logic, tiny_models):
+    volume = add_volume(scene, head_image())
+    logic = fast_logic
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        logic.segment(volume, "none", mode="planar", device="cpu", model_dir=tiny_models,
+                      cancel=lambda: True)
+    assert scene.GetNumberOfNodes() == count
+
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+
+    with pytest.raises(Cancelled):   # cancelled once the networks have started
+        logic.segment(volume, "none", mode="planar", device="cpu", model_dir=tiny_models,
+                      progress=progress, cancel=lambda: len(seen) > 3)
+    assert scene.GetNumberOfNodes() == count
+    assert seen and max(seen) < 0.9
+
+
+def test_background_run_reports_progress_and_cancels_quickly(scene, fast_logic, tiny_models,
+                                                           monkeypatch):
+    """The GUI path: the engine in a thread, polled; cancel stops it well within 2 s."""
+    volume = add_volume(scene, head_image())
+    logic = fast_logic
+    logic.segmenter("planar", Path(tiny_models), "cpu")   # models loaded beforehand
+    job = logic.prepare(volume, "none", mode="planar", device="cpu", model_dir=tiny_models)
+    run = BackgroundRun(logic, job).start()
+    assert run.wait(60.0) and run.error is None, run.error_details
+    assert run.status()[0] == 1.0 and run.result is not None
+    node = logic.create_output(run.job, run.result)
+    assert node.GetSegmentation().GetNumberOfSegments() == regions.NUM_LABELS
+    assert node.GetAttribute("BrainLobeSeg.mode") == "planar"
+
+    count = scene.GetNumberOfNodes()
+    slow_job = logic.prepare(volume, "none", mode="planar", device="cpu", model_dir=tiny_models)
+    started = []
+    slow_logic_run = logic.run
+
+    def slow_run(job, progress=None, cancel=None):
+        def slow_progress(fraction, message):
+            started.append(fraction)
+            time.sleep(0.05)             # a slow machine: many batches still to go
+            progress(fraction, message)
+        return slow_logic_run(job, slow_progress, cancel)
+
+    monkeypatch.setattr(logic, "run", slow_run)   # restored after the test
+    run = BackgroundRun(logic, slow_job).start()
+    deadline = time.perf_counter() + 30
+    while not started and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    run.cancel()
+    assert run.wait(10.0)
+    assert time.perf_counter() - t0 < 2.0
+    assert isinstance(run.error, Cancelled)
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_engine_errors_are_input_errors(scene, fast_logic, tmp_path):
+    volume = add_volume(scene, head_image())
+    logic = fast_logic
+    with pytest.raises(InputError, match="no 3d model"):
+        logic.segment(volume, "none", device="cpu", model_dir=tmp_path)
+    with pytest.raises(InputError, match="unknown mode"):
+        logic.segment(volume, "none", mode="4d", device="cpu", model_dir=tmp_path)
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == 0
+
+
+def test_output_refused_when_the_ct_changed_meanwhile(scene, fast_logic, tiny_models):
+    volume = add_volume(scene, head_image())
+    logic = fast_logic
+    job = logic.prepare(volume, "none", device="cpu", model_dir=tiny_models)
+    result = logic.run(job)
+    volume.SetSpacing(2.0, 2.0, 2.0)
+    with pytest.raises(InputError, match="changed while"):
+        logic.create_output(job, result)
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == 0
+
+
+def test_failed_output_leaves_nothing_behind(scene, fast_logic, tiny_models):
+    """A result that does not fit the CT grid is refused; the half-made node is removed
+    and a node passed for refilling keeps its old segments."""
+    volume = add_volume(scene, head_image())
+    logic = fast_logic
+    job = logic.prepare(volume, "none", device="cpu", model_dir=tiny_models)
+    wrong = types.SimpleNamespace(labels_scan=sitk.Image(5, 5, 5, sitk.sitkUInt8), mode="3d",
+                                  model_names=[])
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="not on the CT's grid"):
+        logic.create_output(job, wrong)
+    assert scene.GetNumberOfNodes() == count
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "keep me")
+    existing.GetSegmentation().AddEmptySegment("mine", "mine")
+    with pytest.raises(InputError):
+        logic.create_output(job, wrong, output_node=existing)
+    assert segment_ids(existing) == ["mine"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_describe_models_reads_cards_without_torch(tiny_models, tmp_path):
+    lines = slicer_logic.describe_models(tiny_models)
+    assert lines == ["tiny-3d 0.0.test (3d)", "tiny-planar 0.0.test (planar)"]
+    assert slicer_logic.describe_models(tiny_models / "tiny-3d") == ["tiny-3d 0.0.test (3d)"]
+    assert slicer_logic.describe_models(tmp_path / "missing") == []
+
+
+def test_torch_install_choices():
+    """CPU-only wheels without a GPU (Linux/Windows); PyTorchUtils told not to ask again."""
+    assert torch_install.torch_available()
+    assert torch_install.pip_arguments(gpu=True, system="Linux") == ["torch"]
+    assert torch_install.pip_arguments(gpu=False, system="Windows") == [
+        "torch", "--index-url", torch_install.CPU_INDEX_URL]
+    assert torch_install.pip_arguments(gpu=False, system="Darwin") == ["torch"]
+
+    calls = []
+
+    class PyTorchUtilsLogic:   # the PyTorch extension's interface
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None):
+            calls.append((askConfirmation, forceComputationBackend))
+            return object()
+
+    torch_install.install_torch(calls.append, PyTorchUtilsLogic(), gpu=False)
+    torch_install.install_torch(calls.append, PyTorchUtilsLogic(), gpu=True)
+    torch_install.install_torch(calls.append, None, gpu=False)
+    assert calls[:2] == [(False, "cpu"), (False, None)]
+    assert calls[2][0] == "torch"
+
+    class Declined:
+        def installTorch(self, **kwargs):
+            return None
+
+    with pytest.raises(InputError, match="not installed"):
+        torch_install.install_torch(calls.append, Declined(), gpu=False)
+
+
+def test_slicer_logic_imports_without_torch():
+    """The module must load in Slicer before PyTorch is installed."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import BrainLobeSegLib.slicer_logic, BrainLobeSegLib.torch_install\n"
+            "assert not BrainLobeSegLib.torch_install.torch_available()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
