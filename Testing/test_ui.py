@@ -1,0 +1,252 @@
+"""Static checks of the Slicer panel, since Qt and Slicer cannot run here.
+
+- the ``.ui`` file is well-formed Qt Designer XML and every widget the Widget uses as
+  ``self.ui.<name>`` exists in it;
+- widgets bound to the parameter node name real parameters, and MRML combo boxes get
+  the scene and know their node types;
+- ``BrainLobeSeg.py`` parses, has the Module/Widget/Logic/Test classes with the right
+  bases, does not import the engine at import time, and passes user-visible strings
+  through ``_()``;
+- the CMake files name files that exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE_DIR = ROOT / "BrainLobeSeg"
+MODULE_PY = MODULE_DIR / "BrainLobeSeg.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "BrainLobeSeg.ui"
+
+BOUND_WIDGET_CLASSES = {"qMRMLNodeComboBox", "QComboBox", "QCheckBox", "ctkPathLineEdit"}
+USER_TEXT_CALLS = {"errorDisplay", "confirmOkCancelDisplay", "infoDisplay", "warningDisplay",
+                   "delayDisplay", "confirmYesNoDisplay", "messageBox"}
+
+
+@pytest.fixture(scope="module")
+def ui_tree() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+@pytest.fixture(scope="module")
+def module_ast() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+
+
+def ui_widgets(root: ET.Element) -> dict:
+    """name -> class for every widget (and spacer/layout name) in the .ui file."""
+    return {w.get("name"): w.get("class") for w in root.iter("widget")}
+
+
+def dynamic_property(widget: ET.Element, name: str):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            child = list(prop)[0]
+            return child.text
+    return None
+
+
+def used_ui_names(tree: ast.Module) -> set:
+    """Every ``self.ui.<name>`` attribute the module reads or writes."""
+    names = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def classes(tree: ast.Module) -> dict:
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+# ----------------------------------------------------------------------------- .ui file
+
+def test_ui_file_is_qt_designer_xml(ui_tree):
+    assert ui_tree.tag == "ui" and ui_tree.get("version") == "4.0"
+    assert ui_tree.findtext("class") == "BrainLobeSeg"
+    top = ui_tree.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "BrainLobeSeg"
+    names = [w.get("name") for w in ui_tree.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+    declared = {c.findtext("class") for c in ui_tree.iter("customwidget")}
+    used = {w.get("class") for w in ui_tree.iter("widget")}
+    custom = {c for c in used if c.startswith(("ctk", "qMRML"))}
+    assert custom <= declared, f"custom widgets not declared: {custom - declared}"
+
+
+def test_every_widget_the_module_uses_exists(ui_tree, module_ast):
+    used = used_ui_names(module_ast)
+    assert {"segmentButton", "progressBar", "statusLabel", "openEditorButton",
+            "loadTransformButton"} <= used
+    missing = used - set(ui_widgets(ui_tree))
+    assert not missing, f"BrainLobeSeg.py uses widgets that BrainLobeSeg.ui lacks: {sorted(missing)}"
+
+
+def test_required_widgets_have_the_right_classes(ui_tree):
+    widgets = ui_widgets(ui_tree)
+    expected = {
+        "inputVolumeSelector": "qMRMLNodeComboBox", "transformNodeSelector": "qMRMLNodeComboBox",
+        "outputSegmentationSelector": "qMRMLNodeComboBox", "transformSourceComboBox": "QComboBox",
+        "modeComboBox": "QComboBox", "deviceComboBox": "QComboBox",
+        "invertTransformCheckBox": "QCheckBox", "modelPathLineEdit": "ctkPathLineEdit",
+        "segmentButton": "QPushButton", "loadTransformButton": "QPushButton",
+        "openEditorButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+        "inputsCollapsibleButton": "ctkCollapsibleButton",
+        "modelCollapsibleButton": "ctkCollapsibleButton",
+        "outputCollapsibleButton": "ctkCollapsibleButton",
+    }
+    for name, cls in expected.items():
+        assert widgets.get(name) == cls, name
+
+
+def test_mrml_combo_boxes_get_the_scene_and_node_types(ui_tree):
+    receivers = {c.findtext("receiver") for c in ui_tree.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    types_of = {}
+    for w in ui_tree.iter("widget"):
+        if w.get("class") == "qMRMLNodeComboBox":
+            assert w.get("name") in receivers, w.get("name")
+            prop = [p for p in w.findall("property") if p.get("name") == "nodeTypes"]
+            assert prop, f"{w.get('name')} has no nodeTypes"
+            types_of[w.get("name")] = [s.text for s in prop[0].iter("string")]
+    assert types_of == {"inputVolumeSelector": ["vtkMRMLScalarVolumeNode"],
+                        "transformNodeSelector": ["vtkMRMLTransformNode"],
+                        "outputSegmentationSelector": ["vtkMRMLSegmentationNode"]}
+
+
+def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, module_ast):
+    node_class = classes(module_ast)["BrainLobeSegParameterNode"]
+    parameters = {s.target.id for s in node_class.body if isinstance(s, ast.AnnAssign)}
+    bound = {}
+    for w in ui_tree.iter("widget"):
+        name = dynamic_property(w, "SlicerParameterName")
+        if name is not None:
+            assert w.get("class") in BOUND_WIDGET_CLASSES
+            bound[name] = w.get("name")
+    assert set(bound) <= parameters, set(bound) - parameters
+    # Everything but the model folder (synchronised by hand, see the class docstring).
+    assert parameters - set(bound) == {"modelFolder"}
+    # Enum-bound combo boxes are filled by the wrapper: no items in the .ui file.
+    for w in ui_tree.iter("widget"):
+        if w.get("class") == "QComboBox":
+            assert not w.findall("item"), w.get("name")
+
+
+# ----------------------------------------------------------------------------- module file
+
+def test_module_has_module_widget_logic_and_test_classes(module_ast):
+    found = classes(module_ast)
+    bases = {name: [ast.unparse(b) for b in cls.bases] for name, cls in found.items()}
+    assert bases["BrainLobeSeg"] == ["ScriptedLoadableModule"]
+    assert bases["BrainLobeSegWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["BrainLobeSegLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["BrainLobeSegTest"] == ["ScriptedLoadableModuleTest"]
+    decorators = [ast.unparse(d) for d in found["BrainLobeSegParameterNode"].decorator_list]
+    assert decorators == ["parameterNodeWrapper"]
+    tests = [f.name for f in found["BrainLobeSegTest"].body
+             if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
+    assert len(tests) >= 3
+    widget_methods = {f.name for f in found["BrainLobeSegWidget"].body if isinstance(f, ast.FunctionDef)}
+    assert {"setup", "cleanup", "enter", "exit", "onSegmentButton", "onLoadTransformButton",
+            "onOpenEditorButton", "initializeParameterNode", "setParameterNode"} <= widget_methods
+
+
+def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast):
+    """Slicer imports every module file at start-up: the engine (torch) must wait."""
+    top_level = []
+    for node in module_ast.body:
+        if isinstance(node, ast.Import):
+            top_level += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            top_level.append(node.module or "")
+    assert not [m for m in top_level if m.startswith(("BrainLobeSegLib", "torch", "SimpleITK",
+                                                       "numpy"))]
+    source = MODULE_PY.read_text()
+    assert "sys.path.insert(0, _MODULE_DIR)" in source
+
+
+def _is_translated(node: ast.AST) -> bool:
+    """``_("...")``, ``_("...").format(...)``, a variable or ``str(exc)`` - not a bare literal."""
+    if isinstance(node, ast.Constant):
+        return node.value == ""
+    if isinstance(node, ast.JoinedStr):
+        return False
+    return True
+
+
+def test_user_visible_strings_go_through_tr(module_ast):
+    """Message boxes, button texts, tooltips and status lines use ``_()``."""
+    widget = classes(module_ast)["BrainLobeSegWidget"]
+    problems = []
+    for node in ast.walk(widget):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in USER_TEXT_CALLS:
+            texts = list(node.args[:1]) + [k.value for k in node.keywords
+                                           if k.arg in ("windowTitle", "text")]
+            problems += [ast.unparse(t) for t in texts if not _is_translated(t)]
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute) and target.attr in ("text", "toolTip"):
+                    if not _is_translated(node.value):
+                        problems.append(ast.unparse(node))
+    module = classes(module_ast)["BrainLobeSeg"]
+    for node in ast.walk(module):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) \
+                and node.targets[0].attr in ("title", "helpText", "acknowledgementText"):
+            if not (isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "_"):
+                problems.append(ast.unparse(node))
+    assert not problems, problems
+
+
+def test_every_translated_string_is_a_literal(module_ast):
+    """``_()`` needs literal text for the translation tools to find it."""
+    calls = [n for n in ast.walk(module_ast) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "_"]
+    assert len(calls) > 40
+    assert all(len(c.args) == 1 and isinstance(c.args[0], ast.Constant)
+               and isinstance(c.args[0].value, str) for c in calls)
+
+
+# ----------------------------------------------------------------------------- build files
+
+def _png_size(path: Path):
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_cmake_files_name_existing_files():
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in module_cmake
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_cmake
+    assert "Resources/Models/*.json" in module_cmake and "Resources/Models/*.pt" in module_cmake
+    for rel in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert rel in module_cmake
+        assert (MODULE_DIR / rel.replace("${MODULE_NAME}", "BrainLobeSeg")).is_file()
+    ext_cmake = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
+                "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
+                "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} ", ext_cmake), key
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in ext_cmake
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in ext_cmake
+    assert "add_subdirectory(BrainLobeSeg)" in ext_cmake
+    for url_key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        rel = re.search(rf'set\({url_key} "\$\{{BRAINLOBESEG_REPOSITORY_URL\}}/raw/main/([^"]+)"\)',
+                        ext_cmake).group(1)
+        assert (ROOT / rel).is_file(), rel
+
+
+def test_icons_are_128_pixel_pngs():
+    assert _png_size(MODULE_DIR / "Resources" / "Icons" / "BrainLobeSeg.png") == (128, 128)
+    assert _png_size(ROOT / "Resources" / "BrainLobeSeg.png") == (128, 128)
