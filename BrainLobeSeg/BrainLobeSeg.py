@@ -281,6 +281,9 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 name=node.GetName())
         if p.transformNode is None:
             return _("Select a transform node or load an ITK-SNAP transform.")
+        if not p.transformNode.IsTransformToWorldLinear():
+            return _("'{name}' is not a linear transform and cannot be used.").format(
+                name=p.transformNode.GetName())
         return _("'{name}' maps the upright head onto the CT{inverted}.").format(
             name=p.transformNode.GetName(),
             inverted=_(" (inverted)") if p.invertTransform else "")
