@@ -35,7 +35,7 @@ from BrainLobeSegLib.errors import EXIT_INPUT_ERROR
 from test_robustness import (SIZE, SPACING, assert_nothing_written, bspline_file, cut_in_half,
                              gantry_tilt_direction, head_array, head_image, huge_header,
                              itksnap_text, leftovers, mr_like, rotation_matrix, tree_hashes,
-                             write)
+                             write, write_dicom_series)
 
 IDENTITY = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
 
@@ -128,6 +128,9 @@ REFUSED: List[Case] = [
          "too large"),
     Case("NaN voxels (.nii.gz)", non_finite(np.nan, "nan.nii.gz"), "NaN or infinite"),
     Case("inf voxels (.nrrd)", non_finite(np.inf, "inf.nrrd"), "NaN or infinite"),
+    Case("DICOM series with a missing slice",
+         lambda f, mp: [str(write_dicom_series(head_image(), f / "ct", drop=9))],
+         "not evenly spaced"),
     Case("transform: missing", lambda f, mp: [scan(f), "--transform", str(f / "none.txt")],
          "transform file not found"),
     Case("transform: empty", with_transform(""), "transform file is empty"),
@@ -218,6 +221,10 @@ ACCEPTED: List[Good] = [
         direction=rotation_matrix((15.0, -10.0, 25.0)).ravel())),
     Good("gantry tilt 20 deg (sheared grid, NRRD)",
          lambda: head_image(direction=gantry_tilt_direction(20.0)), suffix=".nrrd"),
+    Good("gantry tilt 20 deg (DICOM series)",
+         lambda: head_image(direction=gantry_tilt_direction(20.0)), suffix="DICOM"),
+    Good("left-handed grid (x flipped)", lambda: head_image(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))),
+    Good("float64 CT", lambda: sitk.Cast(head_image(), sitk.sitkFloat64)),
     Good("MR-like with --force", mr_like, args=["--force"]),
     Good("transform: scaling 1.2 (warned)", head_image,
          transform=[1.2, 0, 0, 0, 1.2, 0, 0, 0, 1.2, 0, 0, 0], warning="scales or shears"),
@@ -243,7 +250,10 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
     indir = tmp_path / "in"
     indir.mkdir()
     img = good.image()
-    args = [scan(indir, img, name=f"case{good.suffix}")] + good.args
+    if good.suffix == "DICOM":
+        args = [str(write_dicom_series(img, indir / "case"))] + good.args
+    else:
+        args = [scan(indir, img, name=f"case{good.suffix}")] + good.args
     if good.transform is not None:
         (indir / "case.txt").write_text(itksnap_text(good.transform))
         args += ["--transform", str(indir / "case.txt")]
@@ -258,7 +268,8 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
         assert good.warning in err
     assert tree_hashes(indir) == before
     assert leftovers(outdir) == []
-    reference = sitk.ReadImage(args[0])
+    reference = imageio.read_scan(args[0])
+    same_geometry(reference, img)           # what was read is the scan as written
     label_files = [p for p in outdir.iterdir() if p.name.startswith("case-aspects")]
     assert len(label_files) == 3, label_files
     for path in label_files:
@@ -336,3 +347,25 @@ def test_entry_point_prints_one_line_and_exits_2(name, tmp_path, tiny_models, mo
     assert tree_hashes(indir) == before
     if outdir.exists():
         assert_nothing_written(outdir)
+
+
+def test_dataset_folder_with_one_bad_case(tmp_path, tiny_models, capfd):
+    """A folder of cases: the good case is written whole, the cut one is named in one
+    line and leaves nothing, a summary follows, and the exit status is 2."""
+    pytest.importorskip("BrainLobeSegLib.dataset")
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan(indir, name="1.nii.gz")
+    cut_in_half(Path(scan(indir, name="2.nii.gz")))
+    before = tree_hashes(indir)
+    outdir = tmp_path / "out"
+    code, out, err = run_cli([str(indir)], outdir, tiny_models, capfd)
+    assert code == EXIT_INPUT_ERROR, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 2, err
+    assert lines[0].startswith("brainlobeseg: 2: ") and "truncated" in lines[0]
+    assert "1 of 2 cases failed" in lines[1]
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(cli.output_names("1"))
+    assert leftovers(outdir) == []
+    assert tree_hashes(indir) == before

@@ -227,9 +227,9 @@ def test_invalid_card_refused(tiny3d, name, edit, match):
     refused(tiny3d, match)
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", "null", '"model"', "{\"format\": 1}", "\x00\xff"])
-def test_card_that_is_not_a_json_object_refused(tiny3d, text):
-    (tiny3d / models.CARD_NAME).write_text(text, errors="surrogateescape")
+@pytest.mark.parametrize("data", [b"", b"{", b"[]", b"null", b'"model"', b'{"format": 1}', b"\x00\xff"])
+def test_card_that_is_not_a_json_object_refused(tiny3d, data):
+    (tiny3d / models.CARD_NAME).write_bytes(data)
     with pytest.raises(ModelError):
         models.load_model(tiny3d)
 

@@ -221,12 +221,67 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
                          "Give the folder of one CT series, or a NIfTI/NRRD file.")
     # Several series (scout, bone and brain kernels...): take the one with most slices.
     files = max((reader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
-    reader.SetFileNames(files)
+    header = sitk.ImageFileReader()
+    header.SetFileName(files[0])
     try:
-        return reader.Execute()
+        header.ReadImageInformation()
     except Exception as exc:
-        raise InputError(f"cannot read the DICOM series in {folder} ({str(exc).strip()[:160]}).",
+        raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
                          "Export the series again, or convert it to NIfTI.") from None
+    # the RAM guard from the first slice's header, before the series is allocated
+    check_voxel_count(tuple(header.GetSize()[:2]) + (len(files),), header.GetNumberOfComponents(),
+                      os.path.basename(os.path.normpath(folder)))
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with quiet_itk():   # its "non uniform sampling" warning is replaced by ours below
+            image = reader.Execute()
+    except Exception as exc:
+        raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
+                         "Export the series again, or convert it to NIfTI.") from None
+    return _dicom_slice_geometry(image, reader, folder)
+
+
+def _dicom_slice_geometry(image: sitk.Image, reader: sitk.ImageSeriesReader, folder: str) -> sitk.Image:
+    """Check and correct the slice geometry ITK derives from a DICOM series.
+
+    ITK assumes evenly spaced slices stacked along the slice normal. A missing slice
+    (uneven gaps) only produces a warning and an averaged spacing, i.e. a silently
+    wrong grid: refused here. A gantry tilt (slices shifted in-plane from one to the
+    next, common in head CT) is returned by ITK as an upright stack, shearing the head:
+    here the slice axis is set to the true step between the slice positions, a
+    non-orthogonal direction matrix that SimpleITK resamples exactly.
+    """
+    n = image.GetDepth() if image.GetDimension() == 3 else 0
+    key = "0020|0032"   # Image Position (Patient) of each slice, in the reader's order
+    if n < 3 or not all(reader.HasMetaDataKey(i, key) for i in range(n)):
+        return image
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")[:3]]
+                        for i in range(n)])
+    except ValueError:
+        return image
+    steps = np.diff(pos, axis=0)
+    step = steps.mean(axis=0)
+    length = float(np.linalg.norm(step))
+    if pos.shape[1] != 3 or not np.isfinite(pos).all() or length < 1e-3:
+        return image
+    deviation = np.linalg.norm(steps - step, axis=1).max()
+    if deviation > max(0.05, 0.02 * length):
+        gaps = np.linalg.norm(steps, axis=1)
+        raise InputError(f"the slices of the DICOM series in {folder} are not evenly spaced "
+                         f"(gaps from {gaps.min():.2f} to {gaps.max():.2f} mm): a slice is missing "
+                         "or the series mixes reconstructions.",
+                         "Export the complete series again, or convert it to NIfTI with a tool "
+                         "that resamples uneven slices (e.g. dcm2niix).")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    axis = step / length
+    if abs(float(np.dot(axis, direction[:, 2]))) < np.cos(np.radians(0.1)):   # gantry tilt
+        direction[:, 2] = axis
+        image.SetDirection(direction.ravel().tolist())
+        image.SetSpacing(tuple(image.GetSpacing()[:2]) + (length,))
+        image.SetOrigin(tuple(pos[0]))
+    return image
 
 
 def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the scan") -> None:
