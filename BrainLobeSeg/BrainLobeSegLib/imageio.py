@@ -45,8 +45,19 @@ def check_gzip_complete(path: str) -> None:
             while fh.read(1 << 22):
                 pass
     except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"{path} is truncated or corrupt ({exc}).",
-                         "Copy or export the file again; the gzip stream ends early.") from None
+        raise _gzip_error(path, exc) from None
+
+
+def _gzip_error(path: str, exc: BaseException) -> InputError:
+    """A cut download and a file that is not gzip at all need different advice."""
+    if isinstance(exc, EOFError):
+        return InputError(f"{path} is truncated: the gzip stream ends early ({exc}).",
+                          "Copy or export the file again.")
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return InputError(f"{path} is corrupt: not a valid gzip stream ({exc}).",
+                          "Copy or export the file again; if it is an uncompressed NIfTI, name it .nii.")
+    return InputError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc}).",
+                      "Check that the file is readable (permissions, disk), or copy it again.")
 
 
 def image_suffix(path: str) -> str:
@@ -178,8 +189,7 @@ def check_nifti_data(path: str) -> None:
                         rest = buf[n:]
                     got += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"{path} is truncated or corrupt ({exc}).",
-                         "Copy or export the file again; the gzip stream ends early.") from None
+        raise _gzip_error(path, exc) from None
     if got < expected:
         raise InputError(f"{path} is truncated: its header announces {expected} bytes of voxel "
                          f"data, the file holds {got}.", "Copy or export the file again.")
@@ -289,9 +299,10 @@ def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the
     so nothing is allocated)."""
     n_voxels = int(np.prod([int(n) for n in size], dtype=np.float64)) * max(1, int(components))
     if n_voxels > MAX_VOXELS:
-        raise InputError(f"{name} is too large ({'x'.join(map(str, size))} = {n_voxels / 1e6:.0f} "
-                         "million voxels).", "Crop it to the head or resample it to <= 0.4 mm "
-                         "in-plane and >= 0.5 mm slices first.")
+        raise InputError(f"{name} is too large ({'x'.join(map(str, size))} = {n_voxels / 1e6:.3g} "
+                         f"million voxels; the limit is {MAX_VOXELS / 1e6:.3g} million).",
+                         "Crop it to the head or resample it to <= 0.4 mm in-plane and >= 0.5 mm "
+                         "slices first.")
 
 
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
