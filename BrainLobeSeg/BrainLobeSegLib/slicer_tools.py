@@ -21,7 +21,7 @@ is used) explicitly for that reason.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -337,5 +337,3 @@ def statistics_from_nodes(segmentation_node, volume_node, uncertainty_node=None,
     return statistics.region_statistics(ct, labels, unc, uncertainty_source=(
         statistics.UNCERTAINTY_DISAGREEMENT if unc is not None else None), **settings)
 
-
-TransformLike = Union[None, sitk.Transform, "slicer.vtkMRMLTransformNode"]
