@@ -291,9 +291,8 @@ def cormack_to_hu(image):
 def atlas_label_map(atlas_dir: Path):
     """The 20 aspects-on-cta masks as one uint8 label map (ids of regions.py).
 
-    Overlaps are resolved by training/synth.py's rule when it exposes one (a function
-    ``resolve_overlaps`` or a list ``PRIORITY`` of our codes, highest priority first);
-    otherwise smaller masks win (painted last), which keeps the thin subcortical
+    Overlaps are resolved by training/synth.py's ``merge_masks`` (its PRIORITY rule);
+    without it, smaller masks win (painted last), which keeps the thin subcortical
     structures and the insula from being swallowed by the large cortical regions.
     """
     import numpy as np
@@ -307,20 +306,14 @@ def atlas_label_map(atlas_dir: Path):
             img = sitk.ReadImage(str(folder / f"MNI152_{fcode}_{suffix}.nii.gz"))
             ref = ref or img
             masks[regions.region(code, side).label] = sitk.GetArrayViewFromImage(img) > 0.5
-    rule = "smaller masks win (training/synth.py exposes no priority rule)"
-    order = sorted(masks, key=lambda k: -int(masks[k].sum()))
-    try:
-        from training import synth  # type: ignore
-        if hasattr(synth, "PRIORITY"):
-            prio = list(synth.PRIORITY)   # our codes, highest priority first
-            rank = {c: i for i, c in enumerate(prio)}
-            order = sorted(masks, key=lambda k: -rank.get(regions.REGION_BY_LABEL[k].code, len(prio)))
-            rule = "training.synth.PRIORITY"
-    except Exception:
-        pass
-    labels = np.zeros(next(iter(masks.values())).shape, np.uint8)
-    for k in order:
-        labels[masks[k]] = k
+    try:   # the training data's own rule, so the baseline is judged on the same truth
+        from training.synth import merge_masks  # type: ignore
+        labels, rule = merge_masks(masks), "training.synth.merge_masks (PRIORITY, first wins)"
+    except ImportError:
+        labels = np.zeros(next(iter(masks.values())).shape, np.uint8)
+        for k in sorted(masks, key=lambda k: -int(masks[k].sum())):
+            labels[masks[k]] = k
+        rule = "smaller masks win (training.synth.merge_masks not available)"
     out = sitk.GetImageFromArray(labels)
     out.CopyInformation(ref)
     return out, rule
