@@ -35,6 +35,7 @@ Only numpy and SimpleITK are used (the inference-path rule).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -50,12 +51,23 @@ from .errors import InputError
 #: Working resolution (mm). 3-4 mm keeps the skull and ventricles, and makes one cost
 #: evaluation a few milliseconds.
 WORK_SPACING_MM = 3.5
-#: HU range of the feature image: scalp/air edge, brain/CSF contrast and bone (clipped so
-#: that bone density, which varies with the skull's thickness, does not dominate).
-FEATURE_HU = (-100.0, 200.0)
+#: HU range of the feature image: the brain window. Ventricles, deep grey nuclei and the
+#: brain/CSF border carry the roll; bone and air are clipped flat (the skull outline of a
+#: nearly round head says little about roll, and bone density varies with thickness).
+FEATURE_HU = (0.0, 80.0)
 #: Half-range (degrees) of the coarse search over the symmetry plane's normal.
 SEARCH_DEG = 24.0
 COARSE_STEP_DEG = 4.0
+#: Margin (mm) of the working grid around the head box.
+GRID_MARGIN_MM = 30.0
+#: Gaussian smoothing (mm, sigma) of the feature image: keeps the skull, ventricles and
+#: the brain outline, blurs thin sulci whose partial volume in thick slices differs
+#: between the sides of a tilted head.
+SMOOTHING_MM = 2.5
+#: Radius (mm) around the template's centroid compared in the pitch registration.
+PITCH_RADIUS_MM = 65.0
+#: Radius (mm) around the head's centroid used by the fine symmetry search.
+CORE_RADIUS_MM = 55.0
 #: Pitch starting points (degrees) of the template registration: pitch is found by local
 #: optimisation, so a few starts cover tilts up to about +-20 degrees.
 PITCH_STARTS_DEG = (-12.0, 0.0, 12.0)
@@ -82,19 +94,35 @@ class PoseEstimate:
 
 # ----------------------------------------------------------------------------- working image
 
-def _working_image(scan: sitk.Image, spacing: float) -> Tuple[sitk.Image, np.ndarray]:
+def _working_image(scan: sitk.Image, spacing: float) -> Tuple[sitk.Image, np.ndarray, np.ndarray]:
     """The head on an identity-direction isotropic grid in the scan's physical space,
-    feature-clipped and lightly smoothed, plus its head mask (bool, z y x)."""
+    feature-clipped and lightly smoothed, its head mask, and its field-of-view mask
+    (bool, z y x).
+
+    The field of view matters: a scan often cuts the head (vertex, chin, nose), and the
+    cut faces are planes of the *scan*, not of the head. Compared as air they would pull
+    the symmetry plane and the pitch towards the scan's axes, so every comparison below
+    uses only points whose partners also lie inside the field of view.
+    """
     box = geometry.head_box(scan, transforms.identity())
+    # a margin around the head: a reflected or re-posed head must stay inside the grid,
+    # or points leaving it would silently stop counting (a bias towards leaving it)
+    box = geometry.HeadBox(tuple(l - GRID_MARGIN_MM for l in box.lower),
+                           tuple(u + GRID_MARGIN_MM for u in box.upper), box.midline_x)
     grid = box.grid((spacing,) * 3)
     hu = geometry.upright_resample(scan, transforms.identity(), grid)
-    mask = hu > geometry.HEAD_THRESHOLD_HU
+    ones = sitk.Image(scan.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(scan)
+    fov_img = sitk.Resample(ones, grid.reference(), transforms.identity(), sitk.sitkNearestNeighbor, 0)
+    fov_img = sitk.BinaryErode(fov_img, [1, 1, 1])
+    fov = sitk.GetArrayFromImage(fov_img) > 0
+    mask = (hu > geometry.HEAD_THRESHOLD_HU) & fov
     feat = np.clip(hu, *FEATURE_HU).astype(np.float32)
-    img = sitk.SmoothingRecursiveGaussian(grid.image(feat), spacing * 0.7)
-    return img, mask
+    img = sitk.SmoothingRecursiveGaussian(grid.image(feat), SMOOTHING_MM)
+    return img, mask, fov
 
 
-def _index_points(img: sitk.Image, mask: np.ndarray, max_points: int = 60000,
+def _index_points(img: sitk.Image, mask: np.ndarray, max_points: int = 30000,
                   seed: int = 0) -> np.ndarray:
     """Physical (x, y, z) LPS points of (a random subset of) the masked voxels."""
     idx = np.argwhere(mask)[:, ::-1].astype(np.float64)  # z y x -> x y z
@@ -104,13 +132,29 @@ def _index_points(img: sitk.Image, mask: np.ndarray, max_points: int = 60000,
 
 
 class _Sampler:
-    """Trilinear interpolation of an identity-direction image at physical points."""
+    """Trilinear interpolation of an identity-direction image at physical points.
 
-    def __init__(self, img: sitk.Image, outside: float) -> None:
+    With ``fov`` (bool, z y x), points outside it are reported through ``valid``.
+    """
+
+    def __init__(self, img: sitk.Image, outside: float, fov: Optional[np.ndarray] = None) -> None:
         self.arr = sitk.GetArrayFromImage(img).astype(np.float32)
         self.origin = np.asarray(img.GetOrigin())
         self.spacing = np.asarray(img.GetSpacing())
         self.outside = outside
+        self.fov = fov
+
+    def valid(self, pts: np.ndarray) -> np.ndarray:
+        """Whether each point lies in the field of view (nearest voxel); points outside
+        the working grid are air (the grid holds the whole head with a margin)."""
+        f = np.rint((pts - self.origin) / self.spacing).astype(np.int64)
+        nz, ny, nx = self.arr.shape
+        inside = np.all((f >= 0) & (f < np.array([nx, ny, nz])), axis=1)
+        ok = np.ones(len(pts), bool)
+        if self.fov is not None:
+            g = f[inside]
+            ok[inside] = self.fov[g[:, 2], g[:, 1], g[:, 0]]
+        return ok
 
     def __call__(self, pts: np.ndarray) -> np.ndarray:
         f = (pts - self.origin) / self.spacing          # x y z fractional index
@@ -145,10 +189,14 @@ def _normal(u: float, v: float) -> np.ndarray:
 def symmetry_cost(sample: _Sampler, pts: np.ndarray, values: np.ndarray, normal: np.ndarray,
                   offset: float) -> float:
     """Mean squared difference between the image and its reflection in the plane
-    ``normal . p = offset``, over ``pts`` (whose image values are ``values``)."""
+    ``normal . p = offset``, over those of ``pts`` (whose image values are ``values``)
+    whose mirror image lies in the field of view."""
     d = pts @ normal - offset
     mirrored = pts - 2.0 * d[:, None] * normal[None, :]
-    diff = sample(mirrored) - values
+    ok = sample.valid(mirrored)
+    if ok.sum() < 0.2 * len(pts):   # the plane sends most of the head out of view
+        return float("inf")
+    diff = sample(mirrored[ok]) - values[ok]
     return float(np.mean(diff * diff))
 
 
@@ -188,7 +236,7 @@ def nelder_mead(f: Callable[[np.ndarray], float], x0: Sequence[float], step: Seq
     return pts[best], vals[best]
 
 
-def find_symmetry_plane(img: sitk.Image, mask: np.ndarray,
+def find_symmetry_plane(img: sitk.Image, mask: np.ndarray, fov: Optional[np.ndarray] = None,
                         search_deg: float = SEARCH_DEG, step_deg: float = COARSE_STEP_DEG
                         ) -> Tuple[np.ndarray, float, np.ndarray, float]:
     """The mid-sagittal plane of the head: (normal, offset, centre on the plane, RMS cost).
@@ -198,7 +246,7 @@ def find_symmetry_plane(img: sitk.Image, mask: np.ndarray,
     slopes and offset.
     """
     pts = _index_points(img, mask)
-    sample = _Sampler(img, outside=FEATURE_HU[0])
+    sample = _Sampler(img, outside=FEATURE_HU[0], fov=fov)
     values = sample(pts)
     centroid = pts.mean(axis=0)
     best = (math.inf, 0.0, 0.0)
@@ -212,6 +260,13 @@ def find_symmetry_plane(img: sitk.Image, mask: np.ndarray,
             cost = symmetry_cost(sample, coarse, coarse_values, n, float(n @ centroid))
             if cost < best[0]:
                 best = (cost, u, v)
+
+    # Fine stage: the central brain only (ventricles, deep nuclei, insula). They carry
+    # the roll; a nearly round skull outline and the thin cortical folds (whose partial
+    # volume differs between the sides of a tilted thick-slice scan) only add bias.
+    core = np.linalg.norm(pts - centroid, axis=1) < CORE_RADIUS_MM
+    if core.sum() > 500:
+        pts, values = pts[core], values[core]
 
     def f(x: np.ndarray) -> float:
         n = _normal(x[0], x[1])
@@ -250,20 +305,21 @@ def pose_transform(rotation: np.ndarray, centre: np.ndarray) -> sitk.AffineTrans
 
 # ----------------------------------------------------------------------------- pitch
 
-def default_template(spacing: float = WORK_SPACING_MM) -> sitk.Image:
+def default_template() -> sitk.Image:
     """The upright reference head: the symmetric phantom that defines "upright"."""
     from . import phantom
-    return phantom.make_upright_phantom()
+    return phantom.make_upright_phantom(spacing_mm=2.0)[0]
 
 
-def _template_image(template: sitk.Image, spacing: float) -> Tuple[sitk.Image, np.ndarray]:
-    img, mask = _working_image(template, spacing)
-    return img, mask
+@functools.lru_cache(maxsize=4)
+def _default_template_image(spacing: float) -> Tuple[sitk.Image, np.ndarray]:
+    """The default template's working image, made once per process (it never changes)."""
+    return _working_image(default_template(), spacing)[:2]
 
 
 def find_pitch(scan_img: sitk.Image, template_img: sitk.Image, template_mask: np.ndarray,
                plane_rotation: np.ndarray, centre: np.ndarray,
-               starts: Sequence[float] = PITCH_STARTS_DEG) -> float:
+               starts: Sequence[float] = PITCH_STARTS_DEG, fov: Optional[np.ndarray] = None) -> float:
     """Pitch (degrees) that best aligns the scan, turned by ``plane_rotation`` about
     ``centre``, to the upright template; the other rotations stay fixed.
 
@@ -275,6 +331,14 @@ def find_pitch(scan_img: sitk.Image, template_img: sitk.Image, template_mask: np
     t_pts = _index_points(template_img, template_mask)
     t_centroid = t_pts.mean(axis=0)
     t_mid = float(np.median(t_pts[:, 0]))
+    # the template's central brain only: a scan's field of view often cuts the vertex or
+    # the skull base, and the central structures carry the pitch as well
+    nz, ny, nx = template_mask.shape
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in (nz, ny, nx)), indexing="ij")
+    sp, org = np.asarray(template_img.GetSpacing()), np.asarray(template_img.GetOrigin())
+    dist = np.sqrt((org[0] + sp[0] * xx - t_centroid[0]) ** 2 + (org[1] + sp[1] * yy - t_centroid[1]) ** 2
+                   + (org[2] + sp[2] * zz - t_centroid[2]) ** 2)
+    template_mask = template_mask & (dist < PITCH_RADIUS_MM)
     # fixed point p (template) -> q = plane(euler(p)); euler about the template centroid
     plane = pose_transform(plane_rotation, centre)
     # the template centroid (moved to the plane's x) should land near the scan centre
@@ -288,8 +352,10 @@ def find_pitch(scan_img: sitk.Image, template_img: sitk.Image, template_mask: np
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMeanSquares()
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.25, seed=1)
+        reg.SetMetricSamplingPercentage(0.12, seed=1)
         reg.SetMetricFixedMask(_mask_image(template_mask, template_img))
+        if fov is not None:   # template points that land outside the scan's view do not count
+            reg.SetMetricMovingMask(_mask_image(fov, scan_img))
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=2.0, minStep=1e-3, numberOfIterations=150,
@@ -320,17 +386,19 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
     t0 = time.perf_counter()
     report = progress or (lambda f, m: None)
     report(0.0, "finding the head")
-    img, mask = _working_image(scan, spacing)
+    img, mask, fov = _working_image(scan, spacing)
     if mask.sum() < 100:
         raise InputError("no head found in the scan (too few voxels above "
                          f"{geometry.HEAD_THRESHOLD_HU:.0f} HU).", "Give a head CT in HU.")
     report(0.1, "mid-sagittal plane")
-    normal, _, centre, rmse = find_symmetry_plane(img, mask)
+    normal, _, centre, rmse = find_symmetry_plane(img, mask, fov)
     plane_rotation = rotation_taking(np.array([1.0, 0.0, 0.0]), normal)
     report(0.6, "pitch")
-    t_img, t_mask = _template_image(template if template is not None else default_template(spacing),
-                                    spacing)
-    pitch = find_pitch(img, t_img, t_mask, plane_rotation, centre)
+    if template is None:
+        t_img, t_mask = _default_template_image(float(spacing))
+    else:
+        t_img, t_mask = _working_image(template, spacing)[:2]
+    pitch = find_pitch(img, t_img, t_mask, plane_rotation, centre, fov=fov)
     rotation = plane_rotation @ rotation_x(pitch)
     report(1.0, "done")
     return PoseEstimate(pose_transform(rotation, centre), normal, centre, pitch, rmse,
