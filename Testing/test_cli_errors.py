@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainLobeSegLib import cli, imageio, output
+from BrainLobeSegLib import cli, imageio, output, transforms
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR
 
 from test_robustness import (SIZE, SPACING, assert_nothing_written, bspline_file, cut_in_half,
@@ -215,6 +215,20 @@ class Good:
     warning: str = ""                   # expected in a "brainlobeseg: warning:" line
 
 
+def _phantom():
+    phantom = pytest.importorskip("BrainLobeSegLib.phantom")
+    return phantom.make_scan(size=SIZE, spacing=SPACING, angles_deg=(8.0, -6.0, 10.0), seed=2)
+
+
+def phantom_scan() -> sitk.Image:
+    return _phantom().ct
+
+
+def phantom_transform() -> List[float]:
+    m = transforms.matrix_of(_phantom().transform)
+    return list(m[:3, :3].ravel()) + list(m[:3, 3])
+
+
 ACCEPTED: List[Good] = [
     Good("5 mm slices", lambda: head_image(size=(56, 56, 24), spacing=(3.8, 3.8, 5.0))),
     Good("oblique direction cosines", lambda: head_image(
@@ -226,6 +240,8 @@ ACCEPTED: List[Good] = [
     Good("left-handed grid (x flipped)", lambda: head_image(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))),
     Good("float64 CT", lambda: sitk.Cast(head_image(), sitk.sitkFloat64)),
     Good("MR-like with --force", mr_like, args=["--force"]),
+    Good("anatomical phantom, tilted, with its ITK-SNAP transform", phantom_scan,
+         transform=phantom_transform),
     Good("transform: scaling 1.2 (warned)", head_image,
          transform=[1.2, 0, 0, 0, 1.2, 0, 0, 0, 1.2, 0, 0, 0], warning="scales or shears"),
     Good("transform: shear 0.3 (warned)", head_image,
@@ -255,7 +271,8 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
     else:
         args = [scan(indir, img, name=f"case{good.suffix}")] + good.args
     if good.transform is not None:
-        (indir / "case.txt").write_text(itksnap_text(good.transform))
+        params = good.transform() if callable(good.transform) else good.transform
+        (indir / "case.txt").write_text(itksnap_text(params))
         args += ["--transform", str(indir / "case.txt")]
     before = tree_hashes(indir)
     outdir = tmp_path / "out"

@@ -637,3 +637,33 @@ def test_dicom_ram_guard_before_reading_the_series(tmp_path, monkeypatch):
     folder = write_dicom_series(head_image(), tmp_path / "ct")
     monkeypatch.setattr(imageio, "MAX_VOXELS", 48 * 48 * 20)
     raises_input_error(imageio.read_scan, str(folder), match="too large")
+
+
+# --------------------------------------------------------------------------- on the phantom
+
+def test_phantom_case_round_trip_and_tampering(tmp_path):
+    """A real case in the dataset layout (the anatomical phantom, tilted, with its
+    ITK-SNAP transform) reads back; one unknown label value or a label file resampled
+    to another grid is then refused, and nothing of the case is modified."""
+    phantom = pytest.importorskip("BrainLobeSegLib.phantom")
+    dataset = pytest.importorskip("BrainLobeSegLib.dataset")
+    case = phantom.write_case(phantom.make_scan(size=SIZE, spacing=SPACING, seed=4), str(tmp_path))
+    ct, tf, seg = dataset.read_case(case)
+    assert transforms.rotation_angle_deg(tf) > 5 and sitk.GetArrayViewFromImage(seg).max() == 20
+
+    original = sitk.ReadImage(str(case.seg_path))
+    arr = sitk.GetArrayFromImage(original)
+    arr[12, 24, 24] = 42
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(original)
+    write(bad, Path(case.seg_path))
+    before = tree_hashes(tmp_path)
+    err = raises_input_error(dataset.read_case, case, match="not label ids")
+    assert "42" in str(err)
+
+    coarser = sitk.Resample(original, [24, 24, 12], sitk.Transform(), sitk.sitkNearestNeighbor,
+                            original.GetOrigin(), (9.0, 9.0, 10.0), original.GetDirection(), 0,
+                            sitk.sitkUInt8)
+    write(coarser, Path(case.seg_path))
+    raises_input_error(dataset.read_case, case, match="not on the grid")
+    assert set(tree_hashes(tmp_path)) == set(before)
