@@ -1,0 +1,223 @@
+"""``python -m training synth`` on a small fake atlas built here (no shared data needed).
+
+The fake atlas has the real one's file names and conventions: a head CT template in
+Cormack units and tissue maps on a coarse LAS-stored MNI grid, and 20 region masks
+(with overlaps) on another grid. Its tissue maps make the labelled regions grey
+matter and the rest of the intracranial space CSF, so the transform convention can be
+checked from intensities alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainLobeSegLib import dataset, regions, transforms
+from BrainLobeSegLib.errors import InputError
+from training import synth
+from training.__main__ import main as training_main
+
+# Region shapes: code -> (lateral distance, y, z) centre and semi-axes, MNI RAS mm.
+SHAPES: Dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = {
+    "C": ((15, 11, 9), (6, 11, 13)), "L": ((24, 0, 0), (7, 15, 11)),
+    "IC": ((17, -12, 8), (5, 12, 9)), "I": ((38, 0, 5), (5, 25, 14)),
+    "M1": ((40, 40, 3), (15, 18, 12)), "M2": ((55, -10, 3), (11, 22, 12)),
+    "M3": ((48, -60, 3), (14, 20, 12)), "M4": ((36, 20, 40), (14, 20, 17)),
+    "M5": ((47, -20, 42), (12, 18, 17)), "M6": ((40, -60, 40), (14, 18, 17)),
+}
+ARGS = ["--inplane", "40", "--slice-mm", "4,6"]
+
+
+def _grid(spacing: float, size: Tuple[int, int, int]) -> sitk.Image:
+    """An MNI grid stored LAS like the FSL/SPM files (origin at MNI (90, -126, -72) RAS)."""
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetSpacing((spacing,) * 3)
+    img.SetOrigin((-90.0, 126.0, -72.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return img
+
+
+def _ras(img: sitk.Image):
+    """Broadcastable MNI RAS coordinates (z, y, x order) of a grid like :func:`_grid`."""
+    sx, sy, sz = img.GetSize()
+    h = img.GetSpacing()[0]
+    x = -(-90.0 + h * np.arange(sx))
+    y = -(126.0 - h * np.arange(sy))
+    z = -72.0 + h * np.arange(sz)
+    return x[None, None, :], y[None, :, None], z[:, None, None]
+
+
+def _ellipsoid(coords, centre, semi) -> np.ndarray:
+    x, y, z = coords
+    return ((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + (
+        (z - centre[2]) / semi[2]) ** 2 <= 1.0
+
+
+def _write(array: np.ndarray, ref: sitk.Image, path: Path) -> None:
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.CopyInformation(ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), True)
+
+
+def make_fake_atlas(root: Path) -> Path:
+    """Write a small atlas folder with the real file names (about 0.3 s)."""
+    mask_ref = _grid(3.0, (61, 73, 61))
+    mc = _ras(mask_ref)
+    union = np.zeros(mask_ref.GetSize()[::-1], bool)
+    for code, (centre, semi) in SHAPES.items():
+        for side, tag, sign in (("left", "L", -1.0), ("right", "R", 1.0)):
+            m = _ellipsoid(mc, (sign * centre[0],) + centre[1:], semi)
+            union |= m
+            _write(m, mask_ref, root / synth.MASK_PATTERN.format(code=synth.FILE_CODES[code], side=tag))
+    tpl_ref = _grid(4.0, (46, 55, 46))
+    tc = _ras(tpl_ref)
+    centre = (0.0, -17.0, 8.0)
+    head = _ellipsoid(tc, centre, (84, 101, 82))
+    skull = _ellipsoid(tc, centre, (79, 96, 77))
+    brain = _ellipsoid(tc, centre, (72, 89, 70))
+    hu = np.where(brain, 25.0, np.where(skull, 700.0, np.where(head, 40.0, -1024.0)))
+    _write(synth.hu_to_cormack(hu), tpl_ref, root / synth.TEMPLATE)
+    grey = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(_as_image(union, mask_ref), sitk.sitkFloat32),
+                                                tpl_ref, transforms.identity(), sitk.sitkLinear, 0.0))
+    grey = np.where(brain, grey, 0.0)
+    _write(grey, tpl_ref, root / synth.TISSUES["grey"])
+    _write(np.zeros_like(grey), tpl_ref, root / synth.TISSUES["white"])
+    _write(np.where(brain, 1.0 - grey, 0.0), tpl_ref, root / synth.TISSUES["csf"])
+    return root
+
+
+def _as_image(array: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(array.astype(np.uint8))
+    img.CopyInformation(ref)
+    return img
+
+
+@pytest.fixture(scope="module")
+def atlas_dir(tmp_path_factory) -> Path:
+    return make_fake_atlas(tmp_path_factory.mktemp("atlas"))
+
+
+@pytest.fixture(scope="module")
+def made(atlas_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    code = training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(out), "-n", "3",
+                          "--seed", "5", *ARGS])
+    assert code == 0
+    return out
+
+
+def test_layout_and_manifest(made, capsys):
+    names = sorted(p.name for p in made.iterdir())
+    expected = sorted(f"{i}{s}" for i in (1, 2, 3) for s in (".nii.gz", ".txt", "-seg.nii.gz"))
+    assert names == sorted(expected + ["synth.json"])
+    cases = dataset.list_cases(made)
+    assert [c.name for c in cases] == ["1", "2", "3"]
+    assert all(c.seg_path is not None and c.transform_path is not None for c in cases)
+    manifest = json.loads((made / "synth.json").read_text())
+    assert manifest["seed"] == 5 and set(manifest["cases"]) == {"1", "2", "3"}
+    assert manifest["overlap_priority"] == synth.PRIORITY
+    assert {s["license"] for s in manifest["sources"]} == {"BSD-2-Clause", "MIT"}
+
+
+def test_types_geometry_and_labels(made):
+    for case in dataset.list_cases(made):
+        ct, R, seg = dataset.read_case(case)          # includes the grid and label checks
+        assert ct.GetPixelID() == sitk.sitkInt16 and seg.GetPixelID() == sitk.sitkUInt8
+        assert ct.GetSize()[:2] == (40, 40) and 4.0 <= ct.GetSpacing()[2] <= 6.0
+        assert ct.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        arr = sitk.GetArrayViewFromImage(ct)
+        assert arr.min() == -1024 and 500 < arr.max() < 2000
+        present = set(np.unique(sitk.GetArrayViewFromImage(seg))) - {0}
+        assert len(present) >= 18, present
+        assert transforms.rotation_angle_deg(R) <= 15.0 * np.sqrt(3) + 1e-6
+        # left regions (ids 1-10) at LPS +x of the right ones
+        lab = sitk.GetArrayViewFromImage(seg)
+        x = np.broadcast_to(np.arange(lab.shape[2]), lab.shape)
+        assert x[(lab >= 1) & (lab <= 10)].mean() > x[lab >= 11].mean()
+
+
+def _in_grey_range(ct: sitk.Image, seg: sitk.Image, transform) -> float:
+    """Fraction of labelled voxels whose resampled HU is grey matter (not CSF, bone, air)."""
+    up = sitk.GetArrayFromImage(sitk.Resample(ct, ct, transform, sitk.sitkLinear, -1024.0,
+                                                  sitk.sitkFloat32))
+    lab = sitk.GetArrayViewFromImage(seg) > 0
+    return float(((up[lab] > 22.0) & (up[lab] < 60.0)).mean())
+
+
+def test_the_transform_convention(made):
+    """``sitk.Resample(ct, ct, R)`` lies on the labels (DESIGN.md section 2); without R,
+    or with R the wrong way round, it does not."""
+    for case in dataset.list_cases(made):
+        ct, R, seg = dataset.read_case(case)
+        inverse = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
+        # Coarse voxels (~6 mm) make many labelled voxels partial-volume edges; on
+        # 1 mm grids the interior of the regions is grey matter at > 94 %.
+        with_r = _in_grey_range(ct, seg, R)
+        assert with_r > 0.5, (case.name, with_r)
+        assert with_r > _in_grey_range(ct, seg, inverse)
+        if transforms.rotation_angle_deg(R) > 8.0:
+            assert with_r - _in_grey_range(ct, seg, transforms.identity()) > 0.1
+            assert with_r - _in_grey_range(ct, seg, inverse) > 0.2
+
+
+def test_deterministic_from_seed_and_index(atlas_dir, made, tmp_path):
+    """Case i depends on (seed, i) only: a shard starting at i remakes it exactly."""
+    assert training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(tmp_path), "-n", "1",
+                          "--first", "1", "--seed", "5", *ARGS]) == 0
+    a = dataset.read_case(dataset.list_cases(made)[1])
+    b = dataset.read_case(dataset.list_cases(tmp_path)[0])
+    assert dataset.list_cases(tmp_path)[0].name == "2"
+    for x, y in ((a[0], b[0]), (a[2], b[2])):
+        assert np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y))
+    assert np.array_equal(transforms.matrix_of(a[1]), transforms.matrix_of(b[1]))
+    other = dataset.read_case(dataset.list_cases(made)[0])
+    assert other[0].GetSize() != a[0].GetSize() or not np.array_equal(
+        sitk.GetArrayViewFromImage(other[0]), sitk.GetArrayViewFromImage(a[0]))
+
+
+def test_existing_cases_are_kept_unless_overwrite(atlas_dir, made, capsys):
+    before = (made / "1.nii.gz").read_bytes()
+    code = training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(made), "-n", "1",
+                          "--seed", "6", *ARGS])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (made / "1.nii.gz").read_bytes() == before
+
+
+def test_overlaps_follow_the_documented_priority():
+    shape = (2, 2, 2)
+    masks = {lab: np.zeros(shape, bool) for lab in regions.LABELS}
+    lab = lambda code, side="left": regions.region(code, side).label  # noqa: E731
+    masks[lab("I")][0, 0, 0] = masks[lab("M2")][0, 0, 0] = True           # insula beats cortex
+    masks[lab("L")][0, 0, 1] = masks[lab("IC")][0, 0, 1] = True           # capsule beats lentiform
+    masks[lab("C", "right")][0, 1, 0] = masks[lab("L", "right")][0, 1, 0] = True
+    masks[lab("M5")][1, 1, 1] = True
+    out = synth.merge_masks(masks)
+    assert out[0, 0, 0] == lab("I") and out[0, 0, 1] == lab("IC")
+    assert out[0, 1, 0] == lab("C", "right") and out[1, 1, 1] == lab("M5") and out[1, 0, 0] == 0
+
+
+def test_cormack_conversion_round_trip():
+    hu = np.array([-1024.0, -500.0, -124.0, 0.0, 25.0, 76.0, 300.0, 1500.0], np.float32)
+    assert np.allclose(synth.cormack_to_hu(synth.hu_to_cormack(hu)), hu, atol=1e-3)
+    assert synth.cormack_to_hu(np.array([0.0]))[0] == -1024.0
+
+
+def test_missing_atlas_file_is_named(atlas_dir, tmp_path):
+    broken = make_fake_atlas(tmp_path / "atlas")
+    (broken / "aspects-on-cta" / "MNI152_InCa_R.nii.gz").unlink()
+    with pytest.raises(InputError) as exc:
+        synth.load_atlas(str(broken))
+    assert "MNI152_InCa_R.nii.gz" in str(exc.value) and "IC right" in str(exc.value)
+
+
+def test_bad_options_are_refused(atlas_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(tmp_path), "--slice-mm", "5,1"])
+    assert training_main(["synth", "--atlas-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "atlas folder not found" in capsys.readouterr().err
