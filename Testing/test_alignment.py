@@ -56,8 +56,8 @@ def test_symmetry_plane_of_a_shifted_upright_head():
     case = phantom.make_scan(size=SIZE, spacing=SPACING, angles_deg=(0.0, 0.0, 0.0), seed=5)
     ct = sitk.Image(case.ct)
     ct.SetOrigin(tuple(np.asarray(ct.GetOrigin()) + [17.0, 0.0, 0.0]))
-    normal, offset, centre, _ = alignment.find_symmetry_plane(*alignment._working_image(ct, 3.5))
-    _, ref_offset, _, _ = alignment.find_symmetry_plane(*alignment._working_image(case.ct, 3.5))
+    normal, offset, centre, _ = alignment.find_symmetry_plane(*alignment._working_image(ct, 3.5)[:3])
+    _, ref_offset, _, _ = alignment.find_symmetry_plane(*alignment._working_image(case.ct, 3.5)[:3])
     assert math.degrees(math.acos(min(1.0, normal[0]))) < 1.5
     assert offset - ref_offset == pytest.approx(17.0, abs=1.0)
 
@@ -82,3 +82,14 @@ def test_cli_align_refuses_a_non_ct(tmp_path, capsys):
     assert cli.main(["align", str(path), "-o", str(tmp_path / "t.txt")]) == EXIT_INPUT_ERROR
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "t.txt").exists()
+
+
+def test_principal_angle_of_a_tilted_ellipsoid():
+    """The brain's long axis in the sagittal plane gives the pitch (moment path)."""
+    rng = np.random.default_rng(1)
+    pts = rng.normal(size=(20000, 3)) * [50.0, 80.0, 60.0]
+    for pitch in (-12.0, 0.0, 9.0):
+        tilted = pts @ alignment.rotation_x(pitch).T + [3.0, -4.0, 10.0]
+        angle = alignment.principal_angle_deg(tilted, np.eye(3), np.array([3.0, -4.0, 10.0]))
+        assert angle == pytest.approx(pitch, abs=1.0)
+    assert alignment._wrap90(135.0) == -45.0 and alignment._wrap90(-90.0) == 90.0
