@@ -195,7 +195,7 @@ def test_corrupt_scan_reason_is_not_a_stray_errno(tmp_path):
 
 
 def test_folder_without_dicom(tmp_path):
-    (tmp_path / "notes.txt").write_text("not a scan")
+    (tmp_path / "notes.txt").write_text("not a scan", encoding="utf-8")
     raises_input_error(imageio.read_scan, str(tmp_path), match="DICOM")
 
 
@@ -355,7 +355,7 @@ def test_write_image_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- transform files
 
 def write_text(path: Path, text: str) -> str:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return str(path)
 
 
@@ -458,6 +458,19 @@ def test_rotation_loads_without_warning(tmp_path, recwarn):
     tf = transforms.read_transform(path)
     np.testing.assert_allclose(transforms.matrix_of(tf)[:3, :3], m, atol=1e-12)
     assert not [w for w in recwarn if issubclass(w.category, transforms.TransformWarning)]
+
+
+def test_nifti_refuses_a_sheared_grid_instead_of_straightening_it(tmp_path):
+    """ITK's NIfTI writer makes a sheared direction orthogonal with a console warning
+    only; the atomic writer refuses, NRRD keeps it, and DICOM-rounding noise passes."""
+    sheared = head_image(direction=gantry_tilt_direction(15.0))
+    raises_input_error(imageio.write_image_atomic, sheared, str(tmp_path / "x.nii.gz"), match="NIfTI")
+    assert list(tmp_path.iterdir()) == []
+    imageio.write_image_atomic(sheared, str(tmp_path / "x.nrrd"))
+    np.testing.assert_allclose(sitk.ReadImage(str(tmp_path / "x.nrrd")).GetDirection(),
+                               sheared.GetDirection(), atol=1e-6)
+    noisy = head_image(direction=(1.0, 2e-6, 0.0, -1e-6, 1.0, 0.0, 0.0, 3e-6, 1.0))
+    imageio.write_image_atomic(noisy, str(tmp_path / "n.nii.gz"))
 
 
 def test_written_images_get_the_normal_file_mode(tmp_path):
@@ -565,7 +578,7 @@ def test_transform_files_that_crash_itk_are_refused_before_itk_reads_them(tmp_pa
     paths = []
     for i, text in enumerate(ITK_CRASHERS):
         paths.append(str(tmp_path / f"crash{i}.txt"))
-        Path(paths[-1]).write_text(text)
+        Path(paths[-1]).write_text(text, encoding="utf-8")
     code = ("import sys\nfrom BrainLobeSegLib import transforms\nfrom BrainLobeSegLib.errors import InputError\n"
             "for p in sys.argv[1:]:\n"
             "    try:\n        transforms.read_transform(p)\n    except InputError as e:\n"

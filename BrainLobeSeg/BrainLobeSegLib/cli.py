@@ -60,8 +60,7 @@ def labelmap_suffix(image: sitk.Image) -> str:
     NIfTI cannot store non-orthogonal direction cosines: ITK's writer silently makes
     them orthogonal, which would move the labels off the scan. NRRD keeps them.
     """
-    d = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return ".nii.gz" if np.allclose(d.T @ d, np.eye(3), atol=1e-6) else ".nrrd"
+    return ".nrrd" if imageio.is_sheared(image) else ".nii.gz"
 
 
 def write_outputs(result: SegmentationResult, outdir: str, case: str,
@@ -162,8 +161,8 @@ def demo_overlay(result: SegmentationResult, scan: sitk.Image, transform, path: 
     for group in (ganglionic, supra):
         counts = np.isin(lab, group).sum(axis=(1, 2))
         z = int(np.argmax(counts)) if counts.any() else lab.shape[0] // 2
-        # array y grows to posterior, x to the patient's left: flip x for radiological view
-        panels.append(output.overlay_slice(hu[z][::-1, ::-1], lab[z][::-1, ::-1]))
+        # rows run anterior->posterior, columns patient right->left: radiological view as is
+        panels.append(output.overlay_slice(hu[z], lab[z]))
     output.write_png(np.concatenate(panels, axis=1), path)
 
 

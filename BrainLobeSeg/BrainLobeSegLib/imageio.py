@@ -357,12 +357,29 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def is_sheared(image: sitk.Image, tol: float = 1e-4) -> bool:
+    """True if the direction cosines are not orthonormal (a gantry-tilted grid).
+
+    The tolerance ignores the rounding noise of DICOM orientation strings; a real tilt
+    (0.1 degree or more) is 20x above it.
+    """
+    n = image.GetDimension()
+    d = np.array(image.GetDirection(), dtype=np.float64).reshape(n, n)
+    return not np.allclose(d.T @ d, np.eye(n), atol=tol)
+
+
 def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> None:
     """Write an image so that ``path`` appears only when complete.
 
     The data goes to a temporary file in the same folder (same suffix, so SimpleITK
-    picks the same format) and is renamed over ``path`` at the end.
+    picks the same format) and is renamed over ``path`` at the end. A sheared grid is
+    refused for NIfTI, which cannot store it: ITK would straighten it with only a
+    console warning, moving every voxel off its true position.
     """
+    if image_suffix(path) in (".nii", ".nii.gz") and is_sheared(image):
+        raise InputError(f"{os.path.basename(path)}: NIfTI cannot store the sheared (gantry-tilted) "
+                         "grid of this image; it would be silently straightened.",
+                         "Write it as .nrrd, or resample it onto an orthogonal grid first.")
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=image_suffix(path), dir=folder)
