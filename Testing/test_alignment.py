@@ -68,7 +68,7 @@ def test_cli_align_writes_an_itk_snap_file(tmp_path, capsys):
     sitk.WriteImage(case.ct, str(scan))
     out = tmp_path / "tf" / "head.txt"
     assert cli.main(["align", str(scan), "-o", str(out)]) == 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "Transform: MatrixOffsetTransformBase_double_3_3" in text
     R = transforms.read_transform(str(out))
     assert alignment.angle_error_deg(R, case.transform) < 3.0

@@ -38,7 +38,7 @@ def test_bench_smoke(tmp_path, capsys):
                        "--spacing", "3.2", "3.2", "6", "--repeat", "0", "--nnunet-patch", "64",
                        "--nnunet-max-windows", "1", "--out", str(out)])
     assert code == 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert text.strip() == ("# BrainLobeSeg benchmark results\n\n" + capsys.readouterr().out).strip()
     for mode in bench.MODES:
         assert f"| {mode} (first run, fresh process) |" in text
@@ -51,7 +51,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert "TINY RANDOM MODELS" in text
     assert "failed" not in text and "n/a GB" not in text
     assert "- CPU:" in text and "- Command:" in text
-    raw = json.loads(out.with_suffix(".json").read_text())
+    raw = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert set(raw["results"]) == {"3d", "planar", "ensemble", "nnunet"}
     for mode in bench.MODES:
         stages = raw["results"][mode]["runs"][0]["stages"]

@@ -57,7 +57,7 @@ def scan(folder: Path, img: sitk.Image = None, name: str = "case.nii.gz", **kw) 
 
 def with_transform(text: str) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
     def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
-        (folder / "case.txt").write_text(text)
+        (folder / "case.txt").write_text(text, encoding="utf-8")
         return [scan(folder), "--transform", str(folder / "case.txt")]
     return make
 
@@ -180,7 +180,7 @@ def test_refused_input(case: Case, tmp_path, tiny_models, capfd, monkeypatch):
     outdir = tmp_path / "out"
     if "OUT_IS_FILE" in case.extra:
         outdir = indir / "not-a-folder.txt"
-        outdir.write_text("keep me")
+        outdir.write_text("keep me", encoding="utf-8")
     before = tree_hashes(indir)
     code, out, err = run_cli(args, outdir, tiny_models, capfd)
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -272,7 +272,7 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
         args = [scan(indir, img, name=f"case{good.suffix}")] + good.args
     if good.transform is not None:
         params = good.transform() if callable(good.transform) else good.transform
-        (indir / "case.txt").write_text(itksnap_text(params))
+        (indir / "case.txt").write_text(itksnap_text(params), encoding="utf-8")
         args += ["--transform", str(indir / "case.txt")]
     before = tree_hashes(indir)
     outdir = tmp_path / "out"

@@ -81,11 +81,11 @@ def test_natural_sorting_and_next_name(tmp_path):
         sitk.WriteImage(_tiny_ct(), str(tmp_path / f"{name}.nii.gz"))
     (tmp_path / "7-seg.nii.gz").write_bytes(b"")   # orphan labels: not a case, but a used number
     (tmp_path / ".partial-x.nii.gz").write_bytes(b"")
-    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "notes.md").write_text("x", encoding="utf-8")
     assert [c.name for c in dataset.list_cases(tmp_path)] == ["1", "2", "3", "10", "b2", "b10"]
     assert dataset.next_case_name(tmp_path) == "11"
     assert dataset.next_case_name(tmp_path / "missing") == "1"
-    (tmp_path / "12.txt").write_text("")
+    (tmp_path / "12.txt").write_text("", encoding="utf-8")
     assert dataset.next_case_name(tmp_path) == "13"
 
 
@@ -98,7 +98,7 @@ def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(InputError) as exc:
         dataset.list_cases(tmp_path)
     _assert_helpful(exc.value, "no cases")
-    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "a.txt").write_text("x", encoding="utf-8")
     with pytest.raises(InputError) as exc:
         dataset.list_cases(tmp_path / "a.txt")
     _assert_helpful(exc.value, "not a dataset folder")
@@ -134,7 +134,7 @@ def test_missing_and_empty_files(tmp_path):
         dataset.read_case(dataset.list_cases(tmp_path)[1])
     _assert_helpful(exc.value, "empty", "2-seg.nii.gz")
     (tmp_path / "2-seg.nii.gz").unlink()
-    (tmp_path / "2.txt").write_text("")
+    (tmp_path / "2.txt").write_text("", encoding="utf-8")
     with pytest.raises(InputError) as exc:
         dataset.read_case(dataset.list_cases(tmp_path)[1])
     _assert_helpful(exc.value, "empty", "2.txt")

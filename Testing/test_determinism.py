@@ -33,7 +33,7 @@ def test_two_runs_identical(mode, tiny_models, tmp_path):
     """Two Segmenters (models loaded twice) on the same tilted scan: identical labels on
     the scan grid, in the upright space and on the model grid, not merely close."""
     scan = head_image()
-    (tmp_path / "t.txt").write_text(itksnap_text(POSE))
+    (tmp_path / "t.txt").write_text(itksnap_text(POSE), encoding="utf-8")
     tf = transforms.read_transform(str(tmp_path / "t.txt"))
     first = Segmenter(mode, tiny_models, "cpu").segment(scan, tf, keep_probabilities=True)
     second = Segmenter(mode, tiny_models, "cpu").segment(scan, tf, keep_probabilities=True)
@@ -66,7 +66,7 @@ def test_cli_runs_in_two_processes_identical(tiny_models, tmp_path, capfd):
     """In-process and in a fresh interpreter (other thread pool, other allocations):
     the files hold the same labels."""
     scan = str(write(head_image(seed=3), tmp_path / "case.nii.gz"))
-    (tmp_path / "case.txt").write_text(itksnap_text(POSE))
+    (tmp_path / "case.txt").write_text(itksnap_text(POSE), encoding="utf-8")
     common = [scan, "--transform", str(tmp_path / "case.txt"), "--model", str(tiny_models),
               "--device", "cpu", "--mode", "ensemble"]
     assert cli.main(["segment", *common, "-o", str(tmp_path / "a")]) == 0

@@ -65,7 +65,7 @@ def test_every_model_is_evaluated_and_every_file_written(report):
 
 def test_metrics_json_structure(report):
     out, result, _ = report
-    data = json.loads((out / "metrics.json").read_text(), parse_constant=_no_constants)
+    data = json.loads((out / "metrics.json").read_text(encoding="utf-8"), parse_constant=_no_constants)
     assert data == result
     assert [c["name"] for c in data["cases"]] == ["1", "2"]
     assert set(data["models"]) == {"planar", "3d"}
@@ -104,7 +104,7 @@ def test_cases_carry_thickness_tilt_and_timings(report):
 
 def test_report_has_every_section(report):
     out, _, _ = report
-    text = (out / "report.md").read_text()
+    text = (out / "report.md").read_text(encoding="utf-8")
     for heading in ("## Summary", "## Dice per region", "## Left/right check",
                     "## By slice thickness and tilt", "## Confusion matrices", "## Cases",
                     "## Timings", "## Overlays"):
@@ -177,7 +177,7 @@ def test_cli_one_model_folder_and_limit(data_dir, tiny_models, tmp_path, capsys)
                           "--out", str(out), "--device", "cpu", "--limit", "1", "--overlays", "0",
                           "--refine-mm", str(REFINE_MM)])
     assert code == 0
-    data = json.loads((out / "metrics.json").read_text())
+    data = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert data["evaluated"] == ["3d"] and len(data["cases"]) == 1
     assert "ensemble" not in E.summarise(data)
     assert "[1/1] case 1" in capsys.readouterr().out

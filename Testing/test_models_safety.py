@@ -35,11 +35,11 @@ def tiny3d(tmp_path) -> Path:
 
 
 def read_json(folder: Path) -> dict:
-    return json.loads((folder / models.CARD_NAME).read_text())
+    return json.loads((folder / models.CARD_NAME).read_text(encoding="utf-8"))
 
 
 def write_json(folder: Path, data: dict) -> None:
-    (folder / models.CARD_NAME).write_text(json.dumps(data))
+    (folder / models.CARD_NAME).write_text(json.dumps(data), encoding="utf-8")
 
 
 def refused(folder: Path, match: str) -> ModelError:
@@ -137,7 +137,7 @@ def test_pickled_code_is_never_executed(tiny3d, tmp_path, monkeypatch, how):
     # control: the payload is live -- an unsafe load does run it
     monkeypatch.undo()
     torch.load(wpath, weights_only=False)
-    assert marker.read_text() == "code ran"
+    assert marker.read_text(encoding="utf-8") == "code ran"
 
 
 def test_pickled_code_refused_through_the_cli(tiny3d, tmp_path, capfd):

@@ -171,7 +171,7 @@ def test_itksnap_file_to_node_to_R(scene, tmp_path):
     R = pose()
     path = tmp_path / "pose.txt"
     transforms.write_transform(str(path), R)
-    assert "MatrixOffsetTransformBase_double_3_3" in path.read_text()
+    assert "MatrixOffsetTransformBase_double_3_3" in path.read_text(encoding="utf-8")
     node = slicer_logic.load_itksnap_transform(scene, str(path))
     assert node.IsA("vtkMRMLLinearTransformNode") and node.GetName() == "pose"
     R_back = slicer_logic.transform_from_node(node)
@@ -193,7 +193,7 @@ def test_itksnap_file_to_node_to_R(scene, tmp_path):
                                      "#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n"])
 def test_bad_transform_files_add_no_node(scene, tmp_path, content):
     path = tmp_path / "bad.txt"
-    path.write_text(content)
+    path.write_text(content, encoding="utf-8")
     before = scene.GetNumberOfNodes()
     with pytest.raises(InputError):
         slicer_logic.load_itksnap_transform(scene, str(path))

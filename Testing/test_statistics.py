@@ -204,9 +204,9 @@ def files(tmp_path_factory, tilted):
 def test_cli_stats_with_labels_flags_the_lowered_region(files, tmp_path, capsys):
     code = cli.main(["stats", str(files["low"]), "--labels", str(files["labels"]), "-o", str(tmp_path)])
     assert code == 0
-    data = json.loads((tmp_path / "low-stats.json").read_text())
+    data = json.loads((tmp_path / "low-stats.json").read_text(encoding="utf-8"))
     assert data["flagged"] == ["M2 left"]
-    assert (tmp_path / "low-stats.csv").read_text().startswith("label,region")
+    assert (tmp_path / "low-stats.csv").read_text(encoding="utf-8").startswith("label,region")
     out = capsys.readouterr().out
     assert "M2 left" in out and "not a diagnosis" in out
     assert not list(tmp_path.glob(".partial*"))
@@ -218,7 +218,7 @@ def test_cli_stats_segments_and_writes_uncertainty(files, tmp_path, tiny_models)
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["head-aspects.nii.gz", "head-stats.csv", "head-stats.json", "head-uncertainty.nii.gz"]
-    data = json.loads((tmp_path / "head-stats.json").read_text())
+    data = json.loads((tmp_path / "head-stats.json").read_text(encoding="utf-8"))
     assert data["settings"]["drop_threshold_hu"] == 3.0
     assert data["settings"]["uncertainty"] == statistics.UNCERTAINTY_DISAGREEMENT
     unc = sitk.ReadImage(str(tmp_path / "head-uncertainty.nii.gz"))
@@ -266,7 +266,7 @@ def test_cli_stats_auto_align_writes_the_estimated_transform(files, tmp_path, ti
     assert code == 0
     R = transforms.read_transform(str(tmp_path / "head-upright.txt"))
     assert transforms.rotation_angle_deg(R) > 3.0      # the phantom is tilted by about 11 degrees
-    data = json.loads((tmp_path / "head-stats.json").read_text())
+    data = json.loads((tmp_path / "head-stats.json").read_text(encoding="utf-8"))
     assert "estimated" in data["transform"]
     assert data["settings"]["uncertainty"] == statistics.UNCERTAINTY_PROBABILITY
     assert cli.main(["stats", str(files["scan"]), "--auto-align", "--transform", str(files["tf"]),

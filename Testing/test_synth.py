@@ -119,7 +119,7 @@ def test_layout_and_manifest(made, capsys):
     cases = dataset.list_cases(made)
     assert [c.name for c in cases] == ["1", "2", "3"]
     assert all(c.seg_path is not None and c.transform_path is not None for c in cases)
-    manifest = json.loads((made / "synth.json").read_text())
+    manifest = json.loads((made / "synth.json").read_text(encoding="utf-8"))
     assert manifest["seed"] == 5 and set(manifest["cases"]) == {"1", "2", "3"}
     assert manifest["overlap_priority"] == synth.PRIORITY
     assert {s["license"] for s in manifest["sources"]} == {"BSD-2-Clause", "MIT"}

@@ -37,7 +37,7 @@ def ui_tree() -> ET.Element:
 
 @pytest.fixture(scope="module")
 def module_ast() -> ast.Module:
-    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
 
 
 def ui_widgets(root: ET.Element) -> dict:
@@ -171,7 +171,7 @@ def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast):
             top_level.append(node.module or "")
     assert not [m for m in top_level if m.startswith(("BrainLobeSegLib", "torch", "SimpleITK",
                                                        "numpy"))]
-    source = MODULE_PY.read_text()
+    source = MODULE_PY.read_text(encoding="utf-8")
     assert "sys.path.insert(0, _MODULE_DIR)" in source
 
 
@@ -226,14 +226,14 @@ def _png_size(path: Path):
 
 
 def test_cmake_files_name_existing_files():
-    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in module_cmake
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_cmake
     assert "Resources/Models/*.json" in module_cmake and "Resources/Models/*.pt" in module_cmake
     for rel in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert rel in module_cmake
         assert (MODULE_DIR / rel.replace("${MODULE_NAME}", "BrainLobeSeg")).is_file()
-    ext_cmake = (ROOT / "CMakeLists.txt").read_text()
+    ext_cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
                 "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
                 "EXTENSION_DEPENDS"):

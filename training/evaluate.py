@@ -429,10 +429,10 @@ def evaluate(data: Path, model_dir: Optional[Path], out: Path, device: str = "au
             "cases": case_rows,
             "seconds_total": time.perf_counter() - t_all,
         })
-        with open(staged.path("metrics.json"), "w") as fh:
+        with open(staged.path("metrics.json"), "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1, allow_nan=False)
         plots = write_plots(result, staged)
-        with open(staged.path("report.md"), "w") as fh:
+        with open(staged.path("report.md"), "w", encoding="utf-8") as fh:
             fh.write(report_markdown(result, plots, overlay_files))
         files = staged.commit()
     finally:

@@ -40,9 +40,9 @@ def data_provenance(data_dirs) -> Dict[str, Any]:
             f = Path(d) / manifest
             if f.is_file():
                 try:
-                    entry["manifest"] = json.loads(f.read_text())
+                    entry["manifest"] = json.loads(f.read_text(encoding="utf-8"))
                 except ValueError:
-                    entry["manifest"] = f.read_text()[:2000]
+                    entry["manifest"] = f.read_text(encoding="utf-8")[:2000]
                 break
         out.append(entry)
     return {"datasets": out}
@@ -50,7 +50,7 @@ def data_provenance(data_dirs) -> Dict[str, Any]:
 
 def export_kind(run: Path, kind: str, out: Path, prefix: str, version: str,
                 metrics: Optional[dict], description: str) -> Path:
-    config = json.loads((run / "config.json").read_text())["kinds"][kind]
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))["kinds"][kind]
     card_data = dict(config["card"])
     card = models.ModelCard(**{k: v for k, v in card_data.items()
                                if k in models.ModelCard.__dataclass_fields__})
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     summary = None
     if args.metrics:
         from .evaluate import summarise
-        summary = summarise(json.loads(Path(args.metrics).read_text()))
+        summary = summarise(json.loads(Path(args.metrics).read_text(encoding="utf-8")))
     kinds = ["planar", "3d"] if args.kind == "both" else [args.kind]
     for kind in kinds:
         metrics = None

@@ -86,8 +86,10 @@ def phantom_cases(n: int, card: models.ModelCard, multiple: int, seed: int) -> L
     out = []
     for i in range(n):
         angles = tuple(float(a) for a in rng.uniform(-15, 15, 3))
-        case = phantom.make_scan(size=(192, 192, 60), spacing=(1.2, 1.2, float(rng.choice([1.5, 2.5, 5.0]))),
-                                 angles_deg=angles, seed=int(rng.integers(1 << 30)))
+        slice_mm = float(rng.choice([1.5, 2.5, 5.0]))
+        case = phantom.make_scan(size=(192, 192, int(np.ceil(165 / slice_mm))),
+                                 spacing=(1.2, 1.2, slice_mm), angles_deg=angles,
+                                 seed=int(rng.integers(1 << 30)))
         out.append(prepare_case(case.ct, case.transform, case.labels_upright, card, multiple,
                                 f"phantom{i}"))
     return out

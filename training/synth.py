@@ -541,12 +541,12 @@ def _write_manifest(folder: Path, args: argparse.Namespace, new: Dict[str, dict]
     cases: Dict[str, dict] = {}
     if path.is_file():
         try:
-            cases = dict(json.loads(path.read_text()).get("cases", {}))
+            cases = dict(json.loads(path.read_text(encoding="utf-8")).get("cases", {}))
         except (ValueError, AttributeError):
             cases = {}
     cases.update(new)
     tmp = folder / ".partial-synth.json"
-    tmp.write_text(json.dumps(_manifest(args, cases), indent=1))
+    tmp.write_text(json.dumps(_manifest(args, cases), indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 

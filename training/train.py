@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="3D training crop in voxels")
+    p.add_argument("--canvas", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="planar training slice size in voxels")
     p.add_argument("--threads", type=int, default=None)
 
 
@@ -250,7 +255,7 @@ def train_network(net: torch.nn.Module, sampler: Callable[[np.random.Generator],
         sched.step()
         running.append(float(loss))
         done = it + 1
-        if dd.main and (done % 25 == 0 or done == iterations):
+        if dd.main and (done % args.log_every == 0 or done == iterations):
             log({"network": name, "iteration": done, "of": iterations,
                  "loss": round(float(np.mean(running)), 4), "lr": opt.param_groups[0]["lr"],
                  "seconds": round(time.perf_counter() - t0, 1)})
@@ -293,16 +298,17 @@ def run(args: argparse.Namespace) -> int:
             return
         entry = {"time": round(time.time(), 1), **entry}
         print(json.dumps(entry), flush=True)
-        with open(logfile, "a") as fh:
+        with open(logfile, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
     kinds = ["planar", "3d"] if args.kind == "both" else [args.kind]
-    config = json.loads((run_dir / "config.json").read_text()) if args.resume and (
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8")) if args.resume and (
         run_dir / "config.json").is_file() else {"kinds": {}}
     for kind in kinds:
-        cfg = dict(DEFAULTS[kind])
+        cfg = {k: v for k, v in DEFAULTS[kind].items()}
         for key, value in (("iterations", args.iterations), ("batch", args.batch_size),
-                           ("lr", args.lr), ("spacing", args.spacing), ("base", args.base_features)):
+                           ("lr", args.lr), ("spacing", args.spacing), ("base", args.base_features),
+                           ("patch", args.patch), ("canvas", args.canvas)):
             if value is not None:
                 cfg[key] = value
         card = make_card(kind, cfg)
@@ -340,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
                                  "alpha": args.alpha, "beta": args.beta, "seed": args.seed,
                                  "folds": args.folds, "fold": args.fold, "world_size": dd.world}
         if dd.main:
-            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if dd.world > 1:
         dist.destroy_process_group()
     return 0

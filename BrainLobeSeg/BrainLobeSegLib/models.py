@@ -107,7 +107,7 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelError(f"{folder} is not a model folder (no {CARD_NAME}).",
                          "Give a folder exported by `python -m training export`.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}).", "Export the model again.") from None
     if not isinstance(data, dict):
@@ -235,7 +235,7 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
     card.networks = networks
     _check_card(card, folder / CARD_NAME)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(card.to_json(), fh, indent=2)
     os.chmod(tmp, default_file_mode())   # mkstemp makes it private (0600)
     os.replace(tmp, folder / CARD_NAME)

@@ -512,7 +512,7 @@ def describe_models(model_dir: Optional[os.PathLike] = None) -> List[str]:
     lines = []
     for folder in folders:
         try:
-            card = json.loads((folder / "model.json").read_text())
+            card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
             lines.append(f"{card.get('name', folder.name)} {card.get('version', '')} "
                          f"({card.get('kind', '?')})".replace("  ", " "))
         except (OSError, ValueError, AttributeError):

@@ -242,7 +242,7 @@ def write_transform(path: str, transform: sitk.Transform) -> None:
             "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
             "FixedParameters: 0 0 0\n")
     tmp = f"{path}.partial"
-    with open(tmp, "w") as fh:
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
 

@@ -67,7 +67,7 @@ ATLAS_CODES = {"C": "C", "LN": "L", "InCa": "IC", "IC": "I", "M1": "M1", "M2": "
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (VmHWM; ru_maxrss where /proc is absent)."""
     try:
-        with open("/proc/self/status") as fh:
+        with open("/proc/self/status", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
@@ -92,15 +92,15 @@ def machine_info() -> Dict[str, Any]:
                             "cores": cpu_count(), "python": platform.python_version(),
                             "os": platform.platform()}
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        for line in open("/proc/meminfo"):
+        for line in open("/proc/meminfo", encoding="utf-8"):
             if line.startswith("MemTotal"):
                 info["ram_gb"] = round(int(line.split()[1]) * 1024 / GB, 1)
                 break
-        info["load_avg"] = " ".join(open("/proc/loadavg").read().split()[:3])
+        info["load_avg"] = " ".join(open("/proc/loadavg", encoding="utf-8").read().split()[:3])
     except OSError:
         pass
     try:
@@ -443,7 +443,7 @@ def run_worker(kind: str, spec: Dict[str, Any], log) -> Dict[str, Any]:
     tmp = Path(spec["tmp"])
     spec_path = tmp / f"spec-{kind}-{spec.get('mode', '')}.json"
     out_path = spec_path.with_suffix(".out.json")
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
            "--spec", str(spec_path), "--result", str(out_path)]
     t = time.perf_counter()
@@ -454,7 +454,7 @@ def run_worker(kind: str, spec: Dict[str, Any], log) -> Dict[str, Any]:
         log(f"  {kind} {spec.get('mode', '')} FAILED (exit {proc.returncode}):\n{tail}")
         return {"kind": kind, "mode": spec.get("mode"), "error": tail.splitlines()[-1] if tail else
                 f"exit {proc.returncode}"}
-    res = json.loads(out_path.read_text())
+    res = json.loads(out_path.read_text(encoding="utf-8"))
     res["process_s"] = time.perf_counter() - t
     return res
 
@@ -728,9 +728,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        spec = json.loads(args.spec.read_text())
+        spec = json.loads(args.spec.read_text(encoding="utf-8"))
         res = WORKERS[args.worker](spec)
-        args.result.write_text(json.dumps(res))
+        args.result.write_text(json.dumps(res), encoding="utf-8")
         return 0
 
     def log(msg: str) -> None:
@@ -787,9 +787,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = build_report(results, meta)
         print(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# BrainLobeSeg benchmark results\n\n" + report)
+        args.out.write_text("# BrainLobeSeg benchmark results\n\n" + report, encoding="utf-8")
         (args.out.with_suffix(".json")).write_text(json.dumps({"meta": meta, "results": results},
-                                                              indent=1, default=str))
+                                                              indent=1, default=str), encoding="utf-8")
         log(f"bench: wrote {args.out}")
         failed = [k for k, v in results.items() if "error" in v]
         return 1 if failed else 0
