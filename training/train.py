@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -239,7 +240,8 @@ def train_network(net: torch.nn.Module, sampler: Callable[[np.random.Generator],
         sched.load_state_dict(state["sched"])
         start = int(state["iteration"])
         log({"event": "resumed", "network": name, "iteration": start})
-    rng = np.random.default_rng([args.seed, dd.rank, start, abs(hash(name)) % 10_000])
+    # crc32, not hash(): str hashes change per process, which made runs unrepeatable
+    rng = np.random.default_rng([args.seed, dd.rank, start, zlib.crc32(name.encode())])
     w = weights.to(device)
     model.train()
     t0, running = time.perf_counter(), []
