@@ -119,6 +119,20 @@ def test_resample_probabilities_between_grids():
     np.testing.assert_allclose(out[0, :, 0, 0], expected, atol=1e-4)
 
 
+def test_refinement_argmax_one_class_at_a_time_equals_the_full_argmax():
+    """The memory-saving running argmax must pick the same label as interpolating all
+    classes and taking np.argmax (ties included: equal classes go to the lower label)."""
+    rng = np.random.default_rng(3)
+    probs = rng.random((regions.NUM_LABELS + 1, 9, 11, 10)).astype(np.float32)
+    probs[5] = probs[4]   # an exact tie everywhere
+    src = geometry.Grid((1.0, -2.0, 0.5), (2.0, 2.0, 2.5), (10, 11, 9))
+    dst = geometry.Grid((1.0, -2.0, 0.5), (0.7, 0.7, 0.7), (27, 29, 30))
+    full = inference.labels_from_probabilities(inference.resample_probabilities(probs, src, dst))
+    np.testing.assert_array_equal(inference.running_argmax(probs, src, dst), full)
+    fused = inference.fuse_probabilities([probs, probs[::-1].copy()])
+    np.testing.assert_allclose(fused, (probs + probs[::-1]) / 2, rtol=1e-6)
+
+
 def test_seg_nrrd_has_20_named_segments(tmp_path, tilted):
     slicerio = pytest.importorskip("slicerio")
     path = str(tmp_path / "x.seg.nrrd")

@@ -255,7 +255,7 @@ def train_network(net: torch.nn.Module, sampler: Callable[[np.random.Generator],
         scaler.step(opt)
         scaler.update()
         sched.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         done = it + 1
         if dd.main and (done % args.log_every == 0 or done == iterations):
             log({"network": name, "iteration": done, "of": iterations,
