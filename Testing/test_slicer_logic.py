@@ -22,7 +22,8 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from BrainLobeSegLib import regions, slicer_logic, torch_install, transforms
+from BrainLobeSegLib import (alignment, dataset, phantom, regions, slicer_logic, statistics,
+                             torch_install, transforms)
 from BrainLobeSegLib.errors import Cancelled, InputError
 from BrainLobeSegLib.slicer_logic import BackgroundRun, BrainLobeSegLogic
 
@@ -457,6 +458,184 @@ def test_failed_output_leaves_nothing_behind(scene, fast_logic, tiny_models):
     with pytest.raises(InputError):
         logic.create_output(job, wrong, output_node=existing)
     assert segment_ids(existing) == ["mine"]
+
+
+# ----------------------------------------------------------------------------- results
+
+PLANE_NAMES = ("axial", "coronal", "sagittal")
+
+
+def table_column(table_node, key: str) -> np.ndarray:
+    table = table_node.GetTable()
+    return np.array([table.GetValueByName(i, key).ToDouble() for i in range(table.GetNumberOfRows())])
+
+
+def test_uncertainty_node_lies_on_the_ct_grid(scene, fast_logic, tiny_models, ct_with_itksnap_pose):
+    """Planar mode: the node overlays the CT (same grid, same parent transform) and holds
+    the fraction of the three planes that disagree with the fused label, computed here
+    independently from the engine's members and mapped to the scan with R^-1. Counting
+    the planar model's own fused labels as a fourth member, or using probabilities,
+    would give other values. The region statistics then average it per region."""
+    volume, transform = ct_with_itksnap_pose
+    before = snapshot(volume, transform)
+    logic = fast_logic
+    job = logic.prepare(volume, "parent", mode="planar", device="cpu", model_dir=tiny_models)
+    result = logic.run(job)
+    segmentation = logic.create_output(job, result)
+    volumes = nodes_of(scene, "vtkMRMLScalarVolumeNode")
+
+    node = logic.create_uncertainty(job, result)
+    assert nodes_of(scene, "vtkMRMLScalarVolumeNode") == volumes + 1
+    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == "CT ASPECTS uncertainty"
+    assert node.GetTransformNodeID() == transform.GetID()
+    assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    np.testing.assert_allclose(slicer_logic.ijk_to_ras(node), slicer_logic.ijk_to_ras(volume),
+                               atol=1e-9)
+    assert node.GetAttribute("BrainLobeSeg.members") == ", ".join(PLANE_NAMES)
+
+    on_grid = np.mean([result.member_labels[p] != result.labels_grid for p in PLANE_NAMES],
+                      axis=0).astype(np.float32)
+    expected = sitk.GetArrayFromImage(sitk.Resample(
+        result.grid.image(on_grid), job.scan, pose().GetInverse(), sitk.sitkLinear, 0.0,
+        sitk.sitkFloat32))
+    actual = slicer.util.arrayFromVolume(node)
+    assert expected.max() > 0.3            # random networks disagree: not a trivial zero
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+    table = logic.statistics_table(segmentation, volume, node)
+    labels = sitk.GetArrayFromImage(result.labels_scan)
+    mean_unc = table_column(table, "mean_uncertainty")
+    for i, r in enumerate(regions.REGIONS):
+        inside = labels == r.label
+        if inside.any():
+            assert mean_unc[i] == pytest.approx(float(expected[inside].mean()), abs=1e-4), r.segment_name
+        else:
+            assert np.isnan(mean_unc[i])
+    assert_unchanged(before, volume, transform)
+
+
+def test_no_uncertainty_for_a_single_3d_model(scene, fast_logic, tiny_models):
+    """One 3D model has no members to compare: nothing is added (not a volume of zeros)."""
+    volume = add_volume(scene, head_image())
+    job = fast_logic.prepare(volume, "none", mode="3d", device="cpu", model_dir=tiny_models)
+    result = fast_logic.run(job)
+    count = scene.GetNumberOfNodes()
+    assert fast_logic.create_uncertainty(job, result) is None
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_statistics_table_follows_corrections(scene):
+    """20 rows whose volumes and mean HU equal counts and means taken here from the label
+    array and the CT voxels; after a correction the same table shows the new values."""
+    volume = add_volume(scene, head_image())
+    tnode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
+    tnode.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    volume.SetAndObserveTransformNodeID(tnode.GetID())
+    hu = slicer.util.arrayFromVolume(volume).astype(np.float64)
+    labels = block_labels(hu.shape)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
+    slicer_logic.fill_segmentation(segmentation, labels, volume)
+    before = snapshot(volume, tnode)
+    logic = BrainLobeSegLogic()
+    ml_per_voxel = 4.0 ** 3 / 1000.0
+
+    def check(table, expected_labels):
+        assert table.GetNumberOfRows() == regions.NUM_LABELS
+        volume_ml, mean_hu = table_column(table, "volume_ml"), table_column(table, "mean_hu")
+        for i, r in enumerate(regions.REGIONS):
+            assert table.GetTable().GetValueByName(i, "region").ToString() == r.segment_name
+            inside = expected_labels == r.label
+            assert volume_ml[i] == pytest.approx(inside.sum() * ml_per_voxel), r.segment_name
+            window = hu[inside & (hu >= 15.0) & (hu <= 60.0)]
+            if window.size:
+                assert mean_hu[i] == pytest.approx(window.mean()), r.segment_name
+            else:
+                assert np.isnan(mean_hu[i])
+
+    table = logic.statistics_table(segmentation, volume)
+    assert table.IsA("vtkMRMLTableNode") and table.GetName() == "regions statistics"
+    assert "not a diagnosis" in table.GetAttribute("BrainLobeSeg.notice")
+    check(table, labels)
+
+    corrected = labels.copy()
+    corrected[labels == 1] = 2                       # region 1 merged into region 2
+    slicer_logic.fill_segmentation(segmentation, corrected, volume)
+    again = logic.statistics_table(segmentation, volume, table_node=table)
+    assert again is table and nodes_of(scene, "vtkMRMLTableNode") == 1
+    check(table, corrected)
+    assert table_column(table, "volume_ml")[0] == 0.0
+    assert_unchanged(before, volume, tnode)
+
+    with pytest.raises(InputError, match="no segmentation"):
+        logic.statistics_table(None, volume)
+
+
+def test_estimated_upright_transform_node(scene):
+    """On a tilted phantom the new node gives back R within 3 degrees of the truth via
+    the same reader the panel uses; the CT is neither changed nor moved under it."""
+    case = phantom.make_scan(size=(96, 96, 48), spacing=(2.0, 2.0, 3.0),
+                             angles_deg=(9.0, -6.0, 11.0), seed=11)
+    volume = add_volume(scene, case.ct)
+    before = snapshot(volume)
+    transforms_before = nodes_of(scene, "vtkMRMLLinearTransformNode")
+    seen = []
+    node = BrainLobeSegLogic().estimate_upright_transform(volume, progress=lambda f, m: seen.append(f))
+    assert nodes_of(scene, "vtkMRMLLinearTransformNode") == transforms_before + 1
+    assert node.IsA("vtkMRMLLinearTransformNode") and node.GetName() == "CT upright (estimated)"
+    assert "check" in node.GetAttribute("BrainLobeSeg.estimated")
+    assert node.GetParentTransformNode() is None
+    assert seen and seen[-1] == 1.0
+    R = slicer_logic.transform_from_node(node)
+    assert alignment.angle_error_deg(R, case.transform) < 3.0
+    truth_deg = transforms.rotation_angle_deg(case.transform)
+    assert float(node.GetAttribute("BrainLobeSeg.angleDeg")) == pytest.approx(truth_deg, abs=3.0)
+    R_panel, text = slicer_logic.resolve_transform(volume, "node", node)
+    assert alignment.angle_error_deg(R_panel, case.transform) < 3.0 and "estimated" in text
+    assert_unchanged(before, volume)
+
+    air = add_volume(scene, sitk.Image(24, 24, 24, sitk.sitkInt16) - 1000, "air")
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="no head"):
+        BrainLobeSegLogic().estimate_upright_transform(air)
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_save_case_with_the_R_of_the_run(scene, fast_logic, tiny_models, ct_with_itksnap_pose,
+                                         tmp_path):
+    """The case holds the CT, the pose the run used (read back by the dataset reader) and
+    the labels turned upright with that pose; other CTs and changed CTs are refused."""
+    volume, transform = ct_with_itksnap_pose
+    before = snapshot(volume, transform)
+    logic = fast_logic
+    job = logic.prepare(volume, "parent", device="cpu", model_dir=tiny_models)
+    result = logic.run(job)
+    segmentation = logic.create_output(job, result)
+    kept = job.without_scan()
+    assert kept.scan is None and job.scan is not None
+
+    name = logic.save_case(segmentation, kept, tmp_path / "cases")
+    cases = dataset.list_cases(tmp_path / "cases")
+    assert [c.name for c in cases] == [name]
+    ct, tf, seg_up = dataset.read_case(cases[0])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(head_image()))
+    np.testing.assert_allclose(transforms.matrix_of(tf), transforms.matrix_of(pose()), atol=1e-6)
+    expected = statistics.labels_scan_to_upright(result.labels_scan, head_image(), pose())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg_up), sitk.GetArrayFromImage(expected))
+
+    # a volume node without a transform: identity
+    name2 = logic.save_case(segmentation, volume, tmp_path / "cases")
+    tf2 = dataset.read_case(next(c for c in dataset.list_cases(tmp_path / "cases")
+                                 if c.name == name2))[1]
+    assert transforms.rotation_angle_deg(tf2) == pytest.approx(0.0, abs=1e-6)
+
+    other = add_volume(scene, head_image(), "other CT")
+    with pytest.raises(InputError, match="another CT"):
+        logic.save_case(segmentation, other, tmp_path / "refused")
+    assert_unchanged(before, volume, transform)
+    volume.SetSpacing(2.0, 2.0, 2.0)
+    with pytest.raises(InputError, match="changed while"):
+        logic.save_case(segmentation, kept, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() or not dataset.list_cases(tmp_path / "refused")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -19,6 +19,15 @@ Work is split in three steps so that a GUI can keep responding:
 
 :meth:`BrainLobeSegLogic.segment` runs the three in a row for scripts and tests.
 
+After a run, on the main thread, the panel's Results section uses
+:meth:`~BrainLobeSegLogic.create_uncertainty` (member disagreement on the CT grid),
+:meth:`~BrainLobeSegLogic.statistics_table` (per-region volumes and densities of the
+segmentation as corrected) and :meth:`~BrainLobeSegLogic.save_case` (the corrected case
+as training data, with the ``R`` of the run). Before a run,
+:meth:`~BrainLobeSegLogic.estimate_upright_transform` offers an automatic ``R`` as a
+transform node for the user to check. These build on :mod:`slicer_tools`, which uses this
+module's volume conversions.
+
 The engine (torch) is imported inside :meth:`BrainLobeSegLogic.run` only, so this
 module imports without PyTorch and the Slicer module can offer to install it.
 """
@@ -28,7 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -56,6 +65,10 @@ _FLIP = np.diag([-1.0, -1.0, 1.0])
 
 NOTICE = ("BrainLobeSeg result: automatic ASPECTS region segmentation for research and "
           "decision support. Not a medical device; check and correct before use.")
+
+#: Attribute text of an automatically estimated transform node.
+ESTIMATE_NOTE = ("automatic estimate (mid-sagittal plane and pitch): check that the head looks "
+                 "upright with it before segmenting")
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -123,10 +136,13 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     return image
 
 
-def update_volume_from_image(volume_node, image: sitk.Image) -> None:
-    """Set a volume node's voxels and geometry from a SimpleITK image (inverse of
-    :func:`image_from_volume_node`); used to load phantoms and engine outputs."""
-    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
+def set_volume_geometry(volume_node, image: sitk.Image) -> None:
+    """Give a volume node the geometry (origin, spacing, directions) of ``image``.
+
+    The inverse of the geometry part of :func:`image_from_volume_node`: one IJK -> RAS
+    matrix built from the LPS origin, spacing and direction, so that the two conversions
+    cannot drift apart. The voxels are left alone.
+    """
     spacing = np.asarray(image.GetSpacing(), float)
     direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
     m = np.eye(4)
@@ -134,6 +150,13 @@ def update_volume_from_image(volume_node, image: sitk.Image) -> None:
     m[:3, 3] = _FLIP @ np.asarray(image.GetOrigin(), float)
     volume_node.SetIJKToRASMatrix(_vtk_matrix(m))
     volume_node.Modified()
+
+
+def update_volume_from_image(volume_node, image: sitk.Image) -> None:
+    """Set a volume node's voxels and geometry from a SimpleITK image (inverse of
+    :func:`image_from_volume_node`); used to load phantoms and engine outputs."""
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
+    set_volume_geometry(volume_node, image)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -204,6 +227,19 @@ def resolve_transform(volume_node, source: str = "parent", transform_node=None,
                f"(rotates by {angle:.1f} degrees)")
 
 
+def add_upright_transform_node(scene, R: sitk.Transform, name: str):
+    """A new ``vtkMRMLLinearTransformNode`` holding ``R`` (upright -> scan, LPS).
+
+    Its "to parent" matrix is ``slicer_to_parent_ras(R)``: applied to the CT it shows the
+    head upright, and :func:`transform_from_node` reads exactly ``R`` back. Every place
+    that turns an ``R`` into a node (a transform file, the automatic estimate) goes
+    through here so that they all follow the one convention.
+    """
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(_vtk_matrix(transforms.slicer_to_parent_ras(R)))
+    return node
+
+
 def load_itksnap_transform(scene, path: str, invert: bool = False,
                            name: Optional[str] = None):
     """Read an ITK-SNAP transform file into a new ``vtkMRMLLinearTransformNode``.
@@ -215,9 +251,8 @@ def load_itksnap_transform(scene, path: str, invert: bool = False,
     read before anything is added, so a bad file leaves the scene unchanged.
     """
     R = transforms.read_transform(str(path), invert=invert)
-    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
-                                   name or os.path.splitext(os.path.basename(str(path)))[0])
-    node.SetMatrixTransformToParent(_vtk_matrix(transforms.slicer_to_parent_ras(R)))
+    node = add_upright_transform_node(
+        scene, R, name or os.path.splitext(os.path.basename(str(path)))[0])
     node.SetAttribute("BrainLobeSeg.sourceFile", str(path))
     node.SetAttribute("BrainLobeSeg.inverted", "true" if invert else "false")
     return node
@@ -225,12 +260,13 @@ def load_itksnap_transform(scene, path: str, invert: bool = False,
 
 # ----------------------------------------------------------------------------- segmentation
 
-def _shared_labelmap(labels: np.ndarray, volume_node):
-    """A ``vtkOrientedImageData`` holding ``labels`` on the volume's own grid.
+def labelmap_on_volume_grid(labels: np.ndarray, volume_node):
+    """A ``vtkOrientedImageData`` holding ``labels`` (uint8) on the volume's own grid.
 
     The segmentation is put under the volume's parent transform, so the volume's own
     IJK -> RAS matrix is the right image-to-"node" matrix: the labels stay voxel-aligned
-    with the CT whether or not a transform is applied to it.
+    with the CT whether or not a transform is applied to it. Used for the shared 20-label
+    layer and for single binary segments alike (a bool mask becomes 0/1).
     """
     dims = volume_node.GetImageData().GetDimensions()
     if tuple(labels.shape) != (dims[2], dims[1], dims[0]):
@@ -256,7 +292,7 @@ def fill_segmentation(segmentation_node, labels: np.ndarray, volume_node) -> Non
     The node goes under the volume's parent transform and takes the volume as
     reference geometry.
     """
-    labelmap = _shared_labelmap(labels, volume_node)
+    labelmap = labelmap_on_volume_grid(labels, volume_node)
     binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     tag = slicer.vtkSegment.GetTerminologyEntryTagName()
     was_modifying = segmentation_node.StartModify()
@@ -284,12 +320,32 @@ def fill_segmentation(segmentation_node, labels: np.ndarray, volume_node) -> Non
 
 # ----------------------------------------------------------------------------- logic
 
+def _scene_of_job(job: "SegmentationJob"):
+    """The scene of a job's CT, checking that the CT still has the grid it was segmented on.
+
+    Everything built from a result (segmentation, uncertainty, a saved case) assumes the
+    CT's voxel grid of :meth:`BrainLobeSegLogic.prepare`; a CT that was removed,
+    resampled or moved since would silently get misplaced labels.
+    """
+    volume = job.volume_node
+    scene = volume.GetScene() if volume is not None else None
+    if scene is None or volume.GetImageData() is None:
+        raise InputError("the segmented CT volume is no longer in the scene.",
+                         "Load it again and press Segment.")
+    if (tuple(volume.GetImageData().GetDimensions()) != tuple(job.dimensions)
+            or not np.allclose(ijk_to_ras(volume), job.ijk_to_ras)):
+        raise InputError(f"the CT '{volume.GetName()}' changed while it was being segmented or "
+                         "afterwards (its voxel grid or position is not the same).",
+                         "Press Segment again.")
+    return scene
+
+
 @dataclass
 class SegmentationJob:
     """Everything the engine needs, copied out of MRML (safe to use in a thread)."""
 
     volume_node: Any                 # kept to build the output; not touched by run()
-    scan: sitk.Image                 # voxel copy with exact geometry (LPS)
+    scan: Optional[sitk.Image]       # voxel copy with exact geometry (LPS)
     transform: sitk.AffineTransform  # R: upright -> scan
     transform_description: str
     mode: str = "3d"
@@ -299,6 +355,15 @@ class SegmentationJob:
     ijk_to_ras: np.ndarray = field(default_factory=lambda: np.eye(4))
     dimensions: Tuple[int, int, int] = (0, 0, 0)
     warnings: List[str] = field(default_factory=list)
+
+    def without_scan(self) -> "SegmentationJob":
+        """A copy without the voxel copy, for keeping after the run.
+
+        The panel keeps the last job to save the case later with the same ``R``; the scan
+        copy is as large as the CT itself and no longer needed then (saving reads the
+        node, which is what the user may have looked at since). Such a job cannot be run.
+        """
+        return replace(self, scan=None)
 
 
 class BrainLobeSegLogic:
@@ -373,14 +438,7 @@ class BrainLobeSegLogic:
         back if filling fails; a new node is removed.
         """
         volume = job.volume_node
-        scene = volume.GetScene() if volume is not None else None
-        if scene is None or volume.GetImageData() is None:
-            raise InputError("the CT volume was removed while it was being segmented.",
-                             "Load it again and press Segment.")
-        if (tuple(volume.GetImageData().GetDimensions()) != tuple(job.dimensions)
-                or not np.allclose(ijk_to_ras(volume), job.ijk_to_ras)):
-            raise InputError(f"the CT '{volume.GetName()}' changed while it was being segmented.",
-                             "Press Segment again.")
+        scene = _scene_of_job(job)
         labels = sitk.GetArrayFromImage(result.labels_scan).astype(np.uint8, copy=False)
         if output_node is not None:
             backup = slicer.vtkSegmentation()
@@ -405,6 +463,123 @@ class BrainLobeSegLogic:
         node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
         return node
+
+    # -- after a run (main thread): what the Results section of the panel offers
+    def create_uncertainty(self, job: SegmentationJob, result, name: Optional[str] = None):
+        """A scalar volume node of member disagreement on the CT's grid, or None.
+
+        The value is the fraction of independent members (each plane of a planar model,
+        each 3D model) whose label differs from the fused one, so 0 where all agree. The
+        planar models' own fused labels are not counted next to their planes, which is
+        why the names come from the segmenter that ran (cached by :meth:`run`). A run with
+        fewer than two independent members (3D mode with one model) has nothing to
+        compare: None is returned and nothing is added, rather than a volume of zeros or
+        a probability-based measure that means something else.
+
+        The node lies on the CT's own grid under the CT's parent transform, so it
+        overlays the CT as displayed; the CT must be unchanged since :meth:`prepare`.
+        """
+        from . import slicer_tools, statistics
+        segmenter = self.segmenter(job.mode, job.model_dir, job.device, job.fusion)
+        names = statistics.planar_names(segmenter)
+        members = statistics.independent_members(result, names)
+        if len(members) < 2:
+            return None
+        scene = _scene_of_job(job)
+        volume = job.volume_node
+        scan = job.scan if job.scan is not None else image_from_volume_node(volume)
+        uncertainty, source = statistics.uncertainty_volume(result, scan, job.transform, names)
+        node = slicer_tools.uncertainty_volume_node(
+            scene, uncertainty, ct_node=volume, name=name or f"{volume.GetName()} ASPECTS uncertainty")
+        node.SetAttribute("BrainLobeSeg.uncertainty", source)
+        node.SetAttribute("BrainLobeSeg.members", ", ".join(sorted(members)))
+        node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
+        return node
+
+    def statistics_table(self, segmentation_node, volume_node, uncertainty_node=None,
+                         table_node=None, **settings):
+        """A ``vtkMRMLTableNode`` with one row per region of the segmentation as it is now.
+
+        The segments are read back by name (:func:`slicer_tools.labelmap_from_segmentation`),
+        so corrections made in the Segment Editor count and renamed or extra segments are
+        reported instead of being measured as something else. ``table_node`` is refilled
+        when given (one table per result, refreshed after each correction), otherwise a
+        new one is added. ``settings`` go to :func:`statistics.region_statistics` (brain
+        window, flag threshold). The flagged regions and the notice are node attributes
+        (``BrainLobeSeg.flagged``, ``BrainLobeSeg.notice``) for the caller to show.
+        """
+        from . import slicer_tools
+        if segmentation_node is None or segmentation_node.GetScene() is None:
+            raise InputError("there is no segmentation to measure.", "Segment the CT first.")
+        _check_volume(volume_node)
+        if uncertainty_node is not None and uncertainty_node.GetScene() is None:
+            uncertainty_node = None    # deleted by the user: measure without it
+        report = slicer_tools.statistics_from_nodes(segmentation_node, volume_node,
+                                                    uncertainty_node, **settings)
+        node = slicer_tools.statistics_table_node(
+            segmentation_node.GetScene(), report, name=f"{segmentation_node.GetName()} statistics",
+            table_node=table_node)
+        node.SetAttribute("BrainLobeSeg.segmentation", segmentation_node.GetID())
+        node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID())
+        return node
+
+    def estimate_upright_transform(self, volume_node, progress: Optional[ProgressFn] = None,
+                                   name: Optional[str] = None):
+        """A new linear transform node with an automatic estimate of ``R`` for the CT.
+
+        :func:`alignment.estimate_pose` finds the mid-sagittal plane and the pitch on the
+        scan as acquired (the volume's own geometry, its parent transform ignored, like
+        :meth:`prepare`), so the node is meant to be chosen as the transform node, or
+        applied to the CT *instead of* any transform it has. The node follows the same
+        convention as a loaded ITK-SNAP file (:func:`add_upright_transform_node`). It is
+        an estimate: the attribute ``BrainLobeSeg.estimated`` says it must be checked,
+        and the volume is not touched (the user decides whether to apply it).
+        """
+        from .alignment import estimate_pose
+        scan = image_from_volume_node(volume_node)      # checks the volume
+        scene = volume_node.GetScene()
+        if scene is None:
+            raise InputError(f"the volume '{volume_node.GetName()}' is not in a scene.",
+                             "Load the CT into Slicer first.")
+        estimate = estimate_pose(scan, progress=progress)
+        node = add_upright_transform_node(
+            scene, estimate.transform, name or f"{volume_node.GetName()} upright (estimated)")
+        node.SetAttribute("BrainLobeSeg.estimated", ESTIMATE_NOTE)
+        node.SetAttribute("BrainLobeSeg.angleDeg", f"{estimate.angle_deg:.1f}")
+        node.SetAttribute("BrainLobeSeg.symmetryRmseHU", f"{estimate.symmetry_rmse:.1f}")
+        node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID() or "")
+        return node
+
+    def save_case(self, segmentation_node, job_or_volume_node, dataset_dir: os.PathLike,
+                  transform=None, name: Optional[str] = None) -> str:
+        """Save the CT, ``R`` and the (corrected) segmentation as the next training case.
+
+        With a :class:`SegmentationJob` (what the panel keeps after a run), the ``R`` that
+        was used for the segmentation is saved, and the CT must still have the grid it
+        was segmented on. With a volume node, ``transform`` gives ``R`` (a linear
+        transform node or a SimpleITK transform; None means identity, i.e. the scan is
+        taken as upright). An explicit ``transform`` also overrides a job's ``R``.
+        A segmentation made from another CT is refused. Returns the case name.
+        """
+        from . import slicer_tools
+        if isinstance(job_or_volume_node, SegmentationJob):
+            job = job_or_volume_node
+            _scene_of_job(job)
+            volume = job.volume_node
+            R = transform if transform is not None else job.transform
+        else:
+            volume = job_or_volume_node
+            _check_volume(volume)
+            R = transform
+        if segmentation_node is None or segmentation_node.GetScene() is None:
+            raise InputError("there is no segmentation to save.", "Segment the CT first.")
+        source = segmentation_node.GetAttribute("BrainLobeSeg.sourceVolume")
+        if source and volume.GetID() and source != volume.GetID():
+            raise InputError(f"the segmentation '{segmentation_node.GetName()}' was made from "
+                             f"another CT than '{volume.GetName()}'.",
+                             "Save it with the CT it was segmented from.")
+        return slicer_tools.save_case_for_training(segmentation_node, volume, R, str(dataset_dir),
+                                                   name=name)
 
     # -- all three
     def segment(self, volume_node, transform_source: str = "parent", transform_node=None,
@@ -548,7 +723,7 @@ def labels_from_segmentation(segmentation_node, volume_node) -> np.ndarray:
         if mask.IsEmpty():
             continue
         resampled = slicer.vtkOrientedImageData()
-        reference = _shared_labelmap(out, volume_node)
+        reference = labelmap_on_volume_grid(out, volume_node)
         slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             mask, reference, resampled)
         arr = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(out.shape)

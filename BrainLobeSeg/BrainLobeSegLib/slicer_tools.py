@@ -30,43 +30,19 @@ import vtk
 
 from . import regions, statistics, transforms
 from .errors import InputError
+# One implementation of each MRML <-> SimpleITK conversion, in slicer_logic (which checks
+# the volume). The names below are also this module's API: tests and scripts import
+# ``slicer_tools.image_from_volume_node`` and ``slicer_tools.set_node_geometry``.
+from .slicer_logic import _remove_node, image_from_volume_node, labelmap_on_volume_grid
+from .slicer_logic import set_volume_geometry as set_node_geometry
+from .slicer_logic import transform_from_node
 
-LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+__all__ = ["image_from_volume_node", "set_node_geometry", "ensure_segmentation_converters",
+           "oriented_image_from_array", "statistics_table_node", "uncertainty_volume_node",
+           "label_for_segment_name", "labelmap_from_segmentation", "transform_from",
+           "save_case_for_training", "statistics_from_nodes"]
 
 # ----------------------------------------------------------------------------- images
-
-def image_from_volume_node(node) -> sitk.Image:
-    """A scalar volume node's voxels and geometry as a SimpleITK image (LPS).
-
-    The node's own geometry is used, not its parent transform: this is the scan as
-    acquired, which is what the dataset layout stores next to ``N.txt``.
-    """
-    if node is None or node.GetImageData() is None:
-        raise InputError("the volume has no image data.", "Load the CT first.")
-    arr = slicer.util.arrayFromVolume(node)
-    img = sitk.GetImageFromArray(np.array(arr, copy=True))
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(ijk_to_ras)
-    m = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    direction = LPS_RAS @ (m[:3, :3] / spacing)
-    img.SetSpacing(spacing.tolist())
-    img.SetOrigin((LPS_RAS @ m[:3, 3]).tolist())
-    img.SetDirection(direction.ravel().tolist())
-    return img
-
-
-def set_node_geometry(node, image: sitk.Image) -> None:
-    """Give a volume node the geometry (origin, spacing, directions) of ``image``."""
-    node.SetSpacing(image.GetSpacing())
-    node.SetOrigin((LPS_RAS @ np.asarray(image.GetOrigin())).tolist())
-    ras_dirs = LPS_RAS @ np.asarray(image.GetDirection()).reshape(3, 3)
-    m = vtk.vtkMatrix4x4()
-    for r in range(3):
-        for c in range(3):
-            m.SetElement(r, c, float(ras_dirs[r, c]))
-    node.SetIJKToRASDirectionMatrix(m)
-
 
 def ensure_segmentation_converters() -> None:
     """Register the binary-labelmap/closed-surface converter rules if none are.
@@ -87,19 +63,13 @@ def oriented_image_from_array(mask: np.ndarray, volume_node):
 
     In the volume's *own* coordinates (its parent transform is not applied): a
     segmentation holding it belongs under the same transform node as the volume, which
-    is how the Slicer module arranges a CT and its ASPECTS segmentation.
+    is how the Slicer module arranges a CT and its ASPECTS segmentation. The image itself
+    is made by :func:`slicer_logic.labelmap_on_volume_grid` (which also checks that the
+    mask has the volume's shape); the converters are registered first so that a bare
+    scene can hold it.
     """
     ensure_segmentation_converters()
-    img = slicer.vtkOrientedImageData()
-    img.SetDimensions(*(int(n) for n in mask.shape[::-1]))
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    img.SetImageToWorldMatrix(ijk_to_ras)
-    from vtk.util import numpy_support
-    flat = np.ascontiguousarray(mask.astype(np.uint8)).ravel()
-    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True,
-                                                             array_type=vtk.VTK_UNSIGNED_CHAR))
-    return img
+    return labelmap_on_volume_grid(np.asarray(mask).astype(np.uint8), volume_node)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -289,9 +259,7 @@ def _export_into(out: np.ndarray, labels_of: Dict[str, int], segmentation_node, 
                                  "Set the CT as the segmentation's reference geometry.")
             out[arr > 0] = label
         finally:
-            for i in range(tmp.GetNumberOfDisplayNodes()):
-                scene.RemoveNode(tmp.GetNthDisplayNode(i))
-            scene.RemoveNode(tmp)
+            _remove_node(scene, tmp)
 
 
 # ----------------------------------------------------------------------------- saving cases
@@ -303,13 +271,10 @@ def transform_from(transform_node_or_R) -> Optional[sitk.Transform]:
         return None
     if isinstance(transform_node_or_R, sitk.Transform):
         return transforms.validate(transform_node_or_R, "the transform")
-    node = transform_node_or_R
-    if not hasattr(node, "IsLinear") or not node.IsLinear():
-        raise InputError("the transform node is not linear.",
-                         "Use the linear transform that turns the head upright.")
-    m = vtk.vtkMatrix4x4()
-    node.GetMatrixTransformToWorld(m)
-    return transforms.from_slicer_to_parent_ras(slicer.util.arrayFromVTKMatrix(m))
+    if not hasattr(transform_node_or_R, "IsTransformToWorldLinear"):
+        raise InputError(f"{type(transform_node_or_R).__name__} is not a transform.",
+                         "Give a linear transform node or a SimpleITK transform.")
+    return transform_from_node(transform_node_or_R)
 
 
 def save_case_for_training(segmentation_node, volume_node, transform_node_or_R,
