@@ -156,6 +156,9 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._discardRun = False         # scene closed while running: drop the result
         self._lastSegmentation = None
         self._lastVolume = None
+        self._lastJob = None             # SegmentationJob of the last result, without its scan copy
+        self._lastUncertainty = None     # its uncertainty volume node (None in 3D mode)
+        self._statisticsTable = None     # the one table node of the last result
         self._timer = None
 
     # -- set-up and life cycle
@@ -174,7 +177,10 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.loadTransformButton.connect("clicked(bool)", self.onLoadTransformButton)
+        self.ui.estimateTransformButton.connect("clicked(bool)", self.onEstimateTransformButton)
         self.ui.openEditorButton.connect("clicked(bool)", self.onOpenEditorButton)
+        self.ui.statisticsButton.connect("clicked(bool)", self.onStatisticsButton)
+        self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCaseButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
 
         self._timer = qt.QTimer()
@@ -184,6 +190,8 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = ""
         self.ui.openEditorButton.enabled = False
+        self.ui.statisticsButton.enabled = False
+        self.ui.saveCaseButton.enabled = False
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -207,8 +215,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         # The nodes of a running segmentation are about to disappear.
         self._stopRun(wait_s=5.0)
-        self._lastSegmentation = None
-        self._lastVolume = None
+        self._forgetResult()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -246,6 +253,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
         if p is None:
             self.ui.segmentButton.enabled = False
+            self.ui.estimateTransformButton.enabled = False
             return
         if self.ui.modelPathLineEdit.currentPath != p.modelFolder:
             wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
@@ -264,9 +272,43 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentButton.toolTip = (
                 _("Segment the 20 ASPECTS regions of the selected CT.") if p.inputVolume
                 else _("Select the head CT first."))
-        self.ui.openEditorButton.enabled = (
-            not running and self._lastSegmentation is not None
-            and self._lastSegmentation.GetScene() is not None)
+        self.ui.estimateTransformButton.enabled = not running and p.inputVolume is not None
+        haveResult = not running and self._inScene(self._lastSegmentation)
+        self.ui.openEditorButton.enabled = haveResult
+        self.ui.statisticsButton.enabled = haveResult and self._inScene(self._lastVolume)
+        self.ui.saveCaseButton.enabled = (haveResult and self._lastJob is not None
+                                          and self._inScene(self._lastJob.volume_node))
+
+    @staticmethod
+    def _inScene(node) -> bool:
+        """True for a node that still exists in the scene (the user may delete any node)."""
+        return node is not None and node.GetScene() is not None
+
+    def _busy(self, title: str, work):
+        """Run ``work()`` with a wait cursor and return ``(True, value)``, or ``(False, None)``
+        after showing the error once the cursor is back (a modal box under a wait cursor
+        looks like a hang). Used for main-thread steps of a few seconds at most."""
+        import traceback
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            return True, work()
+        except Exception as exc:  # shown to the user below, never lost
+            error = exc
+            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        finally:
+            slicer.app.restoreOverrideCursor()
+        self._reportError(title, error, details)
+        return False, None
+
+    def _reportError(self, title: str, error: BaseException, details: str = "") -> None:
+        """Input problems as their message; anything else with details, and logged."""
+        from BrainLobeSegLib.errors import InputError
+        if isinstance(error, InputError):
+            slicer.util.errorDisplay(str(error), windowTitle=title)
+            return
+        logging.error("BrainLobeSeg: %s failed:\n%s", title, details)
+        slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=error),
+                                 windowTitle=title, detailedText=details)
 
     def _transformDescription(self) -> str:
         p = self._parameterNode
@@ -322,6 +364,25 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _(
             "Loaded transform '{name}'. It is used for segmenting; to see the head upright, "
             "apply it to the CT in the Data module.").format(name=node.GetName())
+
+    def onEstimateTransformButton(self) -> None:
+        """Estimate the upright transform from the CT, select it, and ask for a check."""
+        p = self._parameterNode
+        if p is None or p.inputVolume is None:
+            slicer.util.errorDisplay(_("Select the head CT first."),
+                                     windowTitle=_("Estimate upright transform"))
+            return
+        ok, node = self._busy(_("Estimate upright transform"),
+                              lambda: self.logic.core.estimate_upright_transform(p.inputVolume))
+        if not ok:
+            return
+        p.transformNode = node
+        p.transformSource = TransformSource.NODE
+        self.ui.statusLabel.text = _(
+            "Created '{name}', an automatic estimate that turns the head by {angle} degrees. "
+            "Check it before segmenting: apply it to the CT in the Data module and make sure "
+            "the head looks upright and symmetric.").format(
+                name=node.GetName(), angle=node.GetAttribute("BrainLobeSeg.angleDeg") or "?")
 
     # -- segmentation
 
@@ -413,11 +474,21 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Segmentation failed.")
                 slicer.util.errorDisplay(str(exc), windowTitle=_("Segmentation failed"))
                 return
-            self._showResult(node, run.job.volume_node)
+            self._showResult(node, run.job)
             self.ui.progressBar.setValue(100)
-            self.ui.statusLabel.text = _(
-                "Done in {seconds:.1f} s: '{name}' has the 20 regions. Check every region and "
-                "correct it in the Segment Editor.").format(seconds=run.seconds, name=node.GetName())
+            ok, uncertainty = self._busy(_("Uncertainty volume"),
+                                         lambda: self.logic.core.create_uncertainty(run.job, run.result))
+            self._lastUncertainty = uncertainty if ok else None
+            if self._lastUncertainty is not None:
+                self.ui.statusLabel.text = _(
+                    "Done in {seconds:.1f} s: '{name}' has the 20 regions; '{uncertainty}' shows "
+                    "where the models disagree. Check every region and correct it in the Segment "
+                    "Editor.").format(seconds=run.seconds, name=node.GetName(),
+                                      uncertainty=self._lastUncertainty.GetName())
+            else:
+                self.ui.statusLabel.text = _(
+                    "Done in {seconds:.1f} s: '{name}' has the 20 regions. Check every region and "
+                    "correct it in the Segment Editor.").format(seconds=run.seconds, name=node.GetName())
         finally:
             self._updateGUI()
 
@@ -437,13 +508,25 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
             self._updateGUI()
 
-    def _showResult(self, segmentationNode, volumeNode) -> None:
-        """Show the CT with the regions over it in the slice views."""
+    def _showResult(self, segmentationNode, job) -> None:
+        """Show the CT with the regions over it in the slice views; remember the result.
+
+        The job is kept without its voxel copy (as large as the CT): saving the case later
+        needs only its ``R`` and the CT's grid. A new result gets its own statistics table.
+        """
+        self._forgetResult()
+        volumeNode = job.volume_node
         self._lastSegmentation, self._lastVolume = segmentationNode, volumeNode
+        self._lastJob = job.without_scan()
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=False)
         display = segmentationNode.GetDisplayNode()
         if display is not None:
             display.SetVisibility(True)
+
+    def _forgetResult(self) -> None:
+        """Drop the references to the last result (new result, or scene closing)."""
+        self._lastSegmentation = self._lastVolume = self._lastJob = None
+        self._lastUncertainty = self._statisticsTable = None
 
     def onOpenEditorButton(self) -> None:
         """Switch to the Segment Editor with the result and its CT selected."""
@@ -456,6 +539,56 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(segmentationNode)
         if volumeNode is not None and volumeNode.GetScene() is not None:
             editor.setSourceVolumeNode(volumeNode)
+
+    def onStatisticsButton(self) -> None:
+        """Measure the last result as it is now and show the table in a table view."""
+        segmentationNode, volumeNode = self._lastSegmentation, self._lastVolume
+        if not self._inScene(segmentationNode) or not self._inScene(volumeNode):
+            self._updateGUI()
+            return
+        uncertaintyNode = self._lastUncertainty if self._inScene(self._lastUncertainty) else None
+        tableNode = self._statisticsTable if self._inScene(self._statisticsTable) else None
+        ok, tableNode = self._busy(_("Region statistics"), lambda: self.logic.core.statistics_table(
+            segmentationNode, volumeNode, uncertaintyNode, tableNode))
+        if not ok:
+            return
+        self._statisticsTable = tableNode
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        applicationLogic = slicer.app.applicationLogic()
+        applicationLogic.GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        applicationLogic.PropagateTableSelection()
+        flagged = tableNode.GetAttribute("BrainLobeSeg.flagged") or ""
+        if flagged:
+            self.ui.statusLabel.text = _(
+                "Statistics of '{name}' are in the table '{table}'. Lower density than the same "
+                "region on the other side: {regions}. Decision support, not a diagnosis: this can "
+                "be early ischaemia but also artefact, an old lesion, CSF or a segmentation error; "
+                "read the images.").format(name=segmentationNode.GetName(),
+                                           table=tableNode.GetName(), regions=flagged)
+        else:
+            self.ui.statusLabel.text = _(
+                "Statistics of '{name}' are in the table '{table}'. No region is flagged as "
+                "darker than the other side. Decision support, not a diagnosis: this does not "
+                "exclude a stroke; read the images.").format(name=segmentationNode.GetName(),
+                                                             table=tableNode.GetName())
+
+    def onSaveCaseButton(self) -> None:
+        """Save the (corrected) last result with its CT and ``R`` as a training case."""
+        segmentationNode, job = self._lastSegmentation, self._lastJob
+        if not self._inScene(segmentationNode) or job is None:
+            self._updateGUI()
+            return
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Training dataset folder"))
+        if not folder:
+            return
+        ok, name = self._busy(_("Save case for training"), lambda: self.logic.core.save_case(
+            segmentationNode, job, folder))
+        if not ok:
+            return
+        self.ui.statusLabel.text = _(
+            "Saved '{segmentation}' with its CT and upright transform as case '{name}' in "
+            "{folder}.").format(segmentation=segmentationNode.GetName(), name=name, folder=folder)
 
     # -- PyTorch
 
@@ -544,7 +677,9 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
     transform node applied to the CT, and a tiny randomly initialised 3D model exported
     into a temporary folder. Checks the 20 segments (names, colours, terminology), that
     their binary labelmaps equal the engine's labels voxel for voxel, that the CT and its
-    transform are unchanged, and that cancelled runs add no node.
+    transform are unchanged, and that cancelled runs add no node. A tiny planar model adds
+    the uncertainty volume (on the CT grid; none for a single 3D model) and the region
+    statistics table of the Results section.
     """
 
     def setUp(self) -> None:
@@ -557,12 +692,16 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         self._tmp = tempfile.TemporaryDirectory(prefix="BrainLobeSegTest-")
         try:
             self._modelDir = self._tinyModel(os.path.join(self._tmp.name, "tiny-3d"))
+            self._planarModelDir = self._tinyModel(os.path.join(self._tmp.name, "tiny-planar"),
+                                                   kind="planar")
             self.setUp()
             self.test_segment_phantom_with_itksnap_transform()
             self.setUp()
             self.test_cancel_adds_no_node()
             self.setUp()
             self.test_nonlinear_transform_refused()
+            self.setUp()
+            self.test_uncertainty_and_statistics()
         finally:
             self._tmp.cleanup()
 
@@ -581,22 +720,25 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         return torch_install.torch_available()
 
     @staticmethod
-    def _tinyModel(folder: str) -> str:
-        """A real model folder holding a very small random 3D U-Net."""
+    def _tinyModel(folder: str, kind: str = "3d") -> str:
+        """A real model folder holding a very small random 3D U-Net, or three 2D U-Nets
+        (one per plane) for ``kind="planar"``."""
         import torch
         from BrainLobeSegLib import models, regions
         from BrainLobeSegLib.networks import build_network
         torch.manual_seed(0)
+        architecture = "UNet2D" if kind == "planar" else "UNet3D"
         card = models.ModelCard(
-            name="selftest-3d", version="0.0.test", kind="3d",
-            architecture={"name": "UNet3D", "args": {}}, spacing_mm=[4.0, 4.0, 4.0],
+            name=f"selftest-{kind}", version="0.0.test", kind=kind,
+            architecture={"name": architecture, "args": {}}, spacing_mm=[4.0, 4.0, 4.0],
             intensity={"window": [-20.0, 100.0]}, networks={}, context_slices=1,
             coordinate_channel=True, description="random weights, for the self-test")
         card.architecture["args"] = {"in_channels": card.in_channels,
                                      "num_classes": regions.NUM_LABELS + 1,
                                      "base_features": 4, "depth": 3, "norm": "batch"}
-        net = build_network("UNet3D", card.architecture["args"]).eval()
-        models.save_model(folder, card, {"unet3d": net})
+        names = list(models.PLANES) if kind == "planar" else ["unet3d"]
+        models.save_model(folder, card, {
+            n: build_network(architecture, card.architecture["args"]).eval() for n in names})
         return folder
 
     @staticmethod
@@ -704,3 +846,51 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
                           model_dir=self._modelDir)
         self.assertIn("not linear", str(ctx.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+
+    def test_uncertainty_and_statistics(self) -> None:
+        import numpy as np
+        import SimpleITK as sitk
+        from BrainLobeSegLib import regions, slicer_logic
+
+        self.delayDisplay("Uncertainty volume and region statistics")
+        volume = self._phantomVolume()
+        voxelsBefore = slicer.util.arrayFromVolume(volume).copy()
+        logic = BrainLobeSegLogic()
+        logic.core.segmenter_options["refine_mm"] = None   # 4 mm labels suffice here
+
+        job = logic.core.prepare(volume, "none", mode="3d", device="cpu", model_dir=self._modelDir)
+        result = logic.core.run(job)
+        logic.core.create_output(job, result)
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        self.assertIsNone(logic.core.create_uncertainty(job, result))   # one model: nothing to compare
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+
+        job = logic.core.prepare(volume, "none", mode="planar", device="cpu",
+                                 model_dir=self._planarModelDir)
+        result = logic.core.run(job)
+        segmentation = logic.core.create_output(job, result)
+        uncertainty = logic.core.create_uncertainty(job, result)
+        self.assertIsNotNone(uncertainty)
+        self.assertEqual(uncertainty.GetImageData().GetDimensions(),
+                         volume.GetImageData().GetDimensions())
+        np.testing.assert_allclose(slicer_logic.ijk_to_ras(uncertainty), slicer_logic.ijk_to_ras(volume),
+                                   atol=1e-9)
+        values = slicer.util.arrayFromVolume(uncertainty)
+        self.assertGreaterEqual(float(values.min()), 0.0)
+        self.assertLessEqual(float(values.max()), 1.0)
+        self.assertGreater(float(values.max()), 0.0)   # random planes disagree somewhere
+
+        table = logic.core.statistics_table(segmentation, volume, uncertainty)
+        self.assertTrue(table.IsA("vtkMRMLTableNode"))
+        self.assertEqual(table.GetNumberOfRows(), regions.NUM_LABELS)
+        self.assertIn("not a diagnosis", table.GetAttribute("BrainLobeSeg.notice"))
+        labels = sitk.GetArrayFromImage(result.labels_scan)
+        mlPerVoxel = 4.0 ** 3 / 1000.0
+        for i, r in enumerate(regions.REGIONS):
+            self.assertEqual(table.GetTable().GetValueByName(i, "region").ToString(), r.segment_name)
+            self.assertAlmostEqual(table.GetTable().GetValueByName(i, "volume_ml").ToDouble(),
+                                   float((labels == r.label).sum()) * mlPerVoxel, places=6)
+        again = logic.core.statistics_table(segmentation, volume, uncertainty, table)
+        self.assertIs(again, table)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), voxelsBefore)
+        self.delayDisplay("Uncertainty on the CT grid; statistics have the 20 regions")

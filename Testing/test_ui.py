@@ -86,7 +86,8 @@ def test_ui_file_is_qt_designer_xml(ui_tree):
 def test_every_widget_the_module_uses_exists(ui_tree, module_ast):
     used = used_ui_names(module_ast)
     assert {"segmentButton", "progressBar", "statusLabel", "openEditorButton",
-            "loadTransformButton"} <= used
+            "loadTransformButton", "estimateTransformButton", "statisticsButton",
+            "saveCaseButton"} <= used
     missing = used - set(ui_widgets(ui_tree))
     assert not missing, f"BrainLobeSeg.py uses widgets that BrainLobeSeg.ui lacks: {sorted(missing)}"
 
@@ -103,9 +104,27 @@ def test_required_widgets_have_the_right_classes(ui_tree):
         "inputsCollapsibleButton": "ctkCollapsibleButton",
         "modelCollapsibleButton": "ctkCollapsibleButton",
         "outputCollapsibleButton": "ctkCollapsibleButton",
+        "estimateTransformButton": "QPushButton", "statisticsButton": "QPushButton",
+        "saveCaseButton": "QPushButton", "resultsCollapsibleButton": "ctkCollapsibleButton",
     }
     for name, cls in expected.items():
         assert widgets.get(name) == cls, name
+
+
+def test_buttons_sit_in_their_sections(ui_tree):
+    """The estimate button is an input (next to loading a transform); what acts on a
+    result is in the Results section; result buttons start disabled (no result yet)."""
+    def names_under(section: str) -> set:
+        top = next(w for w in ui_tree.iter("widget") if w.get("name") == section)
+        return {w.get("name") for w in top.iter("widget")} - {section}
+
+    assert {"loadTransformButton", "estimateTransformButton"} <= names_under("inputsCollapsibleButton")
+    assert names_under("resultsCollapsibleButton") == {"openEditorButton", "statisticsButton",
+                                                       "saveCaseButton"}
+    for w in ui_tree.iter("widget"):
+        if w.get("name") in ("openEditorButton", "statisticsButton", "saveCaseButton",
+                             "estimateTransformButton"):
+            assert dynamic_property(w, "enabled") == "false", w.get("name")
 
 
 def test_mrml_combo_boxes_get_the_scene_and_node_types(ui_tree):
@@ -158,7 +177,8 @@ def test_module_has_module_widget_logic_and_test_classes(module_ast):
     assert len(tests) >= 3
     widget_methods = {f.name for f in found["BrainLobeSegWidget"].body if isinstance(f, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "onSegmentButton", "onLoadTransformButton",
-            "onOpenEditorButton", "initializeParameterNode", "setParameterNode"} <= widget_methods
+            "onOpenEditorButton", "initializeParameterNode", "setParameterNode",
+            "onEstimateTransformButton", "onStatisticsButton", "onSaveCaseButton"} <= widget_methods
 
 
 def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast):
