@@ -38,7 +38,14 @@ def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.85
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dicece",
                       alpha: float = 0.85, beta: float = 0.15,
                       class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dicece``: soft Dice + weighted CE; ``tversky``: Tversky alone; ``tverskyce``: both."""
+    """``dicece``: soft Dice + CE; ``tversky``: Tversky alone; ``tverskyce``: both.
+
+    ``class_weights`` weight the classes' terms of the Dice/Tversky average only (small
+    regions count as much as large ones). The cross-entropy stays unweighted: weighting
+    it scales each class's odds at the optimum by its weight, and with the background
+    weighted ~20x below the regions the first bundled models grew every region by
+    20-50% into the background (held-out FP/FN ratios of 3-14).
+    """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES}")
     if kind == "dicece":
@@ -47,4 +54,4 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "d
         region = tversky_loss(logits, target, alpha, beta, class_weights)
     if kind == "tversky":
         return region
-    return region + F.cross_entropy(logits.float(), target.long(), weight=class_weights)
+    return region + F.cross_entropy(logits.float(), target.long())
