@@ -88,14 +88,19 @@ def main(argv=None) -> int:
     print(f"alignment benchmark: {args.cases} phantoms {'x'.join(map(str, args.size))} at "
           f"{'x'.join(map(str, args.spacing))} mm, tilts up to {args.max_tilt:g} deg per axis, "
           f"{args.threads} threads")
+    medians = []
     rows = run(phantom_cases(args.cases, args.max_tilt, tuple(args.size), tuple(args.spacing)), None)
-    med = summary("phantoms", rows)
+    if rows:
+        medians.append(summary("phantoms", rows))
     if args.data:
         template = sitk.ReadImage(args.template) if args.template else None
         data_rows = run(data_cases(args.data), template)
         if data_rows:
-            summary("dataset", data_rows)
-    return 0 if med <= args.target else 1
+            medians.append(summary("dataset", data_rows))
+    if not medians:
+        print("no cases: give --cases N and/or --data DIR", file=sys.stderr)
+        return 2
+    return 0 if max(medians) <= args.target else 1
 
 
 if __name__ == "__main__":
