@@ -40,7 +40,12 @@ def data_provenance(data_dirs) -> Dict[str, Any]:
             f = Path(d) / manifest
             if f.is_file():
                 try:
-                    entry["manifest"] = json.loads(f.read_text(encoding="utf-8"))
+                    manifest = json.loads(f.read_text(encoding="utf-8"))
+                    # per-case draws stay in the dataset's manifest: 120 cases would make
+                    # model.json half a megabyte, read every time the model loads
+                    if isinstance(manifest, dict) and isinstance(manifest.get("cases"), dict):
+                        manifest = {**manifest, "cases": len(manifest["cases"])}
+                    entry["manifest"] = manifest
                 except ValueError:
                     entry["manifest"] = f.read_text(encoding="utf-8")[:2000]
                 break
