@@ -93,8 +93,8 @@ class SegmentationMode(enum.Enum):
 
     def label(self) -> str:
         return {
-            "3d": _("3D (fastest)"),
-            "planar": _("Multi-planar (axial, coronal, sagittal)"),
+            "3d": _("3D (fastest, less accurate)"),
+            "planar": _("Multi-planar (axial, coronal, sagittal; recommended)"),
             "ensemble": _("Ensemble (3D + multi-planar, slowest)"),
         }[self.value]
 
@@ -127,7 +127,7 @@ class BrainLobeSegParameterNode:
     transformSource: TransformSource = TransformSource.PARENT
     transformNode: vtkMRMLTransformNode
     invertTransform: bool = False
-    mode: SegmentationMode = SegmentationMode.THREE_D
+    mode: SegmentationMode = SegmentationMode.PLANAR
     device: ComputeDevice = ComputeDevice.AUTO
     modelFolder: str = ""
     outputSegmentation: vtkMRMLSegmentationNode

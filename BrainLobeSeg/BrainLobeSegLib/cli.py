@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from . import __version__, geometry, imageio, models, output, regions, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError
-from .inference import FUSIONS, MODES, SegmentationResult, Segmenter
+from .inference import DEFAULT_MODE, FUSIONS, MODES, SegmentationResult, Segmenter
 
 EXIT_NO_MODELS = 3
 EXIT_INTERNAL = 1
@@ -163,7 +163,9 @@ def demo_overlay(result: SegmentationResult, scan: sitk.Image, transform, path: 
         z = int(np.argmax(counts)) if counts.any() else lab.shape[0] // 2
         # rows run anterior->posterior, columns patient right->left: radiological view as is
         panels.append(output.overlay_slice(hu[z], lab[z]))
-    output.write_png(np.concatenate(panels, axis=1), path)
+    picture = np.concatenate(panels, axis=1)
+    zoom = max(1, int(round(4.0 / max(result.grid.spacing[:2]) * 2)))   # 2 mm grid -> 4x
+    output.write_png(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1), path)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -243,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--angles", type=float, nargs=3, default=[8.0, -6.0, 10.0],
                    metavar=("RX", "RY", "RZ"), help="head tilt in degrees")
     d.add_argument("--seed", type=int, default=None)
-    _model_options(d, default_mode="ensemble")
+    _model_options(d)
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("models", help="list the bundled models and their cards")
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_options(parser: argparse.ArgumentParser, default_mode: str = "3d") -> None:
+def _model_options(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_MODE) -> None:
     parser.add_argument("--mode", choices=MODES, default=default_mode,
                         help=f"model: planar (3 planes fused), 3d, or ensemble (default {default_mode})")
     parser.add_argument("--fusion", choices=FUSIONS, default="mean",

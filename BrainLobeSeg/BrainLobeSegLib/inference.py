@@ -31,6 +31,8 @@ from .regions import NUM_LABELS
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 MODES = ("planar", "3d", "ensemble")
+#: the mode with the best held-out Dice of the bundled models (see their model.json)
+DEFAULT_MODE = "planar"
 FUSIONS = ("mean", "vote")
 NUM_CLASSES = NUM_LABELS + 1
 
@@ -296,7 +298,7 @@ def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
 class Segmenter:
     """Loads the models for a mode once and segments any number of scans."""
 
-    def __init__(self, mode: str = "3d", model_dir: Optional[Path] = None, device: str = "auto",
+    def __init__(self, mode: str = DEFAULT_MODE, model_dir: Optional[Path] = None, device: str = "auto",
                  fusion: str = "mean", threads: Optional[int] = None, batch_size: int = 16,
                  refine_mm: Optional[float] = 1.0) -> None:
         if mode not in MODES:

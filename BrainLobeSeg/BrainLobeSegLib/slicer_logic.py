@@ -348,7 +348,7 @@ class SegmentationJob:
     scan: Optional[sitk.Image]       # voxel copy with exact geometry (LPS)
     transform: sitk.AffineTransform  # R: upright -> scan
     transform_description: str
-    mode: str = "3d"
+    mode: str = "planar"
     device: str = "auto"
     model_dir: Optional[Path] = None
     fusion: str = "mean"
@@ -382,7 +382,7 @@ class BrainLobeSegLogic:
 
     # -- step 1: main thread
     def prepare(self, volume_node, transform_source: str = "parent", transform_node=None,
-                invert: bool = False, mode: str = "3d", device: str = "auto",
+                invert: bool = False, mode: str = "planar", device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, fusion: str = "mean") -> SegmentationJob:
         """Copy the CT and resolve ``R``; raises :class:`InputError` on unusable input.
 
@@ -583,7 +583,7 @@ class BrainLobeSegLogic:
 
     # -- all three
     def segment(self, volume_node, transform_source: str = "parent", transform_node=None,
-                invert: bool = False, mode: str = "3d", device: str = "auto",
+                invert: bool = False, mode: str = "planar", device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelFn] = None, output_node=None, fusion: str = "mean",
                 name: Optional[str] = None):
