@@ -146,7 +146,8 @@ def test_pickled_code_refused_through_the_cli(tiny3d, tmp_path, capfd):
     update_sha(tiny3d)
     scan = write(head_image(), tmp_path / "case.nii.gz")
     out = tmp_path / "out"
-    code = cli.main(["segment", str(scan), "-o", str(out), "--model", str(tiny3d), "--device", "cpu"])
+    code = cli.main(["segment", str(scan), "-o", str(out), "--model", str(tiny3d), "--mode", "3d",
+                     "--device", "cpu"])
     err = capfd.readouterr().err
     assert code == EXIT_INPUT_ERROR, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -245,7 +246,8 @@ def test_invalid_model_through_the_cli(tiny3d, tmp_path, capfd):
     scan = write(head_image(), tmp_path / "case.nii.gz")
     before = scan.read_bytes()
     out = tmp_path / "out"
-    code = cli.main(["segment", str(scan), "-o", str(out), "--model", str(tiny3d), "--device", "cpu"])
+    code = cli.main(["segment", str(scan), "-o", str(out), "--model", str(tiny3d), "--mode", "3d",
+                     "--device", "cpu"])
     err = capfd.readouterr().err
     assert code == EXIT_INPUT_ERROR
     assert err.startswith("brainlobeseg: error: ") and len(err.strip().splitlines()) == 1, err

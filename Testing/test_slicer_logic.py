@@ -424,7 +424,7 @@ def test_engine_errors_are_input_errors(scene, fast_logic, tmp_path):
     volume = add_volume(scene, head_image())
     logic = fast_logic
     with pytest.raises(InputError, match="no 3d model"):
-        logic.segment(volume, "none", device="cpu", model_dir=tmp_path)
+        logic.segment(volume, "none", mode="3d", device="cpu", model_dir=tmp_path)
     with pytest.raises(InputError, match="unknown mode"):
         logic.segment(volume, "none", mode="4d", device="cpu", model_dir=tmp_path)
     assert nodes_of(scene, "vtkMRMLSegmentationNode") == 0
