@@ -164,7 +164,7 @@ def demo_overlay(result: SegmentationResult, scan: sitk.Image, transform, path: 
         # rows run anterior->posterior, columns patient right->left: radiological view as is
         panels.append(output.overlay_slice(hu[z], lab[z]))
     picture = np.concatenate(panels, axis=1)
-    zoom = max(1, int(round(4.0 / max(result.grid.spacing[:2]) * 2)))   # 2 mm grid -> 4x
+    zoom = max(1, int(round(max(result.grid.spacing[:2]) / 0.5)))   # about 0.5 mm a pixel
     output.write_png(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1), path)
 
 
