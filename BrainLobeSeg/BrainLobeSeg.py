@@ -33,6 +33,8 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
+from BrainLobeSegLib.modes import DEFAULT_MODE  # noqa: E402  (torch-free)
+
 #: How often the panel looks at a running segmentation (ms).
 POLL_INTERVAL_MS = 100
 
@@ -127,7 +129,7 @@ class BrainLobeSegParameterNode:
     transformSource: TransformSource = TransformSource.PARENT
     transformNode: vtkMRMLTransformNode
     invertTransform: bool = False
-    mode: SegmentationMode = SegmentationMode.PLANAR
+    mode: SegmentationMode = SegmentationMode(DEFAULT_MODE)
     device: ComputeDevice = ComputeDevice.AUTO
     modelFolder: str = ""
     outputSegmentation: vtkMRMLSegmentationNode

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 import re
 import struct
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -189,10 +191,28 @@ def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast):
             top_level += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             top_level.append(node.module or "")
+    torch_free = {"BrainLobeSegLib.modes"}
     assert not [m for m in top_level if m.startswith(("BrainLobeSegLib", "torch", "SimpleITK",
-                                                       "numpy"))]
+                                                       "numpy")) and m not in torch_free]
     source = MODULE_PY.read_text(encoding="utf-8")
     assert "sys.path.insert(0, _MODULE_DIR)" in source
+    # and the modules it may import really are light
+    code = ("import sys; import BrainLobeSegLib.modes; "
+            "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=MODULE_PY.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_panel_modes_are_the_engine_modes(module_ast):
+    """The panel's mode enum offers exactly the engine's modes (one source: modes.py)."""
+    from BrainLobeSegLib import modes
+    enum_class = next(n for n in module_ast.body
+                      if isinstance(n, ast.ClassDef) and n.name == "SegmentationMode")
+    values = [n.value.value for n in enum_class.body
+              if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
+    assert sorted(values) == sorted(modes.MODES)
+    assert modes.DEFAULT_MODE in modes.MODES
 
 
 def _is_translated(node: ast.AST) -> bool:

@@ -8,6 +8,7 @@ Modules, each with one job:
 - :mod:`imageio`      reading and checking scans, atomic writing
 - :mod:`geometry`     upright resampling, cropping, mapping labels back to the scan
 - :mod:`networks`     the U-Net architectures
+- :mod:`modes`       segmentation modes and the default (torch-free)
 - :mod:`models`       model folders: ``model.json`` card, safe weight loading
 - :mod:`inference`    planar / 3D / ensemble prediction and probability fusion
 - :mod:`output`       label maps and Slicer ``.seg.nrrd`` files

@@ -25,14 +25,12 @@ import torch.nn.functional as F
 
 from . import geometry, models
 from .errors import Cancelled, InputError
+from .modes import DEFAULT_MODE, MODES
 from .geometry import Grid, HeadBox
 from .regions import NUM_LABELS
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
-MODES = ("planar", "3d", "ensemble")
-#: the mode with the best held-out Dice of the bundled models (see their model.json)
-DEFAULT_MODE = "planar"
 FUSIONS = ("mean", "vote")
 NUM_CLASSES = NUM_LABELS + 1
 

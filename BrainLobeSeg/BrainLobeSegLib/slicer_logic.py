@@ -49,6 +49,7 @@ from vtk.util import numpy_support
 
 from . import regions, transforms
 from .errors import InputError
+from .modes import DEFAULT_MODE
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -348,7 +349,7 @@ class SegmentationJob:
     scan: Optional[sitk.Image]       # voxel copy with exact geometry (LPS)
     transform: sitk.AffineTransform  # R: upright -> scan
     transform_description: str
-    mode: str = "planar"
+    mode: str = DEFAULT_MODE
     device: str = "auto"
     model_dir: Optional[Path] = None
     fusion: str = "mean"
@@ -382,7 +383,7 @@ class BrainLobeSegLogic:
 
     # -- step 1: main thread
     def prepare(self, volume_node, transform_source: str = "parent", transform_node=None,
-                invert: bool = False, mode: str = "planar", device: str = "auto",
+                invert: bool = False, mode: str = DEFAULT_MODE, device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, fusion: str = "mean") -> SegmentationJob:
         """Copy the CT and resolve ``R``; raises :class:`InputError` on unusable input.
 
@@ -583,7 +584,7 @@ class BrainLobeSegLogic:
 
     # -- all three
     def segment(self, volume_node, transform_source: str = "parent", transform_node=None,
-                invert: bool = False, mode: str = "planar", device: str = "auto",
+                invert: bool = False, mode: str = DEFAULT_MODE, device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelFn] = None, output_node=None, fusion: str = "mean",
                 name: Optional[str] = None):
