@@ -243,11 +243,18 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
 
 
 def bundled_models_dir() -> Path:
-    """``BrainLobeSeg/Resources/Models`` (or ``$BRAINLOBESEG_MODELS``)."""
+    """``$BRAINLOBESEG_MODELS``, else ``BrainLobeSeg/Resources/Models``.
+
+    In Slicer and in a source checkout (editable install) the models sit in the
+    extension's Resources next to this package; a wheel copies them into the package
+    as ``bundled_models`` (pyproject.toml), because it cannot carry files outside it.
+    """
     env = os.environ.get(MODELS_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+    here = Path(__file__).resolve().parent
+    resources = here.parent / "Resources" / "Models"
+    return resources if resources.is_dir() else here / "bundled_models"
 
 
 def list_model_folders(root: Optional[Path] = None) -> List[Path]:
