@@ -95,9 +95,9 @@ class SegmentationMode(enum.Enum):
 
     def label(self) -> str:
         return {
-            "3d": _("3D (fastest, less accurate)"),
-            "planar": _("Multi-planar (axial, coronal, sagittal; recommended)"),
-            "ensemble": _("Ensemble (3D + multi-planar, slowest)"),
+            "3d": _("3D (fastest and most accurate; recommended)"),
+            "planar": _("Multi-planar (axial, coronal, sagittal)"),
+            "ensemble": _("Ensemble (3D + multi-planar, slowest; adds an uncertainty map)"),
         }[self.value]
 
 

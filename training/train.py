@@ -38,7 +38,8 @@ MIRROR = np.array(regions.mirror_lut(), np.uint8)
 DEFAULTS = {
     "planar": {"spacing": 2.0, "base": 16, "depth": 4, "batch": 16, "iterations": 1500,
                "canvas": [128, 128], "lr": 2e-3},
-    "3d": {"spacing": 2.0, "base": 8, "depth": 4, "batch": 2, "iterations": 800,
+    # 3D: held-out Dice of the bundled model 0.837 at 2100 iterations, 0.877 at 4000
+    "3d": {"spacing": 2.0, "base": 8, "depth": 4, "batch": 2, "iterations": 4000,
            "patch": [64, 80, 80], "lr": 2e-3},
 }
 
