@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from . import geometry, models
 from .errors import Cancelled, InputError
-from .modes import DEFAULT_MODE, MODES
 from .geometry import Grid, HeadBox
+from .modes import DEFAULT_MODE, MODES
 from .regions import NUM_LABELS
 
 ProgressFn = Callable[[float, str], None]

@@ -11,7 +11,6 @@ from typing import Tuple
 #: "ensemble": both, fused.
 MODES: Tuple[str, ...] = ("planar", "3d", "ensemble")
 
-#: The mode with the best held-out Dice of the bundled models (see their model.json):
-#: 3D 0.877, ensemble 0.873, multi-planar 0.855 (training/reports/heldout); 3D is also
-#: the fastest.
+#: The kind whose bundled model has the best held-out mean Dice in its model.json
+#: (Testing/test_bundled_models.py holds it to that); 3D is also the fastest.
 DEFAULT_MODE = "3d"
