@@ -99,6 +99,10 @@ def test_uncertainty_volume_node_overlays_the_ct(scene, case):
     wrong = sitk.Image([s // 2 for s in case.ct.GetSize()], sitk.sitkFloat32)
     with pytest.raises(InputError, match="grid"):
         slicer_tools.uncertainty_volume_node(scene, wrong, ct_node)
+    shifted = sitk.Image(unc)                       # same size, moved by half a voxel
+    shifted.SetOrigin([o + s / 2 for o, s in zip(unc.GetOrigin(), unc.GetSpacing())])
+    with pytest.raises(InputError, match="grid"):
+        slicer_tools.uncertainty_volume_node(scene, shifted, ct_node)
 
 
 @pytest.mark.parametrize("spelling", ["M2 left", "m2_LEFT", "left M2", "M2-lt"])

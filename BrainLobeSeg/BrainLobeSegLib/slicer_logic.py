@@ -125,16 +125,25 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     """
     _check_volume(volume_node)
     array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    image = sitk.GetImageFromArray(array)
+    copy_volume_geometry(volume_node, image)
+    return image
+
+
+def copy_volume_geometry(volume_node, image: sitk.Image) -> None:
+    """Give ``image`` the volume node's geometry in LPS (spacing, origin, direction).
+
+    The geometry half of :func:`image_from_volume_node`, for images that are made on
+    the volume's grid without needing its voxels (an exported label map, say).
+    """
     m = ijk_to_ras(volume_node)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
         raise InputError(f"the volume '{volume_node.GetName()}' has an invalid geometry "
                          f"(voxel spacing {spacing.round(4).tolist()}).", "Load the CT again.")
-    image = sitk.GetImageFromArray(array)
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
     image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
-    return image
 
 
 def set_volume_geometry(volume_node, image: sitk.Image) -> None:
@@ -144,13 +153,33 @@ def set_volume_geometry(volume_node, image: sitk.Image) -> None:
     matrix built from the LPS origin, spacing and direction, so that the two conversions
     cannot drift apart. The voxels are left alone.
     """
+    volume_node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras_of_image(image)))
+    volume_node.Modified()
+
+
+def _ijk_to_ras_of_image(image: sitk.Image) -> np.ndarray:
+    """The IJK -> RAS matrix of an LPS image (origin, spacing, direction)."""
     spacing = np.asarray(image.GetSpacing(), float)
     direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
     m = np.eye(4)
     m[:3, :3] = _FLIP @ direction * spacing
     m[:3, 3] = _FLIP @ np.asarray(image.GetOrigin(), float)
-    volume_node.SetIJKToRASMatrix(_vtk_matrix(m))
-    volume_node.Modified()
+    return m
+
+
+def grid_difference(volume_node, image: sitk.Image, tol: float = 1e-4) -> Optional[str]:
+    """None if ``image`` lies on the volume node's voxel grid, else what differs.
+
+    Compares the size and the IJK -> RAS matrices only, so a 512x512x110 CT is not
+    copied just to be compared (:func:`image_from_volume_node` copies the voxels).
+    """
+    dims = tuple(volume_node.GetImageData().GetDimensions())
+    if dims != tuple(image.GetSize()):
+        return f"size {tuple(image.GetSize())} vs {dims}"
+    ours, theirs = _ijk_to_ras_of_image(image), ijk_to_ras(volume_node)
+    if not np.allclose(ours, theirs, atol=tol * max(1.0, float(np.abs(theirs).max()))):
+        return "voxel spacing, position or orientation differs"
+    return None
 
 
 def update_volume_from_image(volume_node, image: sitk.Image) -> None:

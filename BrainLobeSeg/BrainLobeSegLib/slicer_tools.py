@@ -33,7 +33,8 @@ from .errors import InputError
 # One implementation of each MRML <-> SimpleITK conversion, in slicer_logic (which checks
 # the volume). The names below are also this module's API: tests and scripts import
 # ``slicer_tools.image_from_volume_node`` and ``slicer_tools.set_node_geometry``.
-from .slicer_logic import _remove_node, image_from_volume_node, labelmap_on_volume_grid
+from .slicer_logic import (_check_volume, _remove_node, copy_volume_geometry, grid_difference,
+                           image_from_volume_node, labelmap_on_volume_grid)
 from .slicer_logic import set_volume_geometry as set_node_geometry
 from .slicer_logic import transform_from_node
 
@@ -133,9 +134,7 @@ def uncertainty_volume_node(scene, uncertainty: sitk.Image, ct_node=None,
     it overlays the CT, upright or not); the image must lie on the CT's grid.
     """
     if ct_node is not None:
-        ct = image_from_volume_node(ct_node)
-        from .imageio import same_grid
-        diff = same_grid(ct, uncertainty)
+        diff = grid_difference(ct_node, uncertainty)
         if diff is not None:
             raise InputError(f"the uncertainty volume is not on the CT's grid ({diff}).",
                              "Compute it for this CT.")
@@ -219,8 +218,8 @@ def labelmap_from_segmentation(segmentation_node, volume_node) -> sitk.Image:
     if duplicate:
         raise InputError(f"several segments name the same region: {'; '.join(duplicate)}.",
                          "Merge them (Segment Editor: Logical operators > Add) or rename one.")
-    ct = image_from_volume_node(volume_node)
-    out = np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8)
+    _check_volume(volume_node)
+    out = np.zeros(tuple(reversed(volume_node.GetImageData().GetDimensions())), np.uint8)
     scene = segmentation_node.GetScene()
     before = _node_ids(scene, "vtkMRMLColorTableNode")
     try:
@@ -229,7 +228,7 @@ def labelmap_from_segmentation(segmentation_node, volume_node) -> sitk.Image:
         for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - before:
             scene.RemoveNode(scene.GetNodeByID(node_id))
     img = sitk.GetImageFromArray(out)
-    img.CopyInformation(ct)
+    copy_volume_geometry(volume_node, img)   # the CT's grid, without copying its voxels
     return img
 
 
