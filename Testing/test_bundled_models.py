@@ -21,8 +21,10 @@ MAX_TOTAL_BYTES = 40 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def bundled():
-    folders = models.list_model_folders(models.bundled_models_dir())
-    cards = {models.read_card(f).kind: (f, models.read_card(f)) for f in folders}
+    cards = {}
+    for folder in models.list_model_folders(models.bundled_models_dir()):
+        card = models.read_card(folder)
+        cards[card.kind] = (folder, card)
     assert set(cards) == set(models.KINDS), f"bundled kinds: {sorted(cards)}"
     return cards
 

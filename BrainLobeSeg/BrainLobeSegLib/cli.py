@@ -21,7 +21,8 @@ import SimpleITK as sitk
 
 from . import __version__, geometry, imageio, models, output, regions, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError
-from .inference import DEFAULT_MODE, FUSIONS, MODES, SegmentationResult, Segmenter
+from .inference import FUSIONS, SegmentationResult, Segmenter
+from .modes import DEFAULT_MODE, MODES
 
 EXIT_NO_MODELS = 3
 EXIT_INTERNAL = 1

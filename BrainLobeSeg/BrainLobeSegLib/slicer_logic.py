@@ -171,8 +171,10 @@ def grid_difference(volume_node, image: sitk.Image, tol: float = 1e-4) -> Option
     """None if ``image`` lies on the volume node's voxel grid, else what differs.
 
     Compares the size and the IJK -> RAS matrices only, so a 512x512x110 CT is not
-    copied just to be compared (:func:`image_from_volume_node` copies the voxels).
+    copied just to be compared (:func:`image_from_volume_node` copies the voxels). The
+    volume is checked as there (a node without image data is an InputError).
     """
+    _check_volume(volume_node)
     dims = tuple(volume_node.GetImageData().GetDimensions())
     if dims != tuple(image.GetSize()):
         return f"size {tuple(image.GetSize())} vs {dims}"
