@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from BrainLobeSegLib import models
+from BrainLobeSegLib import models, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,11 +51,22 @@ def test_wheel_carries_every_bundled_model_file(wheel):
     assert expected <= names, sorted(expected - names)
 
 
+def test_wheel_carries_the_reference_head_and_its_licence(wheel):
+    source = ROOT / "BrainLobeSeg" / "Resources" / "Atlas"
+    expected = {f"BrainLobeSegLib/bundled_atlas/{p.name}" for p in source.iterdir()}
+    assert {f"BrainLobeSegLib/bundled_atlas/{n}" for n in
+            (reference.TEMPLATE_FILE, reference.LICENSE_FILE, reference.SOURCE_FILE)} <= expected
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    assert expected <= names, sorted(expected - names)
+
+
 def test_installed_wheel_finds_its_models(wheel, tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(site)
-    code = ("import json; from BrainLobeSegLib import models; "
+    code = ("import json; from BrainLobeSegLib import models, reference; "
+            "reference.upright_template(); "
             "print(json.dumps([str(models.bundled_models_dir())] + "
             "[str(p) for p in models.find_models('ensemble')]))")
     env = {k: v for k, v in os.environ.items() if k != models.MODELS_ENV}

@@ -23,6 +23,7 @@ COMMANDS: Dict[str, str] = {
     "train": "train the planar and 3D U-Nets on dataset folders",
     "evaluate": "score models on a labelled dataset folder",
     "export": "turn a training run into a model folder",
+    "bundle_template": "rebuild the upright reference head CT the engine ships (alignment)",
 }
 
 

@@ -323,6 +323,36 @@ def make_scan(size: Sequence[int] = (512, 512, 110), spacing: Sequence[float] = 
         center=tuple(float(c) for c in centre), angles_deg=angles)  # type: ignore[arg-type]
 
 
+def make_reference_scan(angles_deg: Sequence[float] = (15.0, -6.0, 8.0),
+                        size: Sequence[int] = (96, 96, 40), spacing: Sequence[float] = (2.2, 2.2, 4.0),
+                        hu_offset: float = 0.0, cut_top_mm: float = 0.0, noise_hu: float = 4.0,
+                        seed: Optional[int] = None) -> Tuple[sitk.Image, sitk.AffineTransform]:
+    """The bundled upright reference head (a real mean head CT in the models' frame, see
+    :mod:`reference`) posed by ``R`` (rotations about x, y, z about its centre), with a
+    scanner offset, the top ``cut_top_mm`` of the field of view removed, and noise.
+
+    The analytic phantom above has region labels at MNI places but not an MNI head
+    shape (its brain is a horizontal ellipsoid without a face), so the automatic
+    alignment, which matches head shapes to the reference, is tested on this head.
+    Returns the scan (int16 HU) and ``R`` (upright -> scan).
+    """
+    from . import reference   # reads the bundled file only when asked for
+    head = reference.upright_template()
+    arr = sitk.GetArrayViewFromImage(head)
+    pts = np.argwhere(arr > -300.0)[:, ::-1].astype(np.float64)
+    centre = np.array(head.TransformContinuousIndexToPhysicalPoint(tuple(pts.mean(axis=0))))
+    R = transforms.rotation(_vec3(angles_deg), center=tuple(centre))
+    R_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
+    spacing3 = _vec3(spacing)
+    ref = _scan_reference(size, spacing3, centre)
+    ct = sitk.Resample(head, ref, R_inv, sitk.sitkLinear, float(AIR_HU), sitk.sitkFloat32)
+    ct = _add_noise(ct, noise_hu, seed)
+    if hu_offset:
+        ct = sitk.Mask(ct + float(hu_offset), ct > _AIR_LIMIT_HU, float(AIR_HU))
+    keep = int(size[2]) - int(round(cut_top_mm / spacing3[2]))
+    return (ct[:, :, :keep] if keep < int(size[2]) else ct), R
+
+
 def write_case(case: PhantomCase, folder: str, name: Optional[str] = None,
                overwrite: bool = False):
     """Write a phantom case in the dataset layout (``name.nii.gz``, ``name.txt``,
