@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainLobeSegLib import cli, imageio, output, transforms
+from BrainLobeSegLib import alignment, cli, imageio, output, transforms
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR
 
 from test_robustness import (SIZE, SPACING, assert_nothing_written, bspline_file, cut_in_half,
@@ -128,9 +128,10 @@ REFUSED: List[Case] = [
          "too large"),
     Case("NaN voxels (.nii.gz)", non_finite(np.nan, "nan.nii.gz"), "NaN or infinite"),
     Case("inf voxels (.nrrd)", non_finite(np.inf, "inf.nrrd"), "NaN or infinite"),
-    Case("DICOM series with a missing slice",
-         lambda f, mp: [str(write_dicom_series(head_image(), f / "ct", drop=9))],
-         "not evenly spaced"),
+    Case("--invert-transform without a transform", lambda f, mp: [scan(f), "--invert-transform"],
+         "needs a --transform file"),
+    Case("no transform, not shaped like a head: the pose cannot be estimated",
+         lambda f, mp: [scan(f)], "does not match a head", extra=["ESTIMATE"]),
     Case("transform: missing", lambda f, mp: [scan(f), "--transform", str(f / "none.txt")],
          "transform file not found"),
     Case("transform: empty", with_transform(""), "transform file is empty"),
@@ -154,7 +155,12 @@ REFUSED: List[Case] = [
 ]
 
 
-def run_cli(args: List[str], outdir: Path, models: Path, capfd) -> tuple:
+def run_cli(args: List[str], outdir: Path, models: Path, capfd, estimate: bool = False) -> tuple:
+    """``segment`` with the tiny models. The plain geometric test heads are not shaped like
+    a real head, so their pose is not estimated (``--assume-upright``) unless a transform
+    is given or ``estimate`` is set; the pose estimate has its own rows."""
+    if not estimate and "--transform" not in args and "--invert-transform" not in args:
+        args = [*args, "--assume-upright"]
     code = cli.main(["segment", *args, "-o", str(outdir), "--model", str(models), "--device", "cpu"])
     out, err = capfd.readouterr()
     return code, out, err
@@ -182,7 +188,7 @@ def test_refused_input(case: Case, tmp_path, tiny_models, capfd, monkeypatch):
         outdir = indir / "not-a-folder.txt"
         outdir.write_text("keep me", encoding="utf-8")
     before = tree_hashes(indir)
-    code, out, err = run_cli(args, outdir, tiny_models, capfd)
+    code, out, err = run_cli(args, outdir, tiny_models, capfd, estimate="ESTIMATE" in case.extra)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == EXIT_INPUT_ERROR, err
     assert "Traceback" not in err and "Traceback" not in out
@@ -213,6 +219,12 @@ class Good:
     transform: object = None             # list of 12 parameters, or None
     args: List[str] = field(default_factory=list)
     warning: str = ""                   # expected in a "brainlobeseg: warning:" line
+    estimate: bool = False              # no transform: the pose is estimated and written
+
+
+def _reference_scan():
+    phantom = pytest.importorskip("BrainLobeSegLib.phantom")
+    return phantom.make_reference_scan((20.0, -6.0, 9.0), seed=5)
 
 
 def _phantom():
@@ -237,6 +249,10 @@ ACCEPTED: List[Good] = [
          lambda: head_image(direction=gantry_tilt_direction(20.0)), suffix=".nrrd"),
     Good("gantry tilt 20 deg (DICOM series)",
          lambda: head_image(direction=gantry_tilt_direction(20.0)), suffix="DICOM"),
+    Good("DICOM series with a missing slice (interpolated, warned)", head_image, suffix="DICOM-drop",
+         warning="unevenly spaced"),
+    Good("no transform: a tilted head's pose is estimated and written",
+         lambda: _reference_scan()[0], estimate=True),
     Good("left-handed grid (x flipped)", lambda: head_image(direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))),
     Good("float64 CT", lambda: sitk.Cast(head_image(), sitk.sitkFloat64)),
     Good("MR-like with --force", mr_like, args=["--force"]),
@@ -266,8 +282,9 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
     indir = tmp_path / "in"
     indir.mkdir()
     img = good.image()
-    if good.suffix == "DICOM":
-        args = [str(write_dicom_series(img, indir / "case"))] + good.args
+    if good.suffix.startswith("DICOM"):
+        drop = 9 if good.suffix == "DICOM-drop" else None
+        args = [str(write_dicom_series(img, indir / "case", drop=drop))] + good.args
     else:
         args = [scan(indir, img, name=f"case{good.suffix}")] + good.args
     if good.transform is not None:
@@ -276,7 +293,7 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
         args += ["--transform", str(indir / "case.txt")]
     before = tree_hashes(indir)
     outdir = tmp_path / "out"
-    code, out, err = run_cli(args, outdir, tiny_models, capfd)
+    code, out, err = run_cli(args, outdir, tiny_models, capfd, estimate=good.estimate)
     assert code == 0, err
     assert "Traceback" not in err
     noise = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("brainlobeseg: warning:")]
@@ -285,6 +302,10 @@ def test_accepted_input(good: Good, tmp_path, tiny_models, capfd):
         assert good.warning in err
     assert tree_hashes(indir) == before
     assert leftovers(outdir) == []
+    if good.estimate:
+        R = transforms.read_transform(str(outdir / "case-upright-estimated.txt"))
+        assert alignment.angle_error_deg(R, _reference_scan()[1]) < 2.0
+        assert "degrees from upright" in out
     reference = imageio.read_scan(args[0])
     same_geometry(reference, img)           # what was read is the scan as written
     label_files = [p for p in outdir.iterdir() if p.name.startswith("case-aspects")]

@@ -28,7 +28,7 @@ import pytest
 import SimpleITK as sitk
 
 from BrainLobeSegLib import imageio, transforms
-from BrainLobeSegLib.errors import InputError
+from BrainLobeSegLib.errors import InputError, InputWarning
 
 SIZE = (48, 48, 24)            # x, y, z voxels
 SPACING = (4.5, 4.5, 5.0)      # mm: 216 x 216 x 120 mm, a whole head, 5 mm slices
@@ -624,12 +624,39 @@ def test_dicom_series_control(tmp_path):
     np.testing.assert_allclose(got.GetDirection(), np.eye(3).ravel(), atol=1e-6)
 
 
-def test_dicom_series_with_a_missing_slice_refused(tmp_path):
-    """ITK only warns and averages the spacing (a silently stretched head)."""
-    folder = write_dicom_series(head_image(), tmp_path / "ct", drop=10)
+def test_dicom_series_with_a_missing_slice_is_regularised(tmp_path):
+    """ITK only warns and averages the spacing (a silently stretched head). The reader
+    interpolates the missing slice onto the regular grid instead, with one warning that
+    names the largest gap, and every slice that was there keeps its place and values."""
+    img = head_image()
+    folder = write_dicom_series(img, tmp_path / "ct", drop=10)
     before = tree_hashes(folder)
-    raises_input_error(imageio.read_scan, str(folder), match="not evenly spaced")
+    with pytest.warns(InputWarning, match=r"unevenly spaced .*largest between slices 10 and 11"):
+        got = imageio.read_scan(str(folder))
     assert tree_hashes(folder) == before
+    assert got.GetSize() == img.GetSize()
+    np.testing.assert_allclose(got.GetSpacing(), img.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(got.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    full = imageio.read_scan(str(write_dicom_series(img, tmp_path / "full")))   # no slice left out
+    a, b = sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(full)
+    kept = [k for k in range(img.GetDepth()) if k != 10]
+    assert np.array_equal(a[kept], b[kept])
+    middle = (b[9].astype(np.float64) + b[11]) / 2
+    assert np.abs(a[10] - middle).max() <= 0.5          # linear between its neighbours
+
+
+def test_dicom_series_with_repeated_positions_refused(tmp_path):
+    """Two slices at one position cannot be put in one order: refused, not averaged."""
+    img = head_image()
+    folder = write_dicom_series(img, tmp_path / "ct")
+    clash = sitk.ReadImage(str(folder / "005.dcm"))
+    clash.SetMetaData("0020|0013", "99")
+    clash.SetMetaData("0008|0018", "1.2.826.0.1.3680043.2.1125.424242.99")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / "099.dcm"))
+    writer.Execute(clash)
+    raises_input_error(imageio.read_scan, str(folder), match="consistent order")
 
 
 def test_dicom_gantry_tilt_read_with_its_true_geometry(tmp_path):

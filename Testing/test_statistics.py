@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainLobeSegLib import cli, dataset, inference, phantom, regions, statistics, transforms
+from BrainLobeSegLib import alignment, cli, dataset, inference, phantom, regions, statistics, transforms
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR, InputError
 
 SIZE, SPACING = (96, 96, 48), (2.0, 2.0, 3.0)
@@ -260,14 +260,27 @@ def test_ensemble_members_are_the_planes_and_the_3d_model(tiny_models, upright):
     assert set(members) <= {"axial", "coronal", "sagittal", "tiny-3d"}
 
 
-def test_cli_stats_auto_align_writes_the_estimated_transform(files, tmp_path, tiny_models):
-    code = cli.main(["stats", str(files["scan"]), "--auto-align", "--mode", "3d", "--model", str(tiny_models),
-                     "--device", "cpu", "-o", str(tmp_path)])
-    assert code == 0
-    R = transforms.read_transform(str(tmp_path / "head-upright.txt"))
-    assert transforms.rotation_angle_deg(R) > 3.0      # the phantom is tilted by about 11 degrees
-    data = json.loads((tmp_path / "head-stats.json").read_text(encoding="utf-8"))
-    assert "estimated" in data["transform"]
-    assert data["settings"]["uncertainty"] == statistics.UNCERTAINTY_PROBABILITY
-    assert cli.main(["stats", str(files["scan"]), "--auto-align", "--transform", str(files["tf"]),
+def test_cli_stats_estimates_the_pose_without_a_transform(tmp_path, tiny_models, capsys):
+    """No --transform: the pose is estimated (the default), printed in one line and
+    written next to the outputs; --auto-align (the old switch) does the same;
+    --assume-upright skips it; --auto-align with --transform is refused."""
+    ct, truth = phantom.make_reference_scan((18.0, -5.0, 7.0), seed=4)
+    scan = tmp_path / "head.nii.gz"
+    sitk.WriteImage(ct, str(scan))
+    common = ["--mode", "3d", "--model", str(tiny_models), "--device", "cpu"]
+    for flag, out in (([], tmp_path / "a"), (["--auto-align"], tmp_path / "b")):
+        assert cli.main(["stats", str(scan), *flag, *common, "-o", str(out)]) == 0
+        R = transforms.read_transform(str(out / f"head{alignment.ESTIMATED_SUFFIX}"))
+        assert alignment.angle_error_deg(R, truth) < 2.0
+        data = json.loads((out / "head-stats.json").read_text(encoding="utf-8"))
+        assert "estimated" in data["transform"] and data["estimated_pose"]["angle_deg"] > 15
+        assert data["settings"]["uncertainty"] == statistics.UNCERTAINTY_PROBABILITY
+        assert "degrees from upright" in capsys.readouterr().out
+    out = tmp_path / "c"
+    assert cli.main(["stats", str(scan), "--assume-upright", *common, "-o", str(out)]) == 0
+    assert not list(out.glob("*.txt"))
+    assert json.loads((out / "head-stats.json").read_text(encoding="utf-8"))["transform"] == "assumed upright"
+    tf = tmp_path / "head.txt"
+    transforms.write_transform(str(tf), truth)
+    assert cli.main(["stats", str(scan), "--auto-align", "--transform", str(tf),
                      "-o", str(tmp_path / "x")]) == EXIT_INPUT_ERROR

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, geometry, imageio, models, output, regions, transforms
-from .errors import EXIT_INPUT_ERROR, Cancelled, InputError
+from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
 
@@ -99,12 +99,30 @@ def _is_dicom_folder(folder: str) -> bool:
 
 
 def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[str], invert: bool,
-                 force: bool, progress) -> Tuple[sitk.Image, SegmentationResult]:
-    """Read and check one scan and its transform, then segment it."""
-    transform = transforms.read_transform(transform_path, invert=invert)
+                 force: bool, progress, assume_upright: bool = False
+                 ) -> Tuple[sitk.Image, SegmentationResult, "alignment.PoseChoice"]:
+    """Read and check one scan and its transform (estimated when there is none, see
+    :func:`alignment.choose_pose`), then segment it."""
+    from . import alignment
+    if transform_path:   # a broken transform file fails before the scan is read
+        transforms.read_transform(transform_path, invert=invert)
     scan = imageio.read_scan(scan_path)
     imageio.check_ct(scan, force=force, name=os.path.basename(scan_path))
-    return scan, segmenter.segment(scan, transform, progress=progress)
+    pose = alignment.choose_pose(scan, transform_path, invert, assume_upright,
+                                 progress=lambda f, m: progress(0.1 * f, f"pose: {m}"))
+    start = 0.1 if pose.estimate is not None else 0.0
+    result = segmenter.segment(scan, pose.transform,
+                               progress=lambda f, m: progress(start + (1.0 - start) * f, m))
+    return scan, result, pose
+
+
+def pose_line(name: str, pose: "alignment.PoseChoice", written: Optional[str] = None) -> str:
+    """The one line a run prints about the head pose it used."""
+    from . import alignment
+    if pose.estimate is None:
+        return f"{name}: head pose from {'the transform file' if pose.source == 'file' else 'none: taken as upright (--assume-upright)'}"
+    where = f"; written to {written} (check it; --transform wins, --assume-upright skips this)" if written else ""
+    return f"{name}: {alignment.describe(pose.estimate)}{where}"
 
 
 def check_output_folder(path: str) -> None:
@@ -115,6 +133,7 @@ def check_output_folder(path: str) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from . import alignment
     check_output_folder(args.output)
     cases = _inputs(args.scan, args.transform)
     segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
@@ -123,15 +142,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bar = ProgressBar(name)
         try:
             t0 = time.perf_counter()
-            _, result = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
-                                     args.force, bar)
-            files = write_outputs(result, args.output, name)
+            _, result, pose = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
+                                           args.force, bar, args.assume_upright)
+            estimated = name + alignment.ESTIMATED_SUFFIX
+            extra = None
+            if pose.estimate is not None:
+                extra = lambda o: transforms.write_transform(o.path(estimated), pose.transform)  # noqa: E731
+            files = write_outputs(result, args.output, name, extra=extra)
         except InputError as exc:
             if len(cases) == 1:
                 raise
             failed += 1
             print(f"brainlobeseg: {name}: {exc}", file=sys.stderr)
             continue
+        print(pose_line(name, pose, os.path.join(args.output, estimated) if pose.estimate else None))
         print(f"{name}: {result.mode} segmentation in {time.perf_counter() - t0:.1f} s -> "
               + ", ".join(str(f) for f in files))
     if failed:
@@ -188,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     transforms.write_transform(tf_path, case.transform)
     segmenter = Segmenter(args.mode, args.model, args.device)
     t0 = time.perf_counter()
-    scan, result = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
+    scan, result, _ = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
     seconds = time.perf_counter() - t0
     transform = transforms.read_transform(tf_path)
     files = write_outputs(result, str(out), "demo", extra=lambda o: demo_overlay(
@@ -232,9 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment a scan, or a folder of cases (N.nii.gz + N.txt)")
     s.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd), DICOM series folder, or dataset folder")
-    s.add_argument("--transform", help="ITK transform file that turns the head upright (ITK-SNAP)")
+    s.add_argument("--transform", help="ITK transform file that turns the head upright (ITK-SNAP); "
+                                       "without one the head pose is estimated and written as "
+                                       "<case>" + "-upright-estimated.txt")
     s.add_argument("--invert-transform", action="store_true",
                    help="the transform file maps scan -> upright (the other way round)")
+    s.add_argument("--assume-upright", action="store_true",
+                   help="no transform and no estimate: the head is upright in the scan as it is")
     s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     s.add_argument("-o", "--output", required=True, help="output folder")
     _model_options(s)
@@ -283,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", transforms.TransformWarning)
+        warnings.simplefilter("always", InputWarning)
         try:
             code = args.func(args)
         except InputError as exc:
@@ -299,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "(run with --debug for details and please report it)", file=sys.stderr)
             code = EXIT_INTERNAL
         for w in caught:
-            if issubclass(w.category, transforms.TransformWarning):
+            if issubclass(w.category, InputWarning):
                 print(f"brainlobeseg: warning: {w.message}", file=sys.stderr)
     return code
 

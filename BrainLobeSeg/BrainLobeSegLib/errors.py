@@ -31,5 +31,10 @@ class ModelError(InputError):
     """A model folder is missing, tampered with, or does not match this engine."""
 
 
+class InputWarning(UserWarning):
+    """The input is usable but was corrected or looks unusual; front ends show the
+    message as one warning line (the CLI after the command, the panel in its status)."""
+
+
 class Cancelled(BrainLobeSegError):
     """The user pressed Cancel (or the cancel flag was set); nothing was written."""

@@ -14,13 +14,14 @@ import os
 import re
 import struct
 import tempfile
+import warnings
 import zlib
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 
 # A head CT in HU has air near -1000; below this the 1st percentile is not air.
 _AIR_HU_MAX = -500.0
@@ -255,12 +256,15 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
 def _dicom_slice_geometry(image: sitk.Image, reader: sitk.ImageSeriesReader, folder: str) -> sitk.Image:
     """Check and correct the slice geometry ITK derives from a DICOM series.
 
-    ITK assumes evenly spaced slices stacked along the slice normal. A missing slice
-    (uneven gaps) only produces a warning and an averaged spacing, i.e. a silently
-    wrong grid: refused here. A gantry tilt (slices shifted in-plane from one to the
-    next, common in head CT) is returned by ITK as an upright stack, shearing the head:
-    here the slice axis is set to the true step between the slice positions, a
-    non-orthogonal direction matrix that SimpleITK resamples exactly.
+    ITK assumes evenly spaced slices stacked along the slice normal. Uneven gaps (slices
+    left out, or a scanner that varies the table step) only produce an ITK warning and an
+    averaged spacing, i.e. a silently wrong grid: here the slices are interpolated onto a
+    regular grid along their own axis instead, with one warning naming the largest gap
+    (as Slicer's DICOM module and dcm2niix do). A gantry tilt (slices shifted in-plane
+    from one to the next, common in head CT) is returned by ITK as an upright stack,
+    shearing the head: here the slice axis is set to the true step between the slice
+    positions, a non-orthogonal direction matrix that SimpleITK resamples exactly. Only
+    slices that cannot be put in one consistent order along one axis are refused.
     """
     n = image.GetDepth() if image.GetDimension() == 3 else 0
     key = "0020|0032"   # Image Position (Patient) of each slice, in the reader's order
@@ -271,27 +275,58 @@ def _dicom_slice_geometry(image: sitk.Image, reader: sitk.ImageSeriesReader, fol
                         for i in range(n)])
     except ValueError:
         return image
-    steps = np.diff(pos, axis=0)
-    step = steps.mean(axis=0)
-    length = float(np.linalg.norm(step))
-    if pos.shape[1] != 3 or not np.isfinite(pos).all() or length < 1e-3:
+    if pos.shape[1] != 3 or not np.isfinite(pos).all():
         return image
-    deviation = np.linalg.norm(steps - step, axis=1).max()
-    if deviation > max(0.05, 0.02 * length):
-        gaps = np.linalg.norm(steps, axis=1)
-        raise InputError(f"the slices of the DICOM series in {folder} are not evenly spaced "
-                         f"(gaps from {gaps.min():.2f} to {gaps.max():.2f} mm): a slice is missing "
-                         "or the series mixes reconstructions.",
-                         "Export the complete series again, or convert it to NIfTI with a tool "
-                         "that resamples uneven slices (e.g. dcm2niix).")
+    span = pos[-1] - pos[0]
+    length = float(np.linalg.norm(span))
+    if length < 1e-3:
+        return image
+    axis = span / length
+    along = (pos - pos[0]) @ axis                       # slice positions on the axis (mm)
+    across = np.linalg.norm((pos - pos[0]) - along[:, None] * axis, axis=1)
+    gaps = np.diff(along)
+    if gaps.min() <= 1e-3 or across.max() > max(0.5, 0.05 * length / (n - 1)):
+        raise InputError(f"the slices of the DICOM series in {folder} cannot be put in one "
+                         "consistent order along one axis (repeated or out-of-line slice "
+                         "positions): the folder mixes series or reconstructions.",
+                         "Export the one CT series again into its own folder, or convert it to NIfTI.")
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    axis = step / length
     if abs(float(np.dot(axis, direction[:, 2]))) < np.cos(np.radians(0.1)):   # gantry tilt
         direction[:, 2] = axis
-        image.SetDirection(direction.ravel().tolist())
-        image.SetSpacing(tuple(image.GetSpacing()[:2]) + (length,))
-        image.SetOrigin(tuple(pos[0]))
-    return image
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin(tuple(pos[0]))
+    if gaps.max() - gaps.min() <= max(0.05, 0.02 * float(gaps.mean())):
+        image.SetSpacing(tuple(image.GetSpacing()[:2]) + (float(gaps.mean()),))
+        return image
+    return _regular_slices(image, along, folder)
+
+
+def _regular_slices(image: sitk.Image, along: np.ndarray, folder: str) -> sitk.Image:
+    """The slices at positions ``along`` (mm on the slice axis, increasing) interpolated
+    linearly onto a regular grid at their median gap; one :class:`InputWarning`."""
+    gaps = np.diff(along)
+    step = float(np.median(gaps))
+    count = int(np.floor(along[-1] / step + 1e-6)) + 1
+    targets = np.arange(count) * step
+    upper = np.clip(np.searchsorted(along, targets, side="right"), 1, len(along) - 1)
+    weight = np.clip((targets - along[upper - 1]) / (along[upper] - along[upper - 1]), 0.0, 1.0)
+    src = sitk.GetArrayViewFromImage(image)
+    out = np.empty((count,) + src.shape[1:], np.float32)
+    for k in range(count):   # slice by slice: no second full-size float copy
+        out[k] = (1.0 - weight[k]) * src[upper[k] - 1] + weight[k] * src[upper[k]]
+    if np.issubdtype(src.dtype, np.integer):
+        out = np.rint(out).astype(src.dtype)
+    regular = sitk.GetImageFromArray(out)
+    regular.SetOrigin(image.GetOrigin())
+    regular.SetDirection(image.GetDirection())
+    regular.SetSpacing(tuple(image.GetSpacing()[:2]) + (step,))
+    k = int(np.argmax(gaps))
+    warnings.warn(f"the slices of the DICOM series in {os.path.basename(os.path.normpath(folder))} are "
+                  f"unevenly spaced (gaps {gaps.min():.2f}-{gaps.max():.2f} mm, the largest between "
+                  f"slices {k + 1} and {k + 2}); they were interpolated onto a regular grid of "
+                  f"{count} slices at {step:.2f} mm. Regions in the largest gaps rest on "
+                  "interpolated data.", InputWarning, stacklevel=3)
+    return regular
 
 
 def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the scan") -> None:

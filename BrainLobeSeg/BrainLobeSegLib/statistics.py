@@ -402,14 +402,9 @@ def _write_text_atomic(text: str, path: str) -> None:
 
 
 def _pose(args: argparse.Namespace, scan: sitk.Image):
-    """The transform R for a command: from the file, estimated (``--auto-align``) or identity."""
+    """The transform R for ``save-case``: from the file, or identity (the dataset layout's
+    "no N.txt"). Segmenting commands use :func:`alignment.choose_pose` instead."""
     from . import transforms
-    if getattr(args, "auto_align", False):
-        if args.transform:
-            raise InputError("--auto-align and --transform exclude each other.",
-                             "Give the transform file, or let --auto-align estimate it.")
-        from .alignment import estimate_pose
-        return estimate_pose(scan).transform, True
     return transforms.read_transform(args.transform, invert=args.invert_transform), False
 
 
@@ -421,24 +416,37 @@ def cmd_stats(args: argparse.Namespace) -> int:
     settings = dict(window_hu=tuple(args.window), threshold_hu=args.threshold)
     with output.OutputSet(args.output) as out:
         if args.labels:
-            if args.auto_align:
-                raise InputError("--auto-align has no use with --labels (nothing is segmented).",
-                                 "Leave it out.")
+            if args.auto_align or args.assume_upright:
+                raise InputError("--auto-align and --assume-upright have no use with --labels "
+                                 "(nothing is segmented).", "Leave them out.")
             labels = imageio.read_scan(args.labels)
             report = region_statistics(scan, labels, **settings)
             report.extra["labels"] = os.path.abspath(args.labels)
         else:
-            transform, estimated = _pose(args, scan)
+            from .alignment import ESTIMATED_SUFFIX, choose_pose
+            if args.auto_align and args.transform:
+                raise InputError("--auto-align and --transform exclude each other.",
+                                 "Give the transform file, or leave it out to estimate the pose.")
+            bar = cli.ProgressBar(case)
+            pose = choose_pose(scan, args.transform, args.invert_transform, args.assume_upright,
+                               progress=lambda f, m: bar(0.1 * f, f"pose: {m}"))
+            transform = pose.transform
             segmenter = cli.Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
-            result = segmenter.segment(scan, transform, progress=cli.ProgressBar(case),
+            result = segmenter.segment(scan, transform, progress=lambda f, m: bar(0.1 + 0.9 * f, m),
                                        keep_probabilities=True)
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
             output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects.nii.gz"))
-            if estimated:
-                transforms.write_transform(out.path(f"{case}-upright.txt"), transform)
-                report.extra["transform"] = "estimated by --auto-align (check it)"
+            report.extra["transform"] = pose.source
+            if pose.estimate is not None:
+                written = f"{case}{ESTIMATED_SUFFIX}"
+                transforms.write_transform(out.path(written), transform)
+                report.extra["transform"] = f"estimated ({written}; check it)"
+                report.extra["estimated_pose"] = {"angle_deg": round(pose.estimate.angle_deg, 2),
+                                                  "pitch_deg": round(pose.estimate.pitch_deg, 2),
+                                                  "match": round(pose.estimate.match, 3)}
+                print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(args.scan)
         _write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
         _write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
@@ -488,7 +496,10 @@ def register_cli(sub) -> None:
     s.add_argument("--invert-transform", action="store_true",
                    help="the transform file maps scan -> upright (the other way round)")
     s.add_argument("--auto-align", action="store_true",
-                   help="no transform file: estimate the head pose and write it as <case>-upright.txt")
+                   help="the default without --transform (kept for old scripts): the head pose is "
+                        "estimated and written as <case>-upright-estimated.txt")
+    s.add_argument("--assume-upright", action="store_true",
+                   help="no transform and no estimate: the head is upright in the scan as it is")
     s.add_argument("--labels", help="ASPECTS labels on the scan grid: skip segmentation")
     s.add_argument("--threshold", type=float, default=DEFAULT_DROP_THRESHOLD_HU,
                    help=f"flag a region this many HU darker than its mirror (default {DEFAULT_DROP_THRESHOLD_HU})")
@@ -513,4 +524,4 @@ def register_cli(sub) -> None:
     c.add_argument("--name", help="case name (default: the next free number)")
     c.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     c.add_argument("--dataset", required=True, help="dataset folder (created if missing)")
-    c.set_defaults(func=cmd_save_case, auto_align=False)
+    c.set_defaults(func=cmd_save_case)

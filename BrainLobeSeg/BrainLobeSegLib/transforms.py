@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 
 #: LPS <-> RAS flip (x and y change sign); its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -50,7 +50,7 @@ _SCALE_MAX = 10.0
 _TRANSLATION_MAX_MM = 1e4
 
 
-class TransformWarning(UserWarning):
+class TransformWarning(InputWarning):
     """The transform loads but looks unusual (scaling, shear, very large rotation)."""
 
 
