@@ -75,12 +75,14 @@ class TransformSource(enum.Enum):
     """Where the upright transform R comes from (see BrainLobeSegLib.slicer_logic)."""
 
     PARENT = "parent"
+    ESTIMATE = "estimate"
     NODE = "node"
     NONE = "none"
 
     def label(self) -> str:
         return {
             "parent": _("The CT's own transform (as displayed)"),
+            "estimate": _("Automatic estimate (added as a transform node to check)"),
             "node": _("Transform node below"),
             "none": _("None: the CT is already upright"),
         }[self.value]
@@ -162,6 +164,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastUncertainty = None     # its uncertainty volume node (None in 3D mode)
         self._statisticsTable = None     # the one table node of the last result
         self._timer = None
+        self._sourceChosenFor = None     # the CT the transform choice was defaulted for
 
     # -- set-up and life cycle
 
@@ -257,6 +260,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentButton.enabled = False
             self.ui.estimateTransformButton.enabled = False
             return
+        self._defaultTransformSource(p)
         if self.ui.modelPathLineEdit.currentPath != p.modelFolder:
             wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
             self.ui.modelPathLineEdit.currentPath = p.modelFolder
@@ -280,6 +284,20 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statisticsButton.enabled = haveResult and self._inScene(self._lastVolume)
         self.ui.saveCaseButton.enabled = (haveResult and self._lastJob is not None
                                           and self._inScene(self._lastJob.volume_node))
+
+    def _defaultTransformSource(self, p) -> None:
+        """When another CT is selected, offer the automatic estimate for a CT without a
+        transform, and the CT's own transform otherwise. Only the panel's choice changes;
+        the estimate itself is made when the user presses Segment (or Estimate)."""
+        volume = p.inputVolume
+        if volume is self._sourceChosenFor:
+            return
+        self._sourceChosenFor = volume
+        if volume is None or p.transformSource not in (TransformSource.PARENT, TransformSource.ESTIMATE):
+            return
+        wanted = TransformSource.PARENT if volume.GetParentTransformNode() else TransformSource.ESTIMATE
+        if p.transformSource != wanted:
+            p.transformSource = wanted   # modifies the parameter node: _updateGUI runs again
 
     @staticmethod
     def _inScene(node) -> bool:
@@ -316,6 +334,10 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p.transformSource == TransformSource.NONE:
             return _("The CT is segmented as it is: it must already be upright.")
+        if p.transformSource == TransformSource.ESTIMATE:
+            return _("The head pose is estimated when you press Segment and added as a new "
+                     "transform node, which you can check and correct (or press 'Estimate "
+                     "upright transform' first). The CT itself is not moved.")
         if p.transformSource == TransformSource.PARENT:
             node = p.inputVolume.GetParentTransformNode() if p.inputVolume else None
             if node is None:
@@ -328,6 +350,12 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p.transformNode.IsTransformToWorldLinear():
             return _("'{name}' is not a linear transform and cannot be used.").format(
                 name=p.transformNode.GetName())
+        angle = p.transformNode.GetAttribute("BrainLobeSeg.angleDeg")
+        if p.transformNode.GetAttribute("BrainLobeSeg.estimated") and angle:
+            return _("'{name}' is an automatic estimate: it turns the head by {angle} degrees "
+                     "(pitch {pitch}). Check it: apply it to the CT in the Data module.").format(
+                name=p.transformNode.GetName(), angle=angle,
+                pitch=p.transformNode.GetAttribute("BrainLobeSeg.pitchDeg") or "?")
         return _("'{name}' maps the upright head onto the CT{inverted}.").format(
             name=p.transformNode.GetName(),
             inverted=_(" (inverted)") if p.invertTransform else "")
@@ -413,13 +441,15 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       name=output.GetName()),
                 windowTitle=_("Replace segmentation")):
             return
-        try:
-            job = self.logic.core.prepare(
-                p.inputVolume, p.transformSource.value, p.transformNode, p.invertTransform,
-                p.mode.value, p.device.value, p.modelFolder or None)
-        except InputError as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle=_("Cannot segment"))
+        ok, job = self._busy(_("Cannot segment"), lambda: self.logic.core.prepare(
+            p.inputVolume, p.transformSource.value, p.transformNode, p.invertTransform,
+            p.mode.value, p.device.value, p.modelFolder or None))
+        if not ok:
             return
+        if job.estimated_node is not None:
+            # later runs reuse (and the user can inspect) the node this run made
+            p.transformNode = job.estimated_node
+            p.transformSource = TransformSource.NODE
         if job.warnings and not slicer.util.confirmOkCancelDisplay(
                 _("The transform looks unusual:\n\n{warnings}\n\nSegment anyway?").format(
                     warnings="\n".join(job.warnings)), windowTitle=_("Check the transform")):

@@ -56,7 +56,7 @@ CancelFn = Callable[[], bool]
 
 #: Where ``R`` comes from: the volume's own parent transform, a chosen transform node,
 #: or nowhere (identity: the scan is taken as upright).
-TRANSFORM_SOURCES = ("parent", "node", "none")
+TRANSFORM_SOURCES = ("parent", "node", "none", "estimate")
 
 #: Segment IDs, as in the ``.seg.nrrd`` files :mod:`output` writes.
 SEGMENT_ID_FORMAT = "Segment_{label}"
@@ -236,12 +236,14 @@ def resolve_transform(volume_node, source: str = "parent", transform_node=None,
       upright before pressing Segment.
     - ``node``: any linear transform node, applied to the volume or not.
     - ``none``: identity; the scan is taken as upright.
+    - ``estimate`` is not resolved here: it adds a node, which only
+      :meth:`BrainLobeSegLogic.prepare` does (then resolves it as ``node``).
 
     ``invert`` inverts whichever transform is chosen (never guessed).
     """
-    if source not in TRANSFORM_SOURCES:
+    if source not in TRANSFORM_SOURCES or source == "estimate":
         raise InputError(f"unknown transform choice {source!r}.",
-                         f"Use one of {', '.join(TRANSFORM_SOURCES)}.")
+                         f"Use one of {', '.join(s for s in TRANSFORM_SOURCES if s != 'estimate')}.")
     if source == "parent":
         transform_node = volume_node.GetParentTransformNode() if volume_node is not None else None
         if transform_node is None:
@@ -387,6 +389,7 @@ class SegmentationJob:
     ijk_to_ras: np.ndarray = field(default_factory=lambda: np.eye(4))
     dimensions: Tuple[int, int, int] = (0, 0, 0)
     warnings: List[str] = field(default_factory=list)
+    estimated_node: Any = None       # the transform node an automatic estimate added
 
     def without_scan(self) -> "SegmentationJob":
         """A copy without the voxel copy, for keeping after the run.
@@ -420,19 +423,42 @@ class BrainLobeSegLogic:
 
         Transform warnings (mirroring, scaling) are collected in ``job.warnings`` for the
         caller to show, instead of going to a console nobody reads.
+
+        ``transform_source="estimate"`` (the panel's default for a CT without a transform)
+        first adds the automatic estimate as a new transform node
+        (:meth:`estimate_upright_transform`), so the user can inspect and correct what the
+        run used, and then uses that node; ``job.estimated_node`` is set. Nothing else in
+        the scene changes, and the CT is not moved under the node.
         """
         _check_volume(volume_node)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", transforms.TransformWarning)
-            R, description = resolve_transform(volume_node, transform_source, transform_node, invert)
-        scan = image_from_volume_node(volume_node)
+        estimated_node = None
+        if transform_source == "estimate":
+            if invert:
+                raise InputError("an automatic estimate cannot be inverted.",
+                                 "Untick 'Invert transform', or choose a transform node.")
+            estimated_node = self.estimate_upright_transform(volume_node)
+            transform_source, transform_node = "node", estimated_node
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", transforms.TransformWarning)
+                R, description = resolve_transform(volume_node, transform_source, transform_node, invert)
+            scan = image_from_volume_node(volume_node)
+        except Exception:
+            if estimated_node is not None:   # a failed start leaves the scene as it was
+                estimated_node.GetScene().RemoveNode(estimated_node)
+            raise
+        if estimated_node is not None:
+            description = (f"the automatic estimate {_transform_name(estimated_node)} (turns the "
+                           f"head by {estimated_node.GetAttribute('BrainLobeSeg.angleDeg')} degrees; "
+                           "check it)")
         return SegmentationJob(
             volume_node=volume_node, scan=scan, transform=R, transform_description=description,
             mode=mode, device=device, model_dir=Path(model_dir) if model_dir else None,
             fusion=fusion, ijk_to_ras=ijk_to_ras(volume_node),
             dimensions=tuple(volume_node.GetImageData().GetDimensions()),
             warnings=[str(w.message) for w in caught
-                      if issubclass(w.category, transforms.TransformWarning)])
+                      if issubclass(w.category, transforms.TransformWarning)],
+            estimated_node=estimated_node)
 
     # -- step 2: any thread
     def segmenter(self, mode: str, model_dir: Optional[Path], device: str, fusion: str = "mean"):
@@ -559,8 +585,8 @@ class BrainLobeSegLogic:
                                    name: Optional[str] = None):
         """A new linear transform node with an automatic estimate of ``R`` for the CT.
 
-        :func:`alignment.estimate_pose` finds the mid-sagittal plane and the pitch on the
-        scan as acquired (the volume's own geometry, its parent transform ignored, like
+        :func:`alignment.estimate_pose` finds the mid-sagittal plane and registers the
+        bundled upright reference head (the models' frame) to the scan as acquired (the volume's own geometry, its parent transform ignored, like
         :meth:`prepare`), so the node is meant to be chosen as the transform node, or
         applied to the CT *instead of* any transform it has. The node follows the same
         convention as a loaded ITK-SNAP file (:func:`add_upright_transform_node`). It is
@@ -578,6 +604,8 @@ class BrainLobeSegLogic:
             scene, estimate.transform, name or f"{volume_node.GetName()} upright (estimated)")
         node.SetAttribute("BrainLobeSeg.estimated", ESTIMATE_NOTE)
         node.SetAttribute("BrainLobeSeg.angleDeg", f"{estimate.angle_deg:.1f}")
+        node.SetAttribute("BrainLobeSeg.pitchDeg", f"{estimate.pitch_deg:.1f}")
+        node.SetAttribute("BrainLobeSeg.match", f"{estimate.match:.2f}")
         node.SetAttribute("BrainLobeSeg.symmetryRmseHU", f"{estimate.symmetry_rmse:.1f}")
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID() or "")
         return node
