@@ -35,8 +35,29 @@ Per case ``i`` (generator seeded from ``(seed, i)``, so any case can be remade a
 5. Labels in the upright layout on the scan grid: ``labels(u) = atlas(D(u))``, so
    ``sitk.Resample(ct, ct, R, sitk.sitkLinear, -1024)`` lies on them (DESIGN.md s. 2).
 
-A ``synth.json`` manifest (sources, licences, options, per-case parameters) is written
-next to the cases; ``training export`` copies it into the model card.
+Profiles (``--profile``): the steps above are **v1**, the first generator, kept draw for
+draw (:func:`draw_params`, one generator per case) so v1 datasets are remade
+bit-identically. **v2** (the default) draws each group of parameters from its own
+generator seeded from ``(seed, i, group)`` (:func:`case_streams`) and widens:
+
+- pose: pitch (x angle, about the left-right axis) up to +-30 degrees, roll and yaw
+  (y, z) up to +-15 (``--max-pitch``, ``--max-roll-yaw``; v1 honours them too);
+- field of view (:class:`FovParams`), in the scan frame like a scanner's scan range:
+  the first slice at the foramen magnum (``base``, 40 %), as low as the template goes
+  with face and upper neck (``neck``, 30 %; the template ends at MNI z -72, so the
+  lowest slices of a tilted head show its oblique cut), or at the orbit roofs +-5 mm
+  (``orbits``, 30 %; face cut off); the top of the head cut by 0-30 mm
+  (``--max-vertex-cut``); the head off-centre in-plane as in v1;
+- slices 0.6-6 mm thick, and in 35 % of cases overlapping reconstructions (slice
+  spacing 0.5-0.9 x the thickness, at least 0.5 mm), averaged exactly over each
+  slice's thickness (:func:`thickness_average`);
+- anisotropic scaling 0.88-1.12 per axis (v1: one factor 0.9-1.1 x 0.97-1.03);
+- labels only where the deformed intracranial prior (grey + white + CSF) is above 0.5
+  and where their anatomy ``R u`` was scanned: no label outside the field of view.
+
+A ``synth.json`` manifest (sources, licences, profile and its ranges, options,
+per-case parameters) is written next to the cases; ``training export`` copies it into
+the model card.
 """
 
 from __future__ import annotations
@@ -47,9 +68,9 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -85,6 +106,54 @@ FIELD_SPACING_MM = 6.0       # node spacing of the displacement field
 WORK_SPACING_MM = 1.0        # the ct is rendered at this (or the scan's, if coarser)
 UPRIGHT_SPACING_MM = 1.5     # the deformed HU volume (the template itself is 2 mm)
 MARGIN_MM = 14.0             # skull and scalp around the intracranial space
+# v2 field-of-view landmarks (MNI LPS mm): the orbit roofs (floor of the anterior cranial
+# fossa above the eyes, measured on the tissue maps: lowest intracranial z at x = +-30,
+# y = 40-50 is -22..-24).
+ORBIT_ROOFS_MNI = np.array([[30.0, -45.0, -24.0], [-30.0, -45.0, -24.0]])
+ICV_THRESHOLD = 0.5          # grey + white + CSF prior above this is intracranial
+STREAMS = ("pose", "anatomy", "scanner", "pathology", "texture")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The ranges one synthesis profile draws from (written to synth.json's top level).
+
+    ``v1`` is the first generator: its cases are drawn by :func:`draw_params` from one
+    generator in a fixed order, so they can be remade bit-identically; the only fields
+    of this class it honours are the pose limits and ``slice_mm``. ``v2`` draws every
+    group of parameters from its own generator (:data:`STREAMS`), so adding a draw to
+    one group leaves the other groups of a case unchanged.
+    """
+
+    name: str
+    max_pitch_deg: float             # rotation about the left-right axis (x angle)
+    max_roll_yaw_deg: float          # rotations about the y and z axes
+    slice_mm: Tuple[float, float]    # slice thickness
+    fov_modes: Tuple[Tuple[str, float], ...] = (("base", 1.0),)   # (mode, probability)
+    max_vertex_cut_mm: float = 0.0
+    overlap_probability: float = 0.0           # slice spacing < thickness
+    overlap_spacing: Tuple[float, float] = (1.0, 1.0)   # spacing / thickness when overlapping
+    min_slice_spacing_mm: float = 0.5
+    inplane_spacing_512: Tuple[float, float] = INPLANE_SPACING_512
+    scale: Tuple[float, float] = SCALE_RANGE   # v1: one global factor x 0.97-1.03 per axis
+    clip_labels: bool = False                  # labels on the intracranial space only
+
+
+FOV_MODES = ("base", "neck", "orbits")
+PROFILES: Dict[str, Profile] = {
+    "v1": Profile("v1", MAX_TILT_DEG, MAX_TILT_DEG, (1.0, 5.0)),
+    "v2": Profile("v2", 30.0, 15.0, (0.6, 6.0),
+                  fov_modes=(("base", 0.4), ("neck", 0.3), ("orbits", 0.3)), max_vertex_cut_mm=30.0,
+                  overlap_probability=0.35, overlap_spacing=(0.5, 0.9), scale=(0.88, 1.12),
+                  clip_labels=True),
+}
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """A named profile with some ranges replaced (None values are ignored)."""
+    if name not in PROFILES:
+        raise InputError(f"unknown synthesis profile {name!r}.", f"Use one of {', '.join(PROFILES)}.")
+    return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def cormack_to_hu(c: np.ndarray) -> np.ndarray:
@@ -119,6 +188,8 @@ class Atlas:
     head_points: np.ndarray       # (n, 3) LPS points of the head, skull base upwards
     brain_points: np.ndarray      # (n, 3) intracranial points
     label_points: np.ndarray      # (n, 3) labelled points
+    head_points_all: np.ndarray   # (n, 3) head points including those below the skull base
+    icv: sitk.Image               # grey + white + CSF prior on the template grid (float32)
 
 
 def _read(path: Path, what: str) -> sitk.Image:
@@ -202,6 +273,7 @@ def load_atlas(atlas_dir: str) -> Atlas:
     centre = head_pts.mean(axis=0)
     lo, hi = head_pts.min(0), head_pts.max(0)
     corners = np.array([[(lo, hi)[c][a] for a, c in enumerate(idx)] for idx in np.ndindex(2, 2, 2)])
+    all_pts = head_pts[:: max(1, len(head_pts) // 20000)]
     head_pts = head_pts[head_pts[:, 2] >= SKULL_BASE_MNI_Z]
     lab_arr = sitk.GetArrayViewFromImage(labels) > 0
     if not lab_arr.any():
@@ -210,14 +282,46 @@ def load_atlas(atlas_dir: str) -> Atlas:
                  template_ref=template, labels=labels, centre=centre, head_box=corners,
                  head_points=head_pts[:: max(1, len(head_pts) // 20000)],
                  brain_points=_physical_points(template, (grey + white + csf) > 0.5, 1)[::4],
-                 label_points=_physical_points(labels, lab_arr, 2))
+                 label_points=_physical_points(labels, lab_arr, 2), head_points_all=all_pts,
+                 icv=_like(grey + white + csf, template))
+
+
+def _like(array: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    """``array`` (z, y, x) as a float32 image on the grid of ``ref``."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    img.CopyInformation(ref)
+    return img
 
 
 # ----------------------------------------------------------------------------- parameters
 
 @dataclass
+class FovParams:
+    """v2 field of view of one case: slices are axial planes of the scan (tilted head).
+
+    ``mode``: ``base`` starts at the lowest head point above the foramen magnum plane (as
+    v1), ``neck`` at the lowest head point of the template (face, chin and upper neck as
+    far as the template reaches, MNI z -72), ``orbits`` at the orbit roofs
+    (:data:`ORBIT_ROOFS_MNI`) plus ``orbit_jitter_mm``, so the face is cut off. The top
+    is the highest head point minus ``vertex_cut_mm``. ``z_first_mm``/``z_last_mm``
+    (scan LPS z of the first and last slice centres) are filled in by the planner.
+    """
+
+    mode: str
+    orbit_jitter_mm: float
+    vertex_cut_mm: float
+    z_first_mm: Optional[float] = None
+    z_last_mm: Optional[float] = None
+
+
+@dataclass
 class CaseParams:
-    """Everything drawn for one case (recorded in synth.json)."""
+    """Everything drawn for one case (recorded in synth.json).
+
+    The fields up to ``offset_frac`` are v1's, in v1's drawing order; v2 keeps their
+    meaning (``slice_mm`` is the slice thickness, ``angles_deg`` (pitch, roll, yaw)) and
+    adds the fields after them, which stay None in v1 cases.
+    """
 
     scale: Tuple[float, float, float]
     shift_mm: Tuple[float, float, float]
@@ -235,6 +339,14 @@ class CaseParams:
     noise_hu: float
     blur_mm: float
     offset_frac: Tuple[float, float]
+    profile: str = "v1"
+    slice_spacing_mm: Optional[float] = None   # v2: distance of slice centres (<= slice_mm)
+    fov: Optional[FovParams] = None
+
+
+def params_json(p: CaseParams) -> Dict[str, Any]:
+    """The case's entry in synth.json: every drawn value, fields unused by its profile left out."""
+    return {k: v for k, v in asdict(p).items() if v is not None}
 
 
 def _warp_modes(rng: np.random.Generator, amplitude: float, n: int = 4) -> List[List[float]]:
@@ -259,8 +371,13 @@ def _warp_modes(rng: np.random.Generator, amplitude: float, n: int = 4) -> List[
     return modes
 
 
-def draw_params(rng: np.random.Generator, inplane: int, slice_range: Tuple[float, float]) -> CaseParams:
-    """Draw one case's parameters (the only place randomness enters)."""
+def draw_params(rng: np.random.Generator, inplane: int, slice_range: Tuple[float, float],
+                max_angles_deg: Tuple[float, float, float] = (MAX_TILT_DEG,) * 3) -> CaseParams:
+    """Draw one v1 case's parameters (with the render's noise, the only randomness of v1).
+
+    Kept draw for draw as the first generator made them, so v1 datasets can be remade
+    bit-identically; ``max_angles_deg`` only changes the bounds of the three angle draws.
+    """
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
     s = u(*SCALE_RANGE)
     grey = u(33.0, 42.0)
@@ -270,12 +387,58 @@ def draw_params(rng: np.random.Generator, inplane: int, slice_range: Tuple[float
     warp = u(0.0, 4.0)
     return CaseParams(
         scale=scale, shift_mm=shift, warp_mm=warp, warp_modes=_warp_modes(rng, warp),  # type: ignore[arg-type]
-        angles_deg=tuple(u(-MAX_TILT_DEG, MAX_TILT_DEG) for _ in range(3)),  # type: ignore[arg-type]
+        angles_deg=tuple(u(-a, a) for a in max_angles_deg),  # type: ignore[arg-type]
         slice_mm=slice_mm, spacing_mm=u(*INPLANE_SPACING_512) * 512.0 / inplane,
         grey_hu=grey, white_hu=min(u(22.0, 30.0), grey - 4.0), csf_hu=u(0.0, 12.0),
         bone_hu=u(900.0, 1600.0), scalp_hu=u(20.0, 50.0), nuclei_gain=u(0.4, 0.9),
         noise_hu=u(2.5, 5.0) * math.sqrt(5.0 / max(slice_mm, 0.5)), blur_mm=u(0.2, 0.8),
         offset_frac=(u(-0.8, 0.8), u(-0.8, 0.8)))
+
+
+def case_streams(seed: int, index: int) -> Dict[str, np.random.Generator]:
+    """v2: one generator per parameter group (:data:`STREAMS`), all from ``(seed, index)``."""
+    return {name: np.random.default_rng([int(seed), int(index), k + 1]) for k, name in enumerate(STREAMS)}
+
+
+def _uniform(rng: np.random.Generator):
+    return lambda lo, hi: float(rng.uniform(lo, hi))
+
+
+def draw_pose_v2(rng: np.random.Generator, inplane: int, prof: Profile) -> Dict[str, Any]:
+    """v2 pose, field of view and scan geometry (stream ``pose``)."""
+    u = _uniform(rng)
+    angles = (u(-prof.max_pitch_deg, prof.max_pitch_deg), u(-prof.max_roll_yaw_deg, prof.max_roll_yaw_deg),
+              u(-prof.max_roll_yaw_deg, prof.max_roll_yaw_deg))
+    modes = [m for m, _ in prof.fov_modes]
+    weights = np.array([w for _, w in prof.fov_modes], dtype=np.float64)
+    mode = modes[int(rng.choice(len(modes), p=weights / weights.sum()))]
+    fov = FovParams(mode=mode, orbit_jitter_mm=u(-5.0, 5.0), vertex_cut_mm=u(0.0, prof.max_vertex_cut_mm))
+    thickness = round(u(*prof.slice_mm), 2)
+    overlap = bool(rng.random() < prof.overlap_probability)
+    ratio = u(*prof.overlap_spacing)
+    spacing_z = min(thickness, max(prof.min_slice_spacing_mm, round(thickness * ratio, 2))) if overlap else thickness
+    return dict(angles_deg=angles, fov=fov, slice_mm=thickness, slice_spacing_mm=spacing_z,
+                spacing_mm=u(*prof.inplane_spacing_512) * 512.0 / inplane,
+                offset_frac=(u(-0.8, 0.8), u(-0.8, 0.8)))
+
+
+def draw_params_v2(seed: int, index: int, inplane: int, prof: Profile) -> CaseParams:
+    """Draw one v2 case's parameters, each group from its own stream."""
+    streams = case_streams(seed, index)
+    pose = draw_pose_v2(streams["pose"], inplane, prof)
+    u = _uniform(streams["anatomy"])
+    scale = tuple(u(*prof.scale) for _ in range(3))
+    shift = tuple(u(-15.0, 15.0) for _ in range(3))
+    warp = u(0.0, 4.0)
+    modes = _warp_modes(streams["anatomy"], warp)
+    u = _uniform(streams["scanner"])
+    grey = u(33.0, 42.0)
+    return CaseParams(
+        scale=scale, shift_mm=shift, warp_mm=warp, warp_modes=modes,  # type: ignore[arg-type]
+        grey_hu=grey, white_hu=min(u(22.0, 30.0), grey - 4.0), csf_hu=u(0.0, 12.0),
+        bone_hu=u(900.0, 1600.0), scalp_hu=u(20.0, 50.0), nuclei_gain=u(0.4, 0.9),
+        noise_hu=u(2.5, 5.0) * math.sqrt(5.0 / max(pose["slice_mm"], 0.5)), blur_mm=u(0.2, 0.8),
+        profile=prof.name, **pose)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -326,7 +489,8 @@ class ScanGrid:
     spacing: Tuple[float, float, float]
     size: Tuple[int, int, int]
     work_spacing: float            # in-plane spacing of the work grid
-    sub: int                       # work slices per scan slice (partial-volume average)
+    sub: int                       # work slices per slice thickness (partial-volume average)
+    thickness: Optional[float] = None   # v2: slice thickness (spacing[2] is the slice spacing)
 
     def reference(self) -> sitk.Image:
         ref = sitk.Image([int(n) for n in self.size], sitk.sitkUInt8)
@@ -341,6 +505,23 @@ class ScanGrid:
         n = [int(math.ceil((self.size[a] - 1) * self.spacing[a] / h)) + 1 for a in range(2)]
         ref = sitk.Image(n[0], n[1], self.size[2] * self.sub, sitk.sitkUInt8)
         dz = t / self.sub
+        ref.SetOrigin((float(self.origin[0]), float(self.origin[1]), float(self.origin[2] - t / 2 + dz / 2)))
+        ref.SetSpacing((h, h, dz))
+        return ref
+
+
+    def work_reference_v2(self) -> sitk.Image:
+        """v2: same in-plane extent at ``work_spacing``; thin planes ``thickness / sub``
+        apart from the lower edge of the first slice to the upper edge of the last.
+
+        Each plane stands for the slab of its thickness; slices, which may overlap, are
+        averaged from the planes by :func:`thickness_average`.
+        """
+        h, t, s = self.work_spacing, float(self.thickness or self.spacing[2]), self.spacing[2]
+        n = [int(math.ceil((self.size[a] - 1) * self.spacing[a] / h)) + 1 for a in range(2)]
+        dz = t / self.sub
+        planes = int(math.ceil(((self.size[2] - 1) * s + t) / dz - 1e-6))
+        ref = sitk.Image(n[0], n[1], planes, sitk.sitkUInt8)
         ref.SetOrigin((float(self.origin[0]), float(self.origin[1]), float(self.origin[2] - t / 2 + dz / 2)))
         ref.SetSpacing((h, h, dz))
         return ref
@@ -368,6 +549,45 @@ def plan_grid(atlas: Atlas, warp: Warp, R: sitk.Transform, p: CaseParams, inplan
     work = max(WORK_SPACING_MM, spacing)
     return ScanGrid(origin, (spacing, spacing, t), (inplane, inplane, nz), work,
                     max(1, int(math.ceil(t / max(WORK_SPACING_MM, min(work, 2.0)) - 1e-6))))
+
+
+def fov_z_range(atlas: Atlas, warp: Warp, to_scan, fov: FovParams) -> Tuple[float, float]:
+    """Scan z (LPS mm) of the first and last slice centre of a v2 field of view."""
+    head = to_scan(warp.approx_to_upright(atlas.head_points_all))
+    top = float(head[:, 2].max()) - fov.vertex_cut_mm
+    if fov.mode == "neck":
+        bottom = float(head[:, 2].min())
+    elif fov.mode == "orbits":
+        bottom = float(to_scan(warp.approx_to_upright(ORBIT_ROOFS_MNI))[:, 2].mean()) + fov.orbit_jitter_mm
+    else:
+        bottom = float(head[atlas.head_points_all[:, 2] >= SKULL_BASE_MNI_Z, 2].min())
+    return bottom, max(top, bottom + 20.0)
+
+
+def plan_grid_v2(atlas: Atlas, warp: Warp, R: sitk.Transform, p: CaseParams, inplane: int) -> ScanGrid:
+    """v2 scan grid: slices ``slice_spacing_mm`` apart over the drawn field of view (in the
+    scan frame, like a scanner's scan range); in-plane it holds the head of those slices,
+    the brain and the upright labels, off-centre by ``offset_frac``."""
+    assert p.fov is not None and p.slice_spacing_mm is not None
+    m = transforms.matrix_of(R)
+    to_scan = lambda pts: pts @ m[:3, :3].T + m[:3, 3]  # noqa: E731
+    bottom, top = fov_z_range(atlas, warp, to_scan, p.fov)
+    head = to_scan(warp.approx_to_upright(atlas.head_points_all))
+    head = head[(head[:, 2] >= bottom) & (head[:, 2] <= top)]
+    brain = to_scan(warp.approx_to_upright(atlas.brain_points))
+    labels_up = warp.approx_to_upright(atlas.label_points)
+    lo = np.minimum(np.vstack([brain[:, :2], labels_up[:, :2]]).min(0) - MARGIN_MM, head[:, :2].min(0) - 4.0)
+    hi = np.maximum(np.vstack([brain[:, :2], labels_up[:, :2]]).max(0) + MARGIN_MM, head[:, :2].max(0) + 4.0)
+    spacing = max(p.spacing_mm, float((hi - lo).max()) / (inplane - 1))
+    fov = spacing * (inplane - 1)
+    centre = 0.5 * (lo + hi) + np.array(p.offset_frac) * 0.5 * np.maximum(fov - (hi - lo), 0.0)
+    s, t = p.slice_spacing_mm, p.slice_mm
+    nz = int(math.ceil((top - bottom) / s - 1e-6)) + 1
+    origin = np.array([centre[0] - fov / 2, centre[1] - fov / 2, bottom])
+    p.fov.z_first_mm, p.fov.z_last_mm = bottom, bottom + (nz - 1) * s
+    work = max(WORK_SPACING_MM, spacing)
+    return ScanGrid(origin, (spacing, spacing, s), (inplane, inplane, nz), work,
+                    max(1, int(math.ceil(t / max(WORK_SPACING_MM, min(work, 2.0)) - 1e-6))), thickness=t)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -426,6 +646,11 @@ def render_ct(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: CasePar
         slab = ndimage.gaussian_filter(slab, (0.0, sigma, sigma), truncate=3.0)
     tissue = slab > AIR_HU + 24.0
     slab[tissue] += rng.standard_normal(int(tissue.sum()), dtype=np.float32) * np.float32(p.noise_hu)
+    return slab_to_scan(slab, grid)
+
+
+def slab_to_scan(slab: np.ndarray, grid: ScanGrid) -> sitk.Image:
+    """Slices on the work grid in-plane (float32 HU, changed in place) -> the int16 scan."""
     np.clip(np.rint(slab, out=slab), AIR_HU, 3071, out=slab)
     slab_img = sitk.GetImageFromArray(slab)
     slab_img.SetOrigin(tuple(float(v) for v in grid.origin))
@@ -437,13 +662,67 @@ def render_ct(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: CasePar
     return sitk.Cast(ct, sitk.sitkInt16) + int(AIR_HU)
 
 
+def thickness_average(planes: np.ndarray, dz: float, spacing: float, thickness: float,
+                      n: int) -> np.ndarray:
+    """``n`` slices ``spacing`` apart, each the mean of ``planes`` (``dz`` thick, plane 0
+    starting at the lower edge of slice 0) over its ``thickness``: a box slice profile,
+    exact for overlapping reconstructions (spacing < thickness) too."""
+    out = np.empty((n,) + planes.shape[1:], np.float32)
+    for i in range(n):
+        a = i * spacing / dz
+        b = a + thickness / dz
+        j = np.arange(max(0, int(math.floor(a))), min(len(planes), int(math.ceil(b))))
+        w = np.clip(np.minimum(j + 1, b) - np.maximum(j, a), 0.0, None)
+        out[i] = np.tensordot((w / w.sum()).astype(np.float32), planes[j[0]:j[-1] + 1], axes=1)
+    return out
+
+
+def render_ct_v2(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: CaseParams,
+                 rng: np.random.Generator) -> sitk.Image:
+    """v2 ``ct(q) = upright(R^-1 q)``: thin planes averaged over each (possibly
+    overlapping) slice's thickness, then blur and noise, as int16."""
+    R_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
+    ref = grid.work_reference_v2()
+    work = sitk.Resample(upright, ref, R_inv, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    slab = thickness_average(sitk.GetArrayViewFromImage(work), ref.GetSpacing()[2], grid.spacing[2],
+                             float(grid.thickness or grid.spacing[2]), grid.size[2])
+    del work
+    sigma = p.blur_mm / grid.work_spacing
+    if sigma > 0.25:
+        slab = ndimage.gaussian_filter(slab, (0.0, sigma, sigma), truncate=3.0)
+    tissue = slab > AIR_HU + 24.0
+    slab[tissue] += rng.standard_normal(int(tissue.sum()), dtype=np.float32) * np.float32(p.noise_hu)
+    return slab_to_scan(slab, grid)
+
+
+def _clip_to_scan(full: np.ndarray, grid: ScanGrid, R: sitk.Transform) -> None:
+    """Zero the labels (upright layout on the scan grid) whose anatomy ``R u`` lies outside
+    the scanned volume (the slices' extent, half a voxel beyond the outer centres, as
+    ITK's resampling counts it): what was not scanned is not labelled."""
+    m = transforms.matrix_of(R)
+    sp, n, o = np.array(grid.spacing), np.array(grid.size), np.array(grid.origin, np.float64)
+    lo, hi = o - sp / 2, o + (n - 1) * sp + sp / 2
+    x = o[0] + sp[0] * np.arange(n[0])
+    y = o[1] + sp[1] * np.arange(n[1])
+    for k in np.flatnonzero(full.reshape(full.shape[0], -1).any(axis=1)):
+        z = o[2] + sp[2] * k
+        inside = np.ones(full.shape[1:], bool)
+        for a in range(3):
+            q = m[a, 0] * x[None, :] + m[a, 1] * y[:, None] + (m[a, 2] * z + m[a, 3])
+            inside &= (q >= lo[a]) & (q <= hi[a])
+        full[k][~inside] = 0
+
+
 def render_labels(atlas: Atlas, D: sitk.Transform, upright_box: Tuple[np.ndarray, np.ndarray],
-                  grid: ScanGrid) -> sitk.Image:
+                  grid: ScanGrid, R: Optional[sitk.Transform] = None,
+                  icv: Optional[sitk.Image] = None) -> sitk.Image:
     """Upright labels ``atlas(D(u))`` on the scan grid (uint8).
 
     Sampled once on a ~1 mm upright grid over the labelled box only, then copied
     (nearest) into the matching part of the scan grid, which is cheaper than sampling
-    every scan voxel through the displacement field.
+    every scan voxel through the displacement field. v2 passes ``icv`` (labels kept where
+    the deformed intracranial prior is above :data:`ICV_THRESHOLD`) and ``R`` (labels
+    kept where their anatomy was scanned); v1 passes neither.
     """
     lo, hi = upright_box
     h = float(np.clip(min(grid.spacing), 1.0, 2.0))
@@ -452,6 +731,9 @@ def render_labels(atlas: Atlas, D: sitk.Transform, upright_box: Tuple[np.ndarray
     box_ref.SetOrigin(tuple(float(v) for v in lo))
     box_ref.SetSpacing((h, h, h))
     box = sitk.Resample(atlas.labels, box_ref, D, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if icv is not None:
+        inside = sitk.Resample(icv, box_ref, D, sitk.sitkLinear, 0.0, sitk.sitkFloat32) > ICV_THRESHOLD
+        box = box * sitk.Cast(inside, sitk.sitkUInt8)
     spacing = np.array(grid.spacing)
     i0 = np.clip(np.floor((lo - grid.origin) / spacing).astype(int), 0, np.array(grid.size) - 1)
     i1 = np.clip(np.ceil((hi - grid.origin) / spacing).astype(int), 0, np.array(grid.size) - 1)
@@ -461,6 +743,8 @@ def render_labels(atlas: Atlas, D: sitk.Transform, upright_box: Tuple[np.ndarray
     sub_ref.SetSpacing(grid.spacing)
     sub = sitk.Resample(box, sub_ref, transforms.identity(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     full[i0[2]:i1[2] + 1, i0[1]:i1[1] + 1, i0[0]:i1[0] + 1] = sitk.GetArrayViewFromImage(sub)
+    if R is not None:
+        _clip_to_scan(full, grid, R)
     out = sitk.GetImageFromArray(full)
     out.SetOrigin(tuple(float(v) for v in grid.origin))
     out.SetSpacing(grid.spacing)
@@ -481,10 +765,23 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def synth_case(atlas: Atlas, seed: int, index: int, inplane: int = 512,
-               slice_range: Tuple[float, float] = (1.0, 5.0)) -> SynthCase:
-    """Make case ``index`` of the run ``seed`` (deterministic)."""
+               slice_range: Optional[Tuple[float, float]] = None,
+               profile: Union[str, Profile] = "v2") -> SynthCase:
+    """Make case ``index`` of the run ``seed`` (deterministic) with a profile (name or
+    :class:`Profile`); ``slice_range`` replaces the profile's slice thickness range."""
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    if slice_range is not None:
+        prof = replace(prof, slice_mm=(float(slice_range[0]), float(slice_range[1])))
+    if prof.name == "v1":
+        return _synth_case_v1(atlas, seed, index, inplane, prof)
+    return _synth_case_v2(atlas, seed, index, inplane, prof)
+
+
+def _synth_case_v1(atlas: Atlas, seed: int, index: int, inplane: int, prof: Profile) -> SynthCase:
+    """The first generator, unchanged: one stream, labels not clipped."""
     rng = case_rng(seed, index)
-    p = draw_params(rng, inplane, slice_range)
+    p = draw_params(rng, inplane, prof.slice_mm,
+                    (prof.max_pitch_deg, prof.max_roll_yaw_deg, prof.max_roll_yaw_deg))
     warp = Warp(atlas, p)
     R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
     grid = plan_grid(atlas, warp, R, p, inplane)
@@ -496,6 +793,23 @@ def synth_case(atlas: Atlas, seed: int, index: int, inplane: int = 512,
     D = warp.transform(*_field_box([head_up, np.array(label_box)]))
     ct = render_ct(upright_hu(atlas, D, head_box, p, grid), R, grid, p, rng)
     labels = render_labels(atlas, D, label_box, grid)
+    return SynthCase(ct=ct, labels=labels, transform=R, params=p)
+
+
+def _synth_case_v2(atlas: Atlas, seed: int, index: int, inplane: int, prof: Profile) -> SynthCase:
+    """v2: wider pose and field of view, labels on the scanned intracranial space only."""
+    p = draw_params_v2(seed, index, inplane, prof)
+    warp = Warp(atlas, p)
+    R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
+    grid = plan_grid_v2(atlas, warp, R, p, inplane)
+    p.spacing_mm = grid.spacing[0]          # widened if the head would not fit
+    labels_up = warp.approx_to_upright(atlas.label_points)
+    label_box = (labels_up.min(0) - 8.0, labels_up.max(0) + 8.0)
+    head_up = warp.approx_to_upright(atlas.head_box)
+    head_box = (head_up.min(0) - 10.0, head_up.max(0) + 10.0)
+    D = warp.transform(*_field_box([head_up, np.array(label_box)]))
+    ct = render_ct_v2(upright_hu(atlas, D, head_box, p, grid), R, grid, p, case_streams(seed, index)["texture"])
+    labels = render_labels(atlas, D, label_box, grid, R=R, icv=atlas.icv if prof.clip_labels else None)
     return SynthCase(ct=ct, labels=labels, transform=R, params=p)
 
 
@@ -513,6 +827,36 @@ def _slice_range(text: str) -> Tuple[float, float]:
     return parts[0], parts[1]
 
 
+def _angle(text: str) -> float:
+    value = _non_negative(text)
+    if value > 90.0:
+        raise argparse.ArgumentTypeError(f"expected an angle of 0-90 degrees, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1e4:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile named by ``--profile`` with the ranges given on the command line."""
+    fov = getattr(args, "fov", "random")
+    if args.profile == "v1" and (fov != "random" or getattr(args, "max_vertex_cut", None) is not None):
+        raise InputError("--fov and --max-vertex-cut need --profile v2 (v1 always scans from the "
+                         "skull base to the vertex).", "Drop them or use --profile v2.")
+    pitch, roll_yaw = getattr(args, "max_pitch", None), getattr(args, "max_roll_yaw", None)
+    return get_profile(args.profile, max_pitch_deg=pitch, max_roll_yaw_deg=roll_yaw,
+                       slice_mm=tuple(args.slice_mm) if args.slice_mm else None,
+                       fov_modes=((fov, 1.0),) if fov != "random" else None,
+                       max_vertex_cut_mm=getattr(args, "max_vertex_cut", None))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas-dir", type=Path, required=True,
                    help="shared data folder holding Clinical-scct/ and aspects-on-cta/")
@@ -524,18 +868,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "be made in parallel into different folders")
     p.add_argument("--inplane", type=int, default=512,
                    help="in-plane matrix size; spacing 0.4-0.5 mm at 512, proportionally coarser below")
-    p.add_argument("--slice-mm", type=_slice_range, default=(1.0, 5.0), metavar="MIN,MAX",
-                   help="slice thickness range in mm (default 1,5)")
+    p.add_argument("--profile", choices=tuple(PROFILES), default="v2",
+                   help="v2 (default): wide pose, field of view, anatomy, scanner and pathology "
+                        "randomisation, labels on the scanned brain only; v1: the first generator, "
+                        "draw for draw (remakes v1 datasets bit-identically)")
+    p.add_argument("--slice-mm", type=_slice_range, default=None, metavar="MIN,MAX",
+                   help="slice thickness range in mm (default: v2 0.6,6; v1 1,5)")
+    p.add_argument("--max-pitch", type=_angle, default=None, metavar="DEG",
+                   help="head pitch (x angle, about the left-right axis) up to +-DEG "
+                        "(default: v2 30, v1 15)")
+    p.add_argument("--max-roll-yaw", type=_angle, default=None, metavar="DEG",
+                   help="roll and yaw (y and z angles) up to +-DEG (default 15)")
+    p.add_argument("--fov", choices=("random",) + FOV_MODES, default="random",
+                   help="v2 field-of-view start: random (default: base 40 %%, neck 30 %%, orbits "
+                        "30 %%), base (foramen magnum), neck (face and upper neck included) or "
+                        "orbits (face cut off at the orbit roofs)")
+    p.add_argument("--max-vertex-cut", type=_non_negative, default=None, metavar="MM",
+                   help="v2: the top of the head is cut by 0-MM mm (default 30)")
     p.add_argument("--overwrite", action="store_true", help="replace existing cases of the same names")
 
 
-def _manifest(args: argparse.Namespace, cases: Dict[str, dict]) -> dict:
+def _manifest(args: argparse.Namespace, prof: Profile, cases: Dict[str, dict]) -> dict:
     return {"generator": "training.synth", "sources": SOURCES, "overlap_priority": PRIORITY,
-            "seed": args.seed, "inplane": args.inplane, "slice_mm": list(args.slice_mm),
+            "profile": prof.name, "ranges": asdict(prof),
+            "seed": args.seed, "inplane": args.inplane, "slice_mm": list(prof.slice_mm),
             "cases": cases}
 
 
-def _write_manifest(folder: Path, args: argparse.Namespace, new: Dict[str, dict]) -> None:
+def _write_manifest(folder: Path, args: argparse.Namespace, prof: Profile, new: Dict[str, dict]) -> None:
     """Merge this run's cases into ``synth.json`` (atomically)."""
     path = folder / "synth.json"
     cases: Dict[str, dict] = {}
@@ -546,7 +906,7 @@ def _write_manifest(folder: Path, args: argparse.Namespace, new: Dict[str, dict]
             cases = {}
     cases.update(new)
     tmp = folder / ".partial-synth.json"
-    tmp.write_text(json.dumps(_manifest(args, cases), indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(_manifest(args, prof, cases), indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -555,6 +915,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("-n must be at least 1 and --first not negative.", "Check the options.")
     if args.inplane < 16:
         raise InputError(f"--inplane {args.inplane} is too small.", "Use 16 or more (512 is clinical).")
+    prof = profile_from_args(args)
     t0 = time.perf_counter()
     atlas = load_atlas(str(args.atlas_dir))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -564,18 +925,19 @@ def run(args: argparse.Namespace) -> int:
         for k in range(args.n):
             index = args.first + k
             t = time.perf_counter()
-            case = synth_case(atlas, args.seed, index, args.inplane, tuple(args.slice_mm))
+            case = synth_case(atlas, args.seed, index, args.inplane, profile=prof)
             name = str(index + 1)
             dataset.write_case(args.out, case.ct, case.labels, transform=case.transform, name=name,
                                overwrite=args.overwrite)
-            done[name] = {"index": index, **asdict(case.params)}
+            done[name] = {"index": index, **params_json(case.params)}
             size = "x".join(str(n) for n in case.ct.GetSize())
+            fov = f", fov {case.params.fov.mode}" if case.params.fov else ""
             print(f"[{k + 1}/{args.n}] case {name}: {size} at {case.params.spacing_mm:.2f} x "
-                  f"{case.params.slice_mm:.2f} mm, tilt "
+                  f"{case.ct.GetSpacing()[2]:.2f} mm ({case.params.slice_mm:.2f} mm thick{fov}), tilt "
                   f"{', '.join(f'{a:+.1f}' for a in case.params.angles_deg)} deg, "
                   f"{time.perf_counter() - t:.1f} s", flush=True)
     finally:
         if done:
-            _write_manifest(args.out, args, done)
+            _write_manifest(args.out, args, prof, done)
     print(f"done: {args.n} cases in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
