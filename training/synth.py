@@ -111,7 +111,24 @@ MARGIN_MM = 14.0             # skull and scalp around the intracranial space
 # y = 40-50 is -22..-24).
 ORBIT_ROOFS_MNI = np.array([[30.0, -45.0, -24.0], [-30.0, -45.0, -24.0]])
 ICV_THRESHOLD = 0.5          # grey + white + CSF prior above this is intracranial
+# v2 anatomy landmarks (MNI LPS mm) and widths. Lateral ventricles: centroid and spread of
+# the CSF prior > 0.6 within |x| < 25, 0 < z < 35 is (0, 9.8, 14.5), sd (12, 20, 7) mm.
+VENTRICLES_MNI = np.array([0.0, 10.0, 15.0])
+VENTRICLE_SIGMA_MM = np.array([14.0, 26.0, 12.0])
+MIDLINE_SHIFT_MNI = np.array([0.0, 0.0, 12.0])     # about the foramen of Monro
+MIDLINE_SHIFT_SIGMA_MM = np.array([18.0, 40.0, 30.0])
+CALCIFICATION_SITES_MNI = {
+    "pineal": [("pineal", (0.0, 28.0, 4.0))],
+    "choroid plexus": [("choroid plexus left", (28.0, 42.0, 14.0)),
+                       ("choroid plexus right", (-28.0, 42.0, 14.0))],
+    "basal ganglia": [("basal ganglia left", (19.0, 4.0, 0.0)), ("basal ganglia right", (-19.0, 4.0, 0.0))],
+}
+V2_FIELD_SPACING_MM = 4.0    # the v2 displacement has finer terms (ventricles, midline)
+LABEL_GUARD_HU = (-100.0, 90.0)   # labels dropped where the noise-free image leaves this
 STREAMS = ("pose", "anatomy", "scanner", "pathology", "texture")
+
+
+Range = Optional[Tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -119,34 +136,88 @@ class Profile:
     """The ranges one synthesis profile draws from (written to synth.json's top level).
 
     ``v1`` is the first generator: its cases are drawn by :func:`draw_params` from one
-    generator in a fixed order, so they can be remade bit-identically; the only fields
-    of this class it honours are the pose limits and ``slice_mm``. ``v2`` draws every
-    group of parameters from its own generator (:data:`STREAMS`), so adding a draw to
-    one group leaves the other groups of a case unchanged.
+    generator in a fixed order, so they can be remade bit-identically; of this class it
+    honours the pose limits and ``slice_mm`` only, and its other fields are None (not
+    drawn). ``v2`` draws every group of parameters from its own generator
+    (:data:`STREAMS`), so adding a draw to one group leaves the other groups of a case
+    unchanged. Probabilities are per case; HU changes apply to tissue (not air).
     """
 
     name: str
     max_pitch_deg: float             # rotation about the left-right axis (x angle)
     max_roll_yaw_deg: float          # rotations about the y and z axes
     slice_mm: Tuple[float, float]    # slice thickness
+    # -- pose and field of view (stream "pose")
     fov_modes: Tuple[Tuple[str, float], ...] = (("base", 1.0),)   # (mode, probability)
     max_vertex_cut_mm: float = 0.0
     overlap_probability: float = 0.0           # slice spacing < thickness
     overlap_spacing: Tuple[float, float] = (1.0, 1.0)   # spacing / thickness when overlapping
     min_slice_spacing_mm: float = 0.5
     inplane_spacing_512: Tuple[float, float] = INPLANE_SPACING_512
+    # -- anatomy (stream "anatomy")
     scale: Tuple[float, float] = SCALE_RANGE   # v1: one global factor x 0.97-1.03 per axis
-    clip_labels: bool = False                  # labels on the intracranial space only
+    clip_labels: bool = False                  # labels on the scanned intracranial space only
+    asymmetry_mm: Range = None                 # left/right-odd smooth displacement
+    midline_shift_probability: Optional[float] = None
+    midline_shift_mm: Range = None
+    atrophy: Range = None                      # 0: none, 1: strong (sulci and ventricles)
+    ventricle_gain: Range = None               # ventricle enlargement at atrophy 1
+    folding_depth: Range = None                # CSF share of the sulcal pattern in grey matter
+    folding_wavelength_mm: Range = None
+    skull_shift_hu: Range = None               # template bone threshold shift: + thicker skull
+    skull_variation_hu: Range = None           # smooth regional variation of that shift
+    craniotomy_probability: Optional[float] = None
+    # -- scanner and reconstruction (stream "scanner")
+    grey_hu: Tuple[float, float] = (33.0, 42.0)
+    contrast_hu: Range = None                  # grey - white (v1: white 22-30, <= grey - 4)
+    offset_hu: Range = None                    # whole-image offset of tissue
+    gain: Range = None                         # whole-image gain of tissue
+    noise_hu: Range = None                     # v1: 2.5-5 x sqrt(5 mm / thickness)
+    noise_correlation: Range = None            # share of in-plane filtered (textured) noise
+    noise_grain_mm: Range = None               # filter width of that share
+    sharp_probability: Optional[float] = None  # sharp kernel (edge enhancement), else smooth
+    smooth_blur_mm: Tuple[float, float] = (0.2, 0.8)
+    sharp_blur_mm: Range = None
+    sharpen: Range = None                      # unsharp-mask amount of a sharp kernel
+    sharpen_mm: Range = None                   # unsharp-mask width
+    shading_hu: Range = None                   # low-frequency shading amplitude
+    beam_hardening_hu: Range = None            # near bone: - darkening, + brightening
+    # -- pathology (stream "pathology"); labels unchanged
+    infarct_probability: Optional[float] = None
+    infarct_hu: Range = None                   # change of the parenchyma, negative
+    lacune_probability: Optional[float] = None
+    haemorrhage_probability: Optional[float] = None
+    haemorrhage_hu: Range = None
+    calcification_probability: Optional[Dict[str, float]] = None   # per site
+    calcification_hu: Range = None
 
 
+V2_RANGES: Dict[str, Any] = dict(
+    fov_modes=(("base", 0.4), ("neck", 0.3), ("orbits", 0.3)), max_vertex_cut_mm=30.0,
+    overlap_probability=0.35, overlap_spacing=(0.5, 0.9), scale=(0.88, 1.12), clip_labels=True,
+    asymmetry_mm=(0.0, 3.0), midline_shift_probability=0.2, midline_shift_mm=(2.0, 8.0),
+    atrophy=(0.0, 1.0), ventricle_gain=(0.0, 0.25), folding_depth=(0.2, 0.6),
+    folding_wavelength_mm=(10.0, 16.0), skull_shift_hu=(-60.0, 150.0), skull_variation_hu=(0.0, 80.0),
+    craniotomy_probability=0.1,
+    contrast_hu=(3.0, 12.0), offset_hu=(-40.0, 40.0), gain=(0.9, 1.1), noise_hu=(2.0, 20.0),
+    noise_correlation=(0.0, 0.8), noise_grain_mm=(0.6, 1.5), sharp_probability=0.4,
+    smooth_blur_mm=(0.3, 1.2), sharp_blur_mm=(0.2, 0.5), sharpen=(0.3, 1.0), sharpen_mm=(0.7, 1.5),
+    shading_hu=(0.0, 6.0), beam_hardening_hu=(-12.0, 8.0),
+    infarct_probability=0.5, infarct_hu=(-15.0, -2.0), lacune_probability=0.4,
+    haemorrhage_probability=0.1, haemorrhage_hu=(50.0, 80.0),
+    calcification_probability={"pineal": 0.6, "choroid plexus": 0.5, "basal ganglia": 0.1},
+    calcification_hu=(100.0, 400.0),
+)
 FOV_MODES = ("base", "neck", "orbits")
 PROFILES: Dict[str, Profile] = {
     "v1": Profile("v1", MAX_TILT_DEG, MAX_TILT_DEG, (1.0, 5.0)),
-    "v2": Profile("v2", 30.0, 15.0, (0.6, 6.0),
-                  fov_modes=(("base", 0.4), ("neck", 0.3), ("orbits", 0.3)), max_vertex_cut_mm=30.0,
-                  overlap_probability=0.35, overlap_spacing=(0.5, 0.9), scale=(0.88, 1.12),
-                  clip_labels=True),
+    "v2": Profile("v2", 30.0, 15.0, (0.6, 6.0), **V2_RANGES),
 }
+#: v2 without noise and pathology: what the label checks render (tests, QA).
+QUIET: Dict[str, Any] = dict(noise_hu=(0.0, 0.0), infarct_probability=0.0, lacune_probability=0.0,
+                             haemorrhage_probability=0.0,
+                             calcification_probability={"pineal": 0.0, "choroid plexus": 0.0,
+                                                        "basal ganglia": 0.0})
 
 
 def get_profile(name: str, **overrides: Any) -> Profile:
@@ -190,6 +261,7 @@ class Atlas:
     label_points: np.ndarray      # (n, 3) labelled points
     head_points_all: np.ndarray   # (n, 3) head points including those below the skull base
     icv: sitk.Image               # grey + white + CSF prior on the template grid (float32)
+    label_point_ids: np.ndarray   # (n,) label id of each of label_points
 
 
 def _read(path: Path, what: str) -> sitk.Image:
@@ -283,7 +355,8 @@ def load_atlas(atlas_dir: str) -> Atlas:
                  head_points=head_pts[:: max(1, len(head_pts) // 20000)],
                  brain_points=_physical_points(template, (grey + white + csf) > 0.5, 1)[::4],
                  label_points=_physical_points(labels, lab_arr, 2), head_points_all=all_pts,
-                 icv=_like(grey + white + csf, template))
+                 icv=_like(grey + white + csf, template),
+                 label_point_ids=np.asarray(sitk.GetArrayViewFromImage(labels))[::2, ::2, ::2][lab_arr[::2, ::2, ::2]])
 
 
 def _like(array: np.ndarray, ref: sitk.Image) -> sitk.Image:
@@ -315,6 +388,85 @@ class FovParams:
 
 
 @dataclass
+class AnatomyParams:
+    """v2 anatomy of one case (stream ``anatomy``); the deformations are part of ``D``,
+    so the labels follow them.
+
+    - ``asymmetry_modes``: per mode component, amplitude (mm), wave vector (3), phase; each
+      multiplied by ``tanh(x / 30 mm)`` (x: left-right offset from the head centre), so the
+      two hemispheres move in opposite directions (a skewed, asymmetric head).
+    - ``midline_shift_mm``: signed (+ = towards LPS +x, the patient's left), a Gaussian
+      bump of displacement centred on the midline at the foramen of Monro level.
+    - ``atrophy`` 0-1: grey matter next to CSF turned to CSF (widened sulci) and the
+      ventricles enlarged by a radial displacement of strength ``ventricle_gain``.
+    - ``folding_*``: a sulcal CSF pattern in the grey matter, the zero sheets of a
+      band-passed random field (``folding_seed``) of that wavelength.
+    - ``skull_*``: shift of the template's bone threshold (+ = thicker skull) and the
+      amplitude of its smooth regional variation.
+    - ``craniotomy``: None, or a bone flap (direction from the head centre, half-angle)
+      replaced by soft tissue or air.
+    """
+
+    asymmetry_mm: float
+    asymmetry_modes: List[List[float]]
+    midline_shift_mm: float
+    atrophy: float
+    ventricle_gain: float
+    folding_depth: float
+    folding_wavelength_mm: float
+    folding_seed: int
+    skull_shift_hu: float
+    skull_variation_hu: float
+    skull_seed: int
+    craniotomy: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class ScannerParams:
+    """v2 scanner and reconstruction of one case (stream ``scanner``).
+
+    Tissue HU ``h`` becomes ``h + w(h) ((gain - 1) h + offset_hu)`` with ``w`` 0 in air
+    and 1 from -700 HU up, so air stays -1024. ``kernel`` is ``smooth`` (Gaussian
+    ``blur_mm``) or ``sharp`` (a light blur then an unsharp mask ``sharpen`` x (image -
+    Gaussian(``sharpen_mm``))). ``noise_hu`` (CaseParams) is the standard deviation of the
+    noise, a share ``noise_correlation`` of it filtered in-plane (``noise_grain_mm``).
+    ``shading_*``: one low-frequency sinusoid on soft tissue; ``beam_hardening_hu``: change
+    of soft tissue next to bone, proportional to the bone nearby (the skull base most).
+    """
+
+    offset_hu: float
+    gain: float
+    contrast_hu: float
+    kernel: str
+    sharpen: float
+    sharpen_mm: float
+    noise_correlation: float
+    noise_grain_mm: float
+    shading_hu: float
+    shading_wave: List[float]        # wave vector (3, rad/mm) and phase
+    beam_hardening_hu: float
+
+
+@dataclass
+class Lesion:
+    """One v2 lesion (stream ``pathology``); region labels are not changed by it.
+
+    ``centre_mni`` (LPS mm) is carried through the case's deformation to the scan;
+    ``radii_mm`` are the semi-axes of an irregular ellipsoid (``irregularity``: boundary
+    roughness, shape from ``seed``). ``hu``: for an infarct the change of the parenchyma
+    (negative), else the density the lesion tends to (lacune: the case's CSF).
+    """
+
+    kind: str              # infarct | lacune | haemorrhage | calcification
+    site: str              # region (e.g. "M2 left"), or pineal / choroid plexus / basal ganglia
+    centre_mni: Tuple[float, float, float]
+    radii_mm: Tuple[float, float, float]
+    hu: float
+    irregularity: float
+    seed: int
+
+
+@dataclass
 class CaseParams:
     """Everything drawn for one case (recorded in synth.json).
 
@@ -342,6 +494,9 @@ class CaseParams:
     profile: str = "v1"
     slice_spacing_mm: Optional[float] = None   # v2: distance of slice centres (<= slice_mm)
     fov: Optional[FovParams] = None
+    anatomy: Optional[AnatomyParams] = None
+    scanner: Optional[ScannerParams] = None
+    lesions: Optional[List[Lesion]] = None
 
 
 def params_json(p: CaseParams) -> Dict[str, Any]:
@@ -422,8 +577,116 @@ def draw_pose_v2(rng: np.random.Generator, inplane: int, prof: Profile) -> Dict[
                 offset_frac=(u(-0.8, 0.8), u(-0.8, 0.8)))
 
 
-def draw_params_v2(seed: int, index: int, inplane: int, prof: Profile) -> CaseParams:
-    """Draw one v2 case's parameters, each group from its own stream."""
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Uniform in log between ``lo`` and ``hi`` (0 if ``hi`` is 0): as many cases at 2-6
+    as at 6-20 HU of noise."""
+    if hi <= 0:
+        return 0.0 * float(rng.uniform())
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def _unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def draw_anatomy_v2(rng: np.random.Generator, prof: Profile) -> AnatomyParams:
+    """v2 anatomy beyond the v1 deformation (stream ``anatomy``, after the v1-like draws)."""
+    u = _uniform(rng)
+    asym = u(*prof.asymmetry_mm)
+    modes = [[comp, asym * u(-1.0, 1.0), *(2 * math.pi / u(100.0, 200.0) * _unit(rng)).tolist(),
+              u(0.0, 2 * math.pi)] for comp in range(3)]
+    shift = u(*prof.midline_shift_mm) * (1.0 if rng.random() < 0.5 else -1.0)
+    if rng.random() >= prof.midline_shift_probability:
+        shift = 0.0
+    atrophy = u(*prof.atrophy)
+    gain = atrophy * u(*prof.ventricle_gain)
+    fold = (u(*prof.folding_depth), u(*prof.folding_wavelength_mm), int(rng.integers(2 ** 31)))
+    skull = (u(*prof.skull_shift_hu), u(*prof.skull_variation_hu), int(rng.integers(2 ** 31)))
+    azimuth, elevation = u(0.0, 2 * math.pi), math.radians(u(10.0, 70.0))
+    flap = {"direction": [math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
+                          math.sin(elevation)],
+            "half_angle_deg": u(10.0, 22.0), "fill": "air" if rng.random() < 0.3 else "soft tissue"}
+    return AnatomyParams(asymmetry_mm=asym, asymmetry_modes=modes, midline_shift_mm=shift,
+                         atrophy=atrophy, ventricle_gain=gain, folding_depth=fold[0],
+                         folding_wavelength_mm=fold[1], folding_seed=fold[2], skull_shift_hu=skull[0],
+                         skull_variation_hu=skull[1], skull_seed=skull[2],
+                         craniotomy=flap if rng.random() < prof.craniotomy_probability else None)
+
+
+def draw_scanner_v2(rng: np.random.Generator, prof: Profile) -> Dict[str, Any]:
+    """v2 densities, scanner and reconstruction (stream ``scanner``): CaseParams fields."""
+    u = _uniform(rng)
+    grey, contrast = u(*prof.grey_hu), u(*prof.contrast_hu)
+    base = dict(grey_hu=grey, white_hu=grey - contrast, csf_hu=u(0.0, 12.0), bone_hu=u(900.0, 1600.0),
+                scalp_hu=u(20.0, 50.0), nuclei_gain=u(0.4, 0.9), noise_hu=_log_uniform(rng, *prof.noise_hu))
+    sharp = bool(rng.random() < prof.sharp_probability)
+    smooth_blur, sharp_blur = u(*prof.smooth_blur_mm), u(*prof.sharp_blur_mm)
+    sc = ScannerParams(
+        offset_hu=u(*prof.offset_hu), gain=u(*prof.gain), contrast_hu=contrast,
+        kernel="sharp" if sharp else "smooth", sharpen=u(*prof.sharpen) if sharp else 0.0,
+        sharpen_mm=u(*prof.sharpen_mm), noise_correlation=u(*prof.noise_correlation),
+        noise_grain_mm=u(*prof.noise_grain_mm), shading_hu=u(*prof.shading_hu),
+        shading_wave=[*(2 * math.pi / u(120.0, 300.0) * _unit(rng)).tolist(), u(0.0, 2 * math.pi)],
+        beam_hardening_hu=u(*prof.beam_hardening_hu))
+    return dict(base, blur_mm=sharp_blur if sharp else smooth_blur, scanner=sc)
+
+
+_DEEP = {"C", "L", "IC"}
+
+
+def _site(atlas: Atlas, rng: np.random.Generator, deep: Optional[bool]) -> Tuple[str, np.ndarray]:
+    """A random labelled point (MNI LPS) and its region name; ``deep``: C, L, IC only."""
+    ids = atlas.label_point_ids
+    codes = {r.label: (r.code, r.side) for r in (regions.region(c, sd) for c in PRIORITY
+                                                 for sd in ("left", "right"))}
+    pool = np.arange(len(ids)) if deep is None else np.flatnonzero(
+        np.isin(ids, [lab for lab, (c, _) in codes.items() if (c in _DEEP) == deep]))
+    k = int(pool[int(rng.integers(len(pool)))])
+    code, side = codes[int(ids[k])]
+    return f"{code} {side}", atlas.label_points[k]
+
+
+def _lesion(rng: np.random.Generator, kind: str, site: str, centre, radius: Tuple[float, float],
+            hu: float, irregularity: Tuple[float, float]) -> Lesion:
+    r = float(rng.uniform(*radius))
+    return Lesion(kind=kind, site=site, centre_mni=tuple(float(c) for c in centre),  # type: ignore[arg-type]
+                  radii_mm=tuple(r * float(rng.uniform(0.6, 1.0)) for _ in range(3)),  # type: ignore[arg-type]
+                  hu=float(hu), irregularity=float(rng.uniform(*irregularity)),
+                  seed=int(rng.integers(2 ** 31)))
+
+
+def draw_lesions_v2(rng: np.random.Generator, atlas: Atlas, prof: Profile, csf_hu: float) -> List[Lesion]:
+    """v2 pathology (stream ``pathology``): infarcts (cortical or deep, any region),
+    lacunes (deep), a haemorrhage, calcifications at their usual sites."""
+    out: List[Lesion] = []
+    if rng.random() < prof.infarct_probability:
+        for _ in range(1 + int(rng.random() < 0.3)):
+            deep = bool(rng.random() < 0.35)
+            site, c = _site(atlas, rng, deep)
+            out.append(_lesion(rng, "infarct", site, c, (3.0, 10.0) if deep else (8.0, 22.0),
+                               rng.uniform(*prof.infarct_hu), (0.1, 0.35)))
+    if rng.random() < prof.lacune_probability:
+        for _ in range(int(rng.integers(1, 4))):
+            site, c = _site(atlas, rng, True)
+            out.append(_lesion(rng, "lacune", site, c, (1.5, 6.0), csf_hu, (0.0, 0.15)))
+    if rng.random() < prof.haemorrhage_probability:
+        site, c = _site(atlas, rng, True if rng.random() < 0.6 else None)
+        out.append(_lesion(rng, "haemorrhage", site, c, (5.0, 20.0), rng.uniform(*prof.haemorrhage_hu),
+                           (0.05, 0.3)))
+    for group, prob in prof.calcification_probability.items():
+        if rng.random() < prob:
+            for name, centre in CALCIFICATION_SITES_MNI[group]:
+                c = np.array(centre) + rng.uniform(-2.0, 2.0, 3)
+                out.append(_lesion(rng, "calcification", name, c, (1.0, 4.0),
+                                   rng.uniform(*prof.calcification_hu), (0.0, 0.2)))
+    return out
+
+
+def draw_params_v2(seed: int, index: int, inplane: int, prof: Profile,
+                   atlas: Optional[Atlas] = None) -> CaseParams:
+    """Draw one v2 case's parameters, each group from its own stream (lesions need the
+    atlas, which gives the regions they are placed in; without it none are drawn)."""
     streams = case_streams(seed, index)
     pose = draw_pose_v2(streams["pose"], inplane, prof)
     u = _uniform(streams["anatomy"])
@@ -431,14 +694,13 @@ def draw_params_v2(seed: int, index: int, inplane: int, prof: Profile) -> CasePa
     shift = tuple(u(-15.0, 15.0) for _ in range(3))
     warp = u(0.0, 4.0)
     modes = _warp_modes(streams["anatomy"], warp)
-    u = _uniform(streams["scanner"])
-    grey = u(33.0, 42.0)
-    return CaseParams(
-        scale=scale, shift_mm=shift, warp_mm=warp, warp_modes=modes,  # type: ignore[arg-type]
-        grey_hu=grey, white_hu=min(u(22.0, 30.0), grey - 4.0), csf_hu=u(0.0, 12.0),
-        bone_hu=u(900.0, 1600.0), scalp_hu=u(20.0, 50.0), nuclei_gain=u(0.4, 0.9),
-        noise_hu=u(2.5, 5.0) * math.sqrt(5.0 / max(pose["slice_mm"], 0.5)), blur_mm=u(0.2, 0.8),
-        profile=prof.name, **pose)
+    anatomy = draw_anatomy_v2(streams["anatomy"], prof)
+    scanner = draw_scanner_v2(streams["scanner"], prof)
+    p = CaseParams(scale=scale, shift_mm=shift, warp_mm=warp, warp_modes=modes,  # type: ignore[arg-type]
+                   profile=prof.name, anatomy=anatomy, **scanner, **pose)
+    if atlas is not None:
+        p.lesions = draw_lesions_v2(streams["pathology"], atlas, prof, p.csf_hu)
+    return p
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -451,6 +713,7 @@ class Warp:
         self.c_up = atlas.centre + np.array(p.shift_mm)
         self.scale = np.array(p.scale)
         self.modes = np.array(p.warp_modes, dtype=np.float64).reshape(-1, 6)
+        self.anatomy = p.anatomy
 
     def approx_to_upright(self, m: np.ndarray) -> np.ndarray:
         """MNI -> upright ignoring the few-mm smooth part (for grid planning only)."""
@@ -462,22 +725,50 @@ class Warp:
         m = self.c_mni + rel / self.scale
         for comp, amp, kx, ky, kz, phase in self.modes:
             m[:, int(comp)] += amp * np.sin(rel @ np.array([kx, ky, kz]) + phase)
+        if self.anatomy is not None:
+            self._v2_terms(rel, m)
         return m
 
-    def transform(self, lower: np.ndarray, upper: np.ndarray) -> sitk.Transform:
+    def _v2_terms(self, rel: np.ndarray, m: np.ndarray) -> None:
+        """v2 displacements (in place): left/right asymmetry, midline shift and
+        ventricle enlargement, the last two anchored to MNI landmarks. Content at ``u``
+        comes from ``m``, so subtracting a displacement moves the content by it."""
+        a = self.anatomy
+        assert a is not None
+        odd = np.tanh(rel[:, 0] / 30.0)
+        for comp, amp, kx, ky, kz, phase in a.asymmetry_modes:
+            m[:, int(comp)] += amp * odd * np.cos(rel @ np.array([kx, ky, kz]) + phase)
+        base = self.c_mni + rel / self.scale
+        if a.midline_shift_mm:
+            g = np.exp(-0.5 * (((base - MIDLINE_SHIFT_MNI) / MIDLINE_SHIFT_SIGMA_MM) ** 2).sum(axis=1))
+            m[:, 0] -= a.midline_shift_mm * g
+        if a.ventricle_gain:
+            d = base - VENTRICLES_MNI
+            m -= a.ventricle_gain * np.exp(-0.5 * ((d / VENTRICLE_SIGMA_MM) ** 2).sum(axis=1))[:, None] * d
+
+    def inverse(self, m: np.ndarray, iterations: int = 30) -> np.ndarray:
+        """Upright points of MNI points (n, 3) by fixed-point iteration (``D`` is close to
+        its affine part, whose inverse is exact)."""
+        u = self.approx_to_upright(m)
+        for _ in range(iterations):
+            u = u + (m - self(u)) * self.scale
+        return u
+
+    def transform(self, lower: np.ndarray, upper: np.ndarray,
+                  spacing: float = FIELD_SPACING_MM) -> sitk.Transform:
         """``D`` as a SimpleITK displacement field over the box [lower, upper] (LPS mm).
 
         Points outside the box would not move, so the box must hold every point that
         is resampled through ``D``.
         """
-        size = np.ceil((upper - lower) / FIELD_SPACING_MM).astype(int) + 1
-        axes = [lower[a] + FIELD_SPACING_MM * np.arange(size[a]) for a in range(3)]
+        size = np.ceil((upper - lower) / spacing).astype(int) + 1
+        axes = [lower[a] + spacing * np.arange(size[a]) for a in range(3)]
         z, y, x = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
         pts = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
         disp = (self(pts) - pts).reshape(tuple(size[::-1]) + (3,))
         field = sitk.GetImageFromArray(disp.astype(np.float64), isVector=True)
         field.SetOrigin(tuple(float(v) for v in lower))
-        field.SetSpacing((FIELD_SPACING_MM,) * 3)
+        field.SetSpacing((spacing,) * 3)
         return sitk.DisplacementFieldTransform(field)
 
 
@@ -609,13 +900,84 @@ def tissue_hu(atlas: Atlas, p: CaseParams) -> sitk.Image:
     return img
 
 
+def _random_field(shape: Sequence[int], sigma: Sequence[float], seed: int) -> np.ndarray:
+    """Gaussian-filtered white noise of unit standard deviation (float32)."""
+    rng = np.random.default_rng(seed)
+    f = ndimage.gaussian_filter(rng.standard_normal(tuple(shape), dtype=np.float32), sigma, truncate=3.0)
+    return f / max(float(f.std()), 1e-6)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def brain_tissue_v2(atlas: Atlas, p: CaseParams) -> Tuple[np.ndarray, np.ndarray]:
+    """(grey, csf) of the case: cortex next to CSF turned to CSF by atrophy (widened
+    sulci), and a sulcal pattern in the cortex (folding texture); their sum is kept, so
+    the intracranial space and the labels' clip are unchanged."""
+    a = p.anatomy
+    assert a is not None
+    h = float(atlas.template_ref.GetSpacing()[0])
+    cortex = atlas.grey * (1.0 - atlas.nuclei)
+    near_csf = np.clip(2.0 * ndimage.gaussian_filter(atlas.csf, 1.0), 0.0, 1.0)
+    move = 0.4 * a.atrophy * cortex * near_csf
+    # zero sheets of a smooth random field are about 4.4 sigma apart
+    f = _random_field(atlas.grey.shape, [a.folding_wavelength_mm / 4.4 / h] * 3, a.folding_seed)
+    move += a.folding_depth * np.exp(-(f / 0.35) ** 2) * (cortex - move)
+    return (atlas.grey - move).astype(np.float32), (atlas.csf + move).astype(np.float32)
+
+
+def _template_points(atlas: Atlas) -> np.ndarray:
+    """LPS coordinates (z, y, x, 3) of the template voxels."""
+    ref = atlas.template_ref
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in ref.GetSize()[::-1]], indexing="ij")[::-1], axis=-1)
+    direction = np.array(ref.GetDirection()).reshape(3, 3)
+    return (idx * np.array(ref.GetSpacing())) @ direction.T + np.array(ref.GetOrigin())
+
+
+def skull_v2(atlas: Atlas, p: CaseParams, brain_weight: np.ndarray) -> np.ndarray:
+    """HU outside the brain: the template's scalp and bone with this case's densities,
+    the skull thickened or thinned (shifted bone threshold, varying smoothly) and an
+    optional bone flap replaced by soft tissue or air."""
+    a = p.anatomy
+    assert a is not None
+    t = atlas.template_hu
+    h = float(atlas.template_ref.GetSpacing()[0])
+    shift = a.skull_shift_hu + a.skull_variation_hu * _random_field(t.shape, [15.0 / h] * 3, a.skull_seed)
+    soft = np.clip((t + 300.0) / 300.0, 0.0, 1.0)
+    bone = np.clip((t - 80.0 + shift) / 340.0, 0.0, 1.0) ** 0.8
+    fill = np.full(t.shape, p.scalp_hu, np.float32)
+    if a.craniotomy is not None:
+        rel = _template_points(atlas) - atlas.centre
+        cos = rel @ np.array(a.craniotomy["direction"]) / np.maximum(np.linalg.norm(rel, axis=-1), 1e-6)
+        flap = (cos > math.cos(math.radians(a.craniotomy["half_angle_deg"]))) & (brain_weight < 0.5)
+        if a.craniotomy["fill"] == "air":
+            fill[flap & (bone > 0.3)] = AIR_HU
+        bone[flap] = 0.0
+    return ((1 - soft) * t + soft * (fill + bone * (p.bone_hu - fill))).astype(np.float32)
+
+
+def tissue_hu_v2(atlas: Atlas, p: CaseParams) -> sitk.Image:
+    """v2 HU volume in MNI space (template grid): atrophy and folding in the brain, the
+    skull of :func:`skull_v2` outside, and a brain edge that is complete at the labels'
+    clip (intracranial prior 0.5), so no labelled voxel is part bone or scalp."""
+    grey, csf = brain_tissue_v2(atlas, p)
+    total = grey + atlas.white + csf
+    brain = (grey * p.grey_hu + atlas.white * p.white_hu + csf * p.csf_hu) / np.maximum(total, 1e-3)
+    brain += p.nuclei_gain * atlas.nuclei * (p.grey_hu - brain)
+    s = _smoothstep((total - 0.3) / (ICV_THRESHOLD - 0.3))
+    hu = s * brain + (1 - s) * skull_v2(atlas, p, total)
+    return _like(hu, atlas.template_ref)
+
+
 def _field_box(points: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     pts = np.vstack(points)
     return pts.min(0) - 3 * FIELD_SPACING_MM, pts.max(0) + 3 * FIELD_SPACING_MM
 
 
 def upright_hu(atlas: Atlas, D: sitk.Transform, box: Tuple[np.ndarray, np.ndarray],
-               p: CaseParams, grid: ScanGrid) -> sitk.Image:
+               p: CaseParams, grid: ScanGrid, hu: Optional[sitk.Image] = None) -> sitk.Image:
     """The case's HU volume in the upright space, ``HU(D(u))``, over ``box``.
 
     The displacement field is costly per point in ITK (about 10x an affine), so it is
@@ -629,7 +991,8 @@ def upright_hu(atlas: Atlas, D: sitk.Transform, box: Tuple[np.ndarray, np.ndarra
     ref = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
     ref.SetOrigin(tuple(float(v) for v in lo))
     ref.SetSpacing((h, h, h))
-    return sitk.Resample(tissue_hu(atlas, p), ref, D, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    return sitk.Resample(tissue_hu(atlas, p) if hu is None else hu, ref, D, sitk.sitkLinear, AIR_HU,
+                         sitk.sitkFloat32)
 
 
 def render_ct(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: CaseParams,
@@ -677,22 +1040,152 @@ def thickness_average(planes: np.ndarray, dz: float, spacing: float, thickness: 
     return out
 
 
+def _slab_axes(grid: ScanGrid, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scan LPS coordinates (x, y, z) of the slab voxels' columns, rows and slices."""
+    h = grid.work_spacing
+    return (grid.origin[0] + h * np.arange(shape[2]), grid.origin[1] + h * np.arange(shape[1]),
+            grid.origin[2] + grid.spacing[2] * np.arange(shape[0]))
+
+
+def reconstruction_kernel(slab: np.ndarray, p: CaseParams, h: float) -> np.ndarray:
+    """In-plane kernel: a Gaussian blur, then for sharp kernels an unsharp mask (edge
+    enhancement: overshoot at the skull, a dark rim inside it). Linear, so it commutes
+    with adding lesions."""
+    sc = p.scanner
+    assert sc is not None
+    sigma = p.blur_mm / h
+    out = ndimage.gaussian_filter(slab, (0.0, sigma, sigma), truncate=3.0) if sigma > 0.25 else slab.copy()
+    if sc.kernel == "sharp" and sc.sharpen > 0:
+        w = sc.sharpen_mm / h
+        out += np.float32(sc.sharpen) * (out - ndimage.gaussian_filter(out, (0.0, w, w), truncate=3.0))
+    return out
+
+
+def _bone_nearby(slab: np.ndarray, grid: ScanGrid, sigma_mm: float = 5.0) -> np.ndarray:
+    """Share of bone (> 300 HU) in a ``sigma_mm`` Gaussian neighbourhood, computed on a
+    4x coarser in-plane grid (it is smooth) and brought back by linear interpolation."""
+    step = 4
+    coarse = (slab[:, ::step, ::step] > 300.0).astype(np.float32)
+    sig = (sigma_mm / grid.spacing[2], sigma_mm / (grid.work_spacing * step), sigma_mm / (grid.work_spacing * step))
+    coarse = ndimage.gaussian_filter(coarse, sig, truncate=2.0)
+    zoom = [n / c for n, c in zip(slab.shape, coarse.shape)]
+    return ndimage.zoom(coarse, zoom, order=1, grid_mode=True, mode="nearest")[:, :slab.shape[1], :slab.shape[2]]
+
+
+def shading(clean: np.ndarray, grid: ScanGrid, p: CaseParams) -> np.ndarray:
+    """Additive low-frequency HU on soft tissue: beam-hardening-like darkening or
+    brightening in proportion to the bone nearby (inner table, most at the skull base)
+    and one slow sinusoidal shading across the image."""
+    sc = p.scanner
+    assert sc is not None
+    soft = np.clip((clean + 50.0) / 30.0, 0.0, 1.0) * np.clip((150.0 - clean) / 50.0, 0.0, 1.0)
+    field = np.float32(sc.beam_hardening_hu) * np.minimum(_bone_nearby(clean, grid) / 0.25, 2.0)
+    x, y, z = _slab_axes(grid, clean.shape)
+    kx, ky, kz, phase = sc.shading_wave
+    field += np.float32(sc.shading_hu) * np.sin(
+        (kx * x)[None, None, :] + (ky * y)[None, :, None] + (kz * z + phase)[:, None, None]).astype(np.float32)
+    return (field * soft).astype(np.float32)
+
+
+def scanner_map(hu: np.ndarray, p: CaseParams) -> np.ndarray:
+    """Whole-image gain and offset on tissue; air (-1024) stays, full effect from -700 HU."""
+    sc = p.scanner
+    assert sc is not None
+    w = np.clip((hu - AIR_HU) / 324.0, 0.0, 1.0)
+    return hu + w * (np.float32(sc.gain - 1.0) * hu + np.float32(sc.offset_hu))
+
+
+def add_noise(slab: np.ndarray, p: CaseParams, h: float, rng: np.random.Generator) -> None:
+    """Noise of ``noise_hu`` standard deviation on tissue (in place): white, plus a share
+    ``noise_correlation`` filtered in-plane (grainy texture) and renormalised."""
+    sc = p.scanner
+    assert sc is not None
+    noise = rng.standard_normal(slab.shape, dtype=np.float32)
+    grain = rng.standard_normal(slab.shape, dtype=np.float32)
+    c = sc.noise_correlation
+    if c > 0:
+        w = sc.noise_grain_mm / h
+        grain = ndimage.gaussian_filter(grain, (0.0, w, w), truncate=3.0)
+        grain /= max(float(grain.std()), 1e-6)
+        noise = np.float32(math.sqrt(1 - c * c)) * noise + np.float32(c) * grain
+    slab += np.where(slab > AIR_HU + 24.0, noise * np.float32(p.noise_hu), np.float32(0.0))
+
+
+def _lesion_weight(les: Lesion, d: np.ndarray) -> np.ndarray:
+    """Membership (0-1) of offsets ``d`` (..., 3) from the centre (scan mm) in the lesion:
+    an ellipsoid whose radius is modulated by a smooth function of direction, with a
+    soft edge about 1 mm wide."""
+    rng = np.random.default_rng(les.seed)
+    waves, phases = rng.normal(size=(3, 3)), rng.uniform(0, 2 * math.pi, 3)
+    r = np.sqrt(((d / np.array(les.radii_mm)) ** 2).sum(axis=-1))
+    n = d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-6)
+    bump = np.mean([np.sin(2.0 * (n @ waves[i]) + phases[i]) for i in range(3)], axis=0)
+    edge = 1.0 / max(min(les.radii_mm), 0.5)
+    return np.clip((1.0 + les.irregularity * bump - r) / edge + 0.5, 0.0, 1.0)
+
+
+def add_lesions(slab: np.ndarray, grid: ScanGrid, p: CaseParams, warp: "Warp", R: sitk.Transform) -> None:
+    """Paint the case's lesions into the slab (in place), averaged over each slice's
+    thickness. Each lesion's MNI centre is carried through ``D^-1`` and ``R``. Infarcts
+    change parenchyma only (between CSF and grey-matter density); lacunes, haemorrhages
+    and calcifications pull soft tissue (CSF included) towards their density."""
+    assert p.lesions is not None
+    m = transforms.matrix_of(R)
+    x, y, z = _slab_axes(grid, slab.shape)
+    h, t = grid.work_spacing, float(grid.thickness or grid.spacing[2])
+    subs = (np.arange(max(1, int(math.ceil(t / 0.75)))) + 0.5) / max(1, int(math.ceil(t / 0.75))) - 0.5
+    for les in p.lesions:
+        q = m[:3, :3] @ warp.inverse(np.array([les.centre_mni]))[0] + m[:3, 3]
+        reach = max(les.radii_mm) * (1.0 + les.irregularity) + 1.5
+        ix = np.flatnonzero(np.abs(x - q[0]) <= reach)
+        iy = np.flatnonzero(np.abs(y - q[1]) <= reach)
+        iz = np.flatnonzero(np.abs(z - q[2]) <= reach + t / 2)
+        if not (len(ix) and len(iy) and len(iz)):
+            continue
+        box = (slice(iz[0], iz[-1] + 1), slice(iy[0], iy[-1] + 1), slice(ix[0], ix[-1] + 1))
+        d = np.zeros((len(iz), len(subs), len(iy), len(ix), 3), np.float32)
+        d[..., 0] = (x[ix] - q[0])[None, None, None, :]
+        d[..., 1] = (y[iy] - q[1])[None, None, :, None]
+        d[..., 2] = ((z[iz][:, None] + subs[None, :] * t) - q[2])[:, :, None, None]
+        w = _lesion_weight(les, d).mean(axis=1).astype(np.float32)
+        hu = slab[box]
+        if les.kind == "infarct":
+            tissue = np.clip((hu - p.csf_hu - 2.0) / 6.0, 0, 1) * np.clip((p.grey_hu + 25.0 - hu) / 10.0, 0, 1)
+            hu += w * tissue * np.float32(les.hu)
+        else:
+            tissue = np.clip((hu + 20.0) / 10.0, 0, 1) * np.clip((p.grey_hu + 25.0 - hu) / 10.0, 0, 1)
+            hu += w * tissue * (np.float32(les.hu) - hu)
+
+
 def render_ct_v2(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: CaseParams,
-                 rng: np.random.Generator) -> sitk.Image:
+                 rng: np.random.Generator, warp: Optional["Warp"] = None) -> Tuple[sitk.Image, np.ndarray]:
     """v2 ``ct(q) = upright(R^-1 q)``: thin planes averaged over each (possibly
-    overlapping) slice's thickness, then blur and noise, as int16."""
+    overlapping) slice's thickness; lesions; kernel; shading; gain and offset; noise.
+
+    Also returns the noise- and lesion-free image before gain and offset on the slab
+    grid (in-plane ``work_spacing``, the scan's slices), which the labels are checked
+    against (:func:`render_labels`).
+    """
     R_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
     ref = grid.work_reference_v2()
     work = sitk.Resample(upright, ref, R_inv, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     slab = thickness_average(sitk.GetArrayViewFromImage(work), ref.GetSpacing()[2], grid.spacing[2],
                              float(grid.thickness or grid.spacing[2]), grid.size[2])
     del work
-    sigma = p.blur_mm / grid.work_spacing
-    if sigma > 0.25:
-        slab = ndimage.gaussian_filter(slab, (0.0, sigma, sigma), truncate=3.0)
-    tissue = slab > AIR_HU + 24.0
-    slab[tissue] += rng.standard_normal(int(tissue.sum()), dtype=np.float32) * np.float32(p.noise_hu)
-    return slab_to_scan(slab, grid)
+    h = grid.work_spacing
+    clean = reconstruction_kernel(slab, p, h)
+    field = shading(clean, grid, p)
+    clean += field
+    if p.lesions and warp is not None:
+        add_lesions(slab, grid, p, warp, R)
+        out = reconstruction_kernel(slab, p, h)
+        out += field
+    else:
+        out = clean.copy()
+    del slab, field
+    out = scanner_map(out, p)
+    add_noise(out, p, h, rng)
+    return slab_to_scan(out, grid), clean
 
 
 def _clip_to_scan(full: np.ndarray, grid: ScanGrid, R: sitk.Transform) -> None:
@@ -713,16 +1206,35 @@ def _clip_to_scan(full: np.ndarray, grid: ScanGrid, R: sitk.Transform) -> None:
         full[k][~inside] = 0
 
 
+def _clip_to_image(full: np.ndarray, grid: ScanGrid, R: sitk.Transform, clean: np.ndarray) -> None:
+    """Zero the labels whose anatomy ``R u`` the noise-free image shows as bone or air
+    (outside :data:`LABEL_GUARD_HU`, linear interpolation of ``clean`` on the slab grid):
+    a labelled voxel that partial volume, blur or edge enhancement has made part bone
+    is not brain on this image."""
+    m = transforms.matrix_of(R)
+    sp, o, h = np.array(grid.spacing), np.array(grid.origin, np.float64), grid.work_spacing
+    lo, hi = LABEL_GUARD_HU
+    for k in np.flatnonzero(full.reshape(full.shape[0], -1).any(axis=1)):
+        jy, ix = np.nonzero(full[k])
+        u = np.stack([o[0] + sp[0] * ix, o[1] + sp[1] * jy, np.full(len(ix), o[2] + sp[2] * k)], axis=1)
+        q = u @ m[:3, :3].T + m[:3, 3]
+        coords = [(q[:, 2] - o[2]) / sp[2], (q[:, 1] - o[1]) / h, (q[:, 0] - o[0]) / h]
+        v = ndimage.map_coordinates(clean, coords, order=1, mode="nearest")
+        bad = (v > hi) | (v < lo)
+        full[k, jy[bad], ix[bad]] = 0
+
+
 def render_labels(atlas: Atlas, D: sitk.Transform, upright_box: Tuple[np.ndarray, np.ndarray],
                   grid: ScanGrid, R: Optional[sitk.Transform] = None,
-                  icv: Optional[sitk.Image] = None) -> sitk.Image:
+                  icv: Optional[sitk.Image] = None, clean: Optional[np.ndarray] = None) -> sitk.Image:
     """Upright labels ``atlas(D(u))`` on the scan grid (uint8).
 
     Sampled once on a ~1 mm upright grid over the labelled box only, then copied
     (nearest) into the matching part of the scan grid, which is cheaper than sampling
     every scan voxel through the displacement field. v2 passes ``icv`` (labels kept where
     the deformed intracranial prior is above :data:`ICV_THRESHOLD`) and ``R`` (labels
-    kept where their anatomy was scanned); v1 passes neither.
+    kept where their anatomy was scanned) and ``clean`` (kept where the noise-free image
+    is not bone or air); v1 passes none.
     """
     lo, hi = upright_box
     h = float(np.clip(min(grid.spacing), 1.0, 2.0))
@@ -745,6 +1257,8 @@ def render_labels(atlas: Atlas, D: sitk.Transform, upright_box: Tuple[np.ndarray
     full[i0[2]:i1[2] + 1, i0[1]:i1[1] + 1, i0[0]:i1[0] + 1] = sitk.GetArrayViewFromImage(sub)
     if R is not None:
         _clip_to_scan(full, grid, R)
+        if clean is not None:
+            _clip_to_image(full, grid, R, clean)
     out = sitk.GetImageFromArray(full)
     out.SetOrigin(tuple(float(v) for v in grid.origin))
     out.SetSpacing(grid.spacing)
@@ -797,8 +1311,9 @@ def _synth_case_v1(atlas: Atlas, seed: int, index: int, inplane: int, prof: Prof
 
 
 def _synth_case_v2(atlas: Atlas, seed: int, index: int, inplane: int, prof: Profile) -> SynthCase:
-    """v2: wider pose and field of view, labels on the scanned intracranial space only."""
-    p = draw_params_v2(seed, index, inplane, prof)
+    """v2: wider pose and field of view, anatomy, scanner and pathology randomisation;
+    labels on the scanned brain only."""
+    p = draw_params_v2(seed, index, inplane, prof, atlas)
     warp = Warp(atlas, p)
     R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
     grid = plan_grid_v2(atlas, warp, R, p, inplane)
@@ -807,9 +1322,12 @@ def _synth_case_v2(atlas: Atlas, seed: int, index: int, inplane: int, prof: Prof
     label_box = (labels_up.min(0) - 8.0, labels_up.max(0) + 8.0)
     head_up = warp.approx_to_upright(atlas.head_box)
     head_box = (head_up.min(0) - 10.0, head_up.max(0) + 10.0)
-    D = warp.transform(*_field_box([head_up, np.array(label_box)]))
-    ct = render_ct_v2(upright_hu(atlas, D, head_box, p, grid), R, grid, p, case_streams(seed, index)["texture"])
-    labels = render_labels(atlas, D, label_box, grid, R=R, icv=atlas.icv if prof.clip_labels else None)
+    D = warp.transform(*_field_box([head_up, np.array(label_box)]), spacing=V2_FIELD_SPACING_MM)
+    upright = upright_hu(atlas, D, head_box, p, grid, tissue_hu_v2(atlas, p))
+    ct, clean = render_ct_v2(upright, R, grid, p, case_streams(seed, index)["texture"], warp)
+    del upright
+    labels = render_labels(atlas, D, label_box, grid, R=R, icv=atlas.icv if prof.clip_labels else None,
+                           clean=clean if prof.clip_labels else None)
     return SynthCase(ct=ct, labels=labels, transform=R, params=p)
 
 
