@@ -455,3 +455,20 @@ def test_v2_manifest_records_every_group(made):
         offsets.append(case["scanner"]["offset_hu"])
         noises.append(case["noise_hu"])
     assert len(set(offsets)) == len(offsets) and len(set(noises)) == len(noises)
+
+
+def test_training_augmentation_is_as_wide_as_the_synthesis():
+    """train.augment_intensity on a flat 35 HU brain with air and bone: per-sample offsets
+    reach +-30 HU and noise 15 HU (of +-40 and 0-20), air and bone stay, same rng, same result."""
+    torch = pytest.importorskip("torch")
+    from training import train
+    width = train.WINDOW_HU[1] - train.WINDOW_HU[0]
+    x = torch.full((200, 1, 16, 16), (35.0 - train.WINDOW_HU[0]) / width)
+    x[:, :, :2], x[:, :, -2:] = 0.0, 1.0
+    out = train.augment_intensity(x, np.random.default_rng(3))
+    assert torch.equal(out, train.augment_intensity(x, np.random.default_rng(3)))
+    assert bool((out[:, :, :2] == 0).all()) and bool((out[:, :, -2:] == 1).all())
+    brain = (out[:, 0, 4:12, 4:12] - x[:, 0, 4:12, 4:12]) * width            # HU change
+    shift = brain.mean(dim=(1, 2))
+    assert shift.max() > 30.0 and shift.min() < -30.0 and shift.abs().max() < 60.0
+    assert brain.std(dim=(1, 2)).max() > 15.0
