@@ -37,27 +37,58 @@ Per case ``i`` (generator seeded from ``(seed, i)``, so any case can be remade a
 
 Profiles (``--profile``): the steps above are **v1**, the first generator, kept draw for
 draw (:func:`draw_params`, one generator per case) so v1 datasets are remade
-bit-identically. **v2** (the default) draws each group of parameters from its own
-generator seeded from ``(seed, i, group)`` (:func:`case_streams`) and widens:
+bit-identically (its labels are not clipped). **v2** (the default) draws each group of
+parameters from its own generator seeded from ``(seed, i, group)`` (:func:`case_streams`:
+pose, anatomy, scanner, pathology, texture), so a change to one group leaves the
+others' draws alone. Every range is a field of :class:`Profile` (``PROFILES["v2"]``,
+written to synth.json's top level as ``ranges``) and every draw is recorded per case
+(:class:`CaseParams` with :class:`FovParams`, :class:`AnatomyParams`,
+:class:`ScannerParams` and a list of :class:`Lesion`). v2 draws:
 
-- pose: pitch (x angle, about the left-right axis) up to +-30 degrees, roll and yaw
-  (y, z) up to +-15 (``--max-pitch``, ``--max-roll-yaw``; v1 honours them too);
-- field of view (:class:`FovParams`), in the scan frame like a scanner's scan range:
-  the first slice at the foramen magnum (``base``, 40 %), as low as the template goes
+- Pose: pitch (x angle, about the left-right axis) in +-30 degrees, roll and yaw (y, z)
+  in +-15 (``--max-pitch``, ``--max-roll-yaw``; v1 honours them too).
+- Field of view, in the scan frame like a scanner's scan range (:func:`plan_grid_v2`):
+  the first slice at the foramen magnum (``base``, 40 %), as low as the template goes,
   with face and upper neck (``neck``, 30 %; the template ends at MNI z -72, so the
   lowest slices of a tilted head show its oblique cut), or at the orbit roofs +-5 mm
   (``orbits``, 30 %; face cut off); the top of the head cut by 0-30 mm
-  (``--max-vertex-cut``); the head off-centre in-plane as in v1;
-- slices 0.6-6 mm thick, and in 35 % of cases overlapping reconstructions (slice
-  spacing 0.5-0.9 x the thickness, at least 0.5 mm), averaged exactly over each
-  slice's thickness (:func:`thickness_average`);
-- anisotropic scaling 0.88-1.12 per axis (v1: one factor 0.9-1.1 x 0.97-1.03);
-- labels only where the deformed intracranial prior (grey + white + CSF) is above 0.5
-  and where their anatomy ``R u`` was scanned: no label outside the field of view.
+  (``--max-vertex-cut``); the head off-centre in-plane as in v1 (``--fov`` forces a start).
+- Slices 0.6-6 mm thick; in 35 % of cases overlapping reconstructions (spacing 0.5-0.9
+  x the thickness, at least 0.5 mm); each slice is the exact mean of thin planes over
+  its thickness (:func:`thickness_average`).
+- Anatomy: scaling 0.88-1.12 per axis; a left/right-odd smooth displacement of 0-3 mm
+  (asymmetric heads); in 20 % of cases a midline shift of 2-8 mm (a Gaussian push
+  centred on the midline at the foramen of Monro); atrophy 0-1: cortex next to CSF
+  turned to CSF (widened sulci, up to 40 %) and the ventricles enlarged by a radial
+  displacement (0-25 % at atrophy 1); a sulcal pattern in the cortex (zero sheets of a
+  random field 10-16 mm in wavelength hold 20-60 % CSF), so the model does not learn the
+  smooth template; skull thickness (bone threshold of the template shifted by -60..+150
+  HU, plus a smooth regional variation of 0-80 HU standard deviation); in 10 % of cases
+  a craniotomy (a bone flap of 10-22 degrees half-angle replaced by soft tissue, or by
+  air in 30 % of those). The deformations are part of ``D``, so the labels move with
+  the tissue.
+- Scanner: grey matter 33-42 HU and grey/white contrast 3-12 HU; whole-image offset
+  +-40 HU and gain 0.9-1.1 on tissue (air stays -1024); smooth (Gaussian 0.3-1.2 mm) or,
+  in 40 % of cases, sharp kernels (0.2-0.5 mm blur, then unsharp mask 0.3-1.0 x, 0.7-1.5
+  mm); a slow sinusoidal shading of 0-6 HU and beam-hardening-like darkening or
+  brightening of soft tissue, -12..+8 HU per 25 % of bone in a 5 mm neighbourhood (up to
+  twice that: inner table, most at the skull base);
+  noise 2-20 HU (log-uniform), a share of 0-80 % of it filtered in-plane (0.6-1.5 mm
+  grain). Noise is added on the ~1 mm work grid before the scan grid is interpolated.
+- Lesions, which leave the labels unchanged: infarcts (50 % of cases, 1-2; cortical 8-22
+  mm or deep 3-10 mm, in any region, -2 to -15 HU on parenchyma), lacunes (40 %, 1-3,
+  deep, CSF density), a haemorrhage (10 %, 5-20 mm, 50-80 HU), calcifications of
+  100-400 HU, 1-4 mm (pineal 60 %, both choroid plexus glomera 50 %, both basal ganglia
+  10 %). Centres are MNI points carried through ``D^-1`` and ``R``.
+- Labels on the brain only: kept where the deformed intracranial prior (grey + white +
+  CSF) is above 0.5, where their anatomy ``R u`` lies inside the scanned slices, and where
+  the noise- and lesion-free image before gain and offset is within -100..90 HU (so
+  partial volume, blur or edge enhancement has not made the voxel part bone); the
+  brain edge is rendered complete at the 0.5 prior, so no label lies in bone, scalp or air.
 
 A ``synth.json`` manifest (sources, licences, profile and its ranges, options,
-per-case parameters) is written next to the cases; ``training export`` copies it into
-the model card.
+per-case parameters) is written next to the cases; ``training export`` copies it
+(cases counted, not listed) into the model card.
 """
 
 from __future__ import annotations
@@ -68,7 +99,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -356,7 +387,7 @@ def load_atlas(atlas_dir: str) -> Atlas:
                  brain_points=_physical_points(template, (grey + white + csf) > 0.5, 1)[::4],
                  label_points=_physical_points(labels, lab_arr, 2), head_points_all=all_pts,
                  icv=_like(grey + white + csf, template),
-                 label_point_ids=np.asarray(sitk.GetArrayViewFromImage(labels))[::2, ::2, ::2][lab_arr[::2, ::2, ::2]])
+                 label_point_ids=sitk.GetArrayFromImage(labels)[::2, ::2, ::2][lab_arr[::2, ::2, ::2]])
 
 
 def _like(array: np.ndarray, ref: sitk.Image) -> sitk.Image:
@@ -571,7 +602,9 @@ def draw_pose_v2(rng: np.random.Generator, inplane: int, prof: Profile) -> Dict[
     thickness = round(u(*prof.slice_mm), 2)
     overlap = bool(rng.random() < prof.overlap_probability)
     ratio = u(*prof.overlap_spacing)
-    spacing_z = min(thickness, max(prof.min_slice_spacing_mm, round(thickness * ratio, 2))) if overlap else thickness
+    spacing_z = thickness
+    if overlap:
+        spacing_z = min(thickness, max(prof.min_slice_spacing_mm, round(thickness * ratio, 2)))
     return dict(angles_deg=angles, fov=fov, slice_mm=thickness, slice_spacing_mm=spacing_z,
                 spacing_mm=u(*prof.inplane_spacing_512) * 512.0 / inplane,
                 offset_frac=(u(-0.8, 0.8), u(-0.8, 0.8)))
@@ -1025,6 +1058,16 @@ def slab_to_scan(slab: np.ndarray, grid: ScanGrid) -> sitk.Image:
     return sitk.Cast(ct, sitk.sitkInt16) + int(AIR_HU)
 
 
+def slab_to_scan_float(slab: np.ndarray, grid: ScanGrid) -> np.ndarray:
+    """Slices on the work grid in-plane -> float32 (z, y, x) on the scan grid, by the
+    same linear interpolation as :func:`slab_to_scan` (without rounding)."""
+    img = sitk.GetImageFromArray(slab)
+    img.SetOrigin(tuple(float(v) for v in grid.origin))
+    img.SetSpacing((grid.work_spacing, grid.work_spacing, grid.spacing[2]))
+    out = sitk.Resample(img, grid.reference(), transforms.identity(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
 def thickness_average(planes: np.ndarray, dz: float, spacing: float, thickness: float,
                       n: int) -> np.ndarray:
     """``n`` slices ``spacing`` apart, each the mean of ``planes`` (``dz`` thick, plane 0
@@ -1066,7 +1109,8 @@ def _bone_nearby(slab: np.ndarray, grid: ScanGrid, sigma_mm: float = 5.0) -> np.
     4x coarser in-plane grid (it is smooth) and brought back by linear interpolation."""
     step = 4
     coarse = (slab[:, ::step, ::step] > 300.0).astype(np.float32)
-    sig = (sigma_mm / grid.spacing[2], sigma_mm / (grid.work_spacing * step), sigma_mm / (grid.work_spacing * step))
+    inplane = sigma_mm / (grid.work_spacing * step)
+    sig = (sigma_mm / grid.spacing[2], inplane, inplane)
     coarse = ndimage.gaussian_filter(coarse, sig, truncate=2.0)
     zoom = [n / c for n, c in zip(slab.shape, coarse.shape)]
     return ndimage.zoom(coarse, zoom, order=1, grid_mode=True, mode="nearest")[:, :slab.shape[1], :slab.shape[2]]
@@ -1162,9 +1206,9 @@ def render_ct_v2(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: Case
     """v2 ``ct(q) = upright(R^-1 q)``: thin planes averaged over each (possibly
     overlapping) slice's thickness; lesions; kernel; shading; gain and offset; noise.
 
-    Also returns the noise- and lesion-free image before gain and offset on the slab
-    grid (in-plane ``work_spacing``, the scan's slices), which the labels are checked
-    against (:func:`render_labels`).
+    Also returns the noise- and lesion-free image before gain and offset on the scan
+    grid (float32, interpolated as the scan is), which the labels are checked against
+    (:func:`render_labels`).
     """
     R_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
     ref = grid.work_reference_v2()
@@ -1185,7 +1229,9 @@ def render_ct_v2(upright: sitk.Image, R: sitk.Transform, grid: ScanGrid, p: Case
     del slab, field
     out = scanner_map(out, p)
     add_noise(out, p, h, rng)
-    return slab_to_scan(out, grid), clean
+    ct = slab_to_scan(out, grid)
+    del out
+    return ct, slab_to_scan_float(clean, grid)
 
 
 def _clip_to_scan(full: np.ndarray, grid: ScanGrid, R: sitk.Transform) -> None:
@@ -1207,19 +1253,19 @@ def _clip_to_scan(full: np.ndarray, grid: ScanGrid, R: sitk.Transform) -> None:
 
 
 def _clip_to_image(full: np.ndarray, grid: ScanGrid, R: sitk.Transform, clean: np.ndarray) -> None:
-    """Zero the labels whose anatomy ``R u`` the noise-free image shows as bone or air
-    (outside :data:`LABEL_GUARD_HU`, linear interpolation of ``clean`` on the slab grid):
-    a labelled voxel that partial volume, blur or edge enhancement has made part bone
+    """Zero the labels whose anatomy ``R u`` the noise-free image shows as bone or air:
+    ``clean`` (on the scan grid, before gain and offset) interpolated there as
+    ``sitk.Resample(ct, ct, R)`` interpolates the scan, outside :data:`LABEL_GUARD_HU`.
+    A labelled voxel that partial volume, blur or edge enhancement has made part bone
     is not brain on this image."""
     m = transforms.matrix_of(R)
-    sp, o, h = np.array(grid.spacing), np.array(grid.origin, np.float64), grid.work_spacing
+    sp, o = np.array(grid.spacing), np.array(grid.origin, np.float64)
     lo, hi = LABEL_GUARD_HU
     for k in np.flatnonzero(full.reshape(full.shape[0], -1).any(axis=1)):
         jy, ix = np.nonzero(full[k])
         u = np.stack([o[0] + sp[0] * ix, o[1] + sp[1] * jy, np.full(len(ix), o[2] + sp[2] * k)], axis=1)
-        q = u @ m[:3, :3].T + m[:3, 3]
-        coords = [(q[:, 2] - o[2]) / sp[2], (q[:, 1] - o[1]) / h, (q[:, 0] - o[0]) / h]
-        v = ndimage.map_coordinates(clean, coords, order=1, mode="nearest")
+        q = (u @ m[:3, :3].T + m[:3, 3] - o) / sp
+        v = ndimage.map_coordinates(clean, [q[:, 2], q[:, 1], q[:, 0]], order=1, mode="nearest")
         bad = (v > hi) | (v < lo)
         full[k, jy[bad], ix[bad]] = 0
 
