@@ -140,16 +140,77 @@ def sample_3d(cases: List[Prepared], batch: int, patch: Sequence[int], rng: np.r
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
 
+#: Intensity augmentation, at least as wide as synthesis v2 (training/synth.py V2_RANGES),
+#: in HU; applied on the normalised input x = (HU - WINDOW_HU[0]) / 120 (the card window
+#: is 120 HU wide, so 40 HU is 0.33 of the input range and 20 HU of noise 0.17).
+AUG_OFFSET_HU = 40.0                 # whole-image offset +-40 HU
+AUG_GAIN = (0.9, 1.1)                # gain about 0 HU
+AUG_CONTRAST = (-0.5, 1.0)           # change of the local slope at a brain level (x 0.5-2)
+AUG_CONTRAST_LEVEL_HU = (20.0, 40.0)
+AUG_NOISE_HU = (0.0, 20.0)           # noise standard deviation
+AUG_NOISE_CORRELATION = (0.0, 0.8)   # share of it smoothed (0.5-1.5 voxels)
+AUG_BLUR = (0.5, (0.3, 1.0))         # probability, Gaussian sigma in voxels
+
+
+def _blur(x: torch.Tensor, sigma: float, dims: int) -> torch.Tensor:
+    """Separable Gaussian blur of the last ``dims`` (2 or 3) axes, edges replicated."""
+    r = max(1, int(math.ceil(3.0 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    conv = F.conv3d if dims == 3 else F.conv2d
+    shape = x.shape
+    out = x.reshape((-1, 1) + tuple(shape[-dims:]))
+    for axis in range(dims):
+        view = [1] * dims
+        view[axis] = 2 * r + 1
+        pad = [0] * (2 * dims)
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = r   # F.pad lists the last axis first
+        out = conv(F.pad(out, pad, mode="replicate"), k.view([1, 1] + view))
+    return out.reshape(shape)
+
+
+def augment_intensity(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Scanner variation on normalised images (b, c, *spatial), each sample drawn alone:
+    gain and offset, a grey/white contrast change, blur, then noise partly smoothed.
+
+    Only voxels inside the window (0 < x < 1) change: air and fat (0) and bone (1) are
+    clipped at inference whatever the scanner, so they stay. Every draw is made for
+    every sample, so the stream of ``rng`` does not depend on the branches taken.
+    """
+    width = WINDOW_HU[1] - WINDOW_HU[0]
+    zero = -WINDOW_HU[0] / width                       # 0 HU on the input scale
+    dims = img.ndim - 2
+    out = []
+    for x in img:
+        gain, offset = rng.uniform(*AUG_GAIN), rng.uniform(-AUG_OFFSET_HU, AUG_OFFSET_HU) / width
+        kappa = rng.uniform(*AUG_CONTRAST)
+        level = (rng.uniform(*AUG_CONTRAST_LEVEL_HU) - WINDOW_HU[0]) / width
+        blur, blur_sigma = rng.random() < AUG_BLUR[0], rng.uniform(*AUG_BLUR[1])
+        sigma, corr = rng.uniform(*AUG_NOISE_HU) / width, rng.uniform(*AUG_NOISE_CORRELATION)
+        grain_sigma = rng.uniform(0.5, 1.5)
+        noise = torch.from_numpy(rng.standard_normal((2,) + tuple(x.shape), dtype=np.float32))
+        # local slope x (1 + kappa) at ``level``, monotone for kappa in [-0.5, 1] (10 HU wide)
+        d = x - level
+        y = x + kappa * d * torch.exp(-(d / (10.0 / width)) ** 2)
+        y = gain * (y - zero) + zero + offset
+        if blur:
+            y = _blur(y, blur_sigma, dims)
+        grain = _blur(noise[1], grain_sigma, dims)
+        grain = grain / grain.std().clamp_min(1e-6)
+        y = y + sigma * (math.sqrt(1.0 - corr * corr) * noise[0] + corr * grain)
+        out.append(torch.where((x > 0) & (x < 1), y.clamp(0.0, 1.0), x))
+    return torch.stack(out)
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, max_deg: float,
             image_channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Intensity jitter and noise on the image channels; a small random rotation and
-    scaling of image and labels (a residual head-pose error). The left-right channel
-    is left unrotated: it stays a coordinate of the grid, as in inference."""
+    """Intensity augmentation on the image channels (:func:`augment_intensity`); a small
+    random rotation and scaling of image and labels (a residual head-pose error). The
+    left-right channel is left unrotated: it stays a coordinate of the grid, as in
+    inference. Deterministic given ``rng``."""
     b = x.shape[0]
-    img = x[:, :image_channels]
-    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (b,) + (1,) * (x.ndim - 1)).astype(np.float32))
-    shift = torch.from_numpy(rng.uniform(-0.05, 0.05, (b,) + (1,) * (x.ndim - 1)).astype(np.float32))
-    img = img * gain + shift + 0.02 * torch.randn_like(img)
+    img = augment_intensity(x[:, :image_channels].float(), rng)
     dim = x.ndim - 2
     theta = torch.zeros(b, dim, dim + 1)
     for k in range(b):
