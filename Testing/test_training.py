@@ -75,3 +75,27 @@ def test_torchrun_two_gloo_processes(phantom_dataset, tmp_path):
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["kinds"]["3d"]["world_size"] == 2
     assert (run / "unet3d.pt").is_file()
+
+
+def test_init_from_an_exported_model_starts_from_its_weights(phantom_dataset, tmp_path):
+    """--init-from copies an exported model's weights (fine-tuning); 0 iterations later the
+    exported network is that model's; another kind is refused with a message."""
+    run = tmp_path / "run"
+    base = ["train", "--data", str(phantom_dataset), "--kind", "3d", "--device", "cpu", *TINY]
+    assert training_main(base + ["--out", str(run), "--iterations", "5"]) == 0
+    out = tmp_path / "models"
+    assert training_main(["export", "--run", str(run), "--out", str(out)]) == 0
+    tuned = tmp_path / "tuned"
+    assert training_main(base + ["--out", str(tuned), "--iterations", "1", "--lr", "1e-12",
+                                 "--init-from", str(out / "aspects-3d")]) == 0
+    start = models.load_model(out / "aspects-3d").nets["unet3d"].state_dict()
+    import torch
+    after = torch.load(tuned / "unet3d.pt", weights_only=True)
+    for key, value in start.items():
+        if value.dtype.is_floating_point and "running" not in key:
+            assert torch.allclose(value, after[key], atol=1e-5), key
+    logged = (tuned / "log.jsonl").read_text(encoding="utf-8")
+    assert '"event": "initialised"' in logged
+    planar = ["train", "--data", str(phantom_dataset), "--kind", "planar", "--device", "cpu", *TINY]
+    assert training_main(planar + ["--out", str(tmp_path / "bad"), "--iterations", "1",
+                                   "--init-from", str(out / "aspects-3d")]) == 2

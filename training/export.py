@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from BrainLobeSegLib import models
+from BrainLobeSegLib.errors import InputError
 from BrainLobeSegLib.networks import build_network
 
 
@@ -65,6 +66,7 @@ def export_kind(run: Path, kind: str, out: Path, prefix: str, version: str,
         "fused by mean probability" if kind == "planar" else
         "Compact 3D U-Net with a left-right coordinate channel")
     card.training = {**data_provenance(config["data"]),
+                     **({"initialised_from": config["initialised_from"]} if config.get("initialised_from") else {}),
                      "data": ", ".join(Path(d).name for d in config["data"])
                      + (f" + {config['phantoms']} code phantoms" if config.get("phantoms") else ""),
                      **{k: config[k] for k in ("config", "train_cases", "phantoms", "loss", "alpha",
@@ -82,12 +84,30 @@ def export_kind(run: Path, kind: str, out: Path, prefix: str, version: str,
     return folder
 
 
+def _trained_kinds(run: Path) -> List[str]:
+    """The kinds the run's config.json records (a ``--kind 3d`` run has no planar entry)."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise InputError(f"{run} is not a training run (no config.json).",
+                         "Give the --out folder of python -m training train.")
+    return list(json.loads(path.read_text(encoding="utf-8")).get("kinds", {}))
+
+
 def run(args: argparse.Namespace) -> int:
     summary = None
     if args.metrics:
         from .evaluate import summarise
         summary = summarise(json.loads(Path(args.metrics).read_text(encoding="utf-8")))
-    kinds = ["planar", "3d"] if args.kind == "both" else [args.kind]
+    trained = _trained_kinds(Path(args.run))
+    wanted = ["planar", "3d"] if args.kind == "both" else [args.kind]
+    kinds = [k for k in wanted if k in trained]
+    skipped = [k for k in wanted if k not in trained]
+    if not kinds:
+        raise InputError(f"the run {args.run} holds no trained {' or '.join(wanted)} model "
+                         f"(it has: {', '.join(trained) or 'none'}).",
+                         "Train it first (python -m training train --kind ...), or export the kind it has.")
+    for kind in skipped:
+        print(f"skipped {kind}: the run did not train it (train --kind {kind} to add it)")
     for kind in kinds:
         metrics = None
         if summary is not None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from BrainLobeSegLib import models, regions
+from BrainLobeSegLib.errors import InputError
 from BrainLobeSegLib.inference import planar_inputs, volume_inputs
 from BrainLobeSegLib.networks import build_network
 
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL_DIR",
+                   help="start from the weights of an exported model folder of the same kind and "
+                        "architecture (e.g. a bundled model) instead of random ones (fine-tuning)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
@@ -252,7 +256,8 @@ def make_card(kind: str, cfg: dict) -> models.ModelCard:
     card = models.ModelCard(
         name=f"aspects-{kind}", version="0", kind=kind,
         architecture={"name": "UNet2D" if kind == "planar" else "UNet3D", "args": {}},
-        spacing_mm=[cfg["spacing"]] * 3, intensity={"window": WINDOW_HU}, networks={},
+        spacing_mm=[cfg["spacing"]] * 3,
+        intensity={"window": WINDOW_HU, "calibration": models.CALIBRATION_SOFT_TISSUE}, networks={},
         context_slices=1, coordinate_channel=True, patch_size=None)
     card.architecture["args"] = {"in_channels": card.in_channels,
                                  "num_classes": regions.NUM_LABELS + 1,
@@ -335,6 +340,27 @@ def train_network(net: torch.nn.Module, sampler: Callable[[np.random.Generator],
     return net.eval()
 
 
+def initialise_from(net: torch.nn.Module, folder: Path, name: str, card: models.ModelCard) -> dict:
+    """Copy the weights of network ``name`` of an exported model folder into ``net``.
+
+    The folder is read by the engine's safe loader (no pickled code runs, the sha256 is
+    checked), and its architecture must be the one this run trains: a fine-tuned model
+    that silently dropped half its weights would look trained and be not.
+    """
+    loaded = models.load_model(Path(folder), device="cpu")
+    if loaded.card.kind != card.kind or name not in loaded.nets:
+        raise InputError(f"--init-from {folder} holds a {loaded.card.kind} model without a "
+                         f"'{name}' network; this run trains {card.kind}.",
+                         "Give a model folder of the same kind.")
+    theirs, ours = loaded.card.architecture, card.architecture
+    if theirs != ours:
+        raise InputError(f"--init-from {folder} has another architecture ({theirs}) than this run "
+                         f"({ours}).", "Train with the same --base-features and depth, or start "
+                         "from random weights.")
+    net.load_state_dict(loaded.nets[name].state_dict())
+    return {"from": str(folder), "model": f"{loaded.card.name} {loaded.card.version}"}
+
+
 def split_folds(names: List[str], folds: int, fold: int, seed: int) -> Tuple[List[str], List[str]]:
     """Deterministic k-fold split of case names: (training, held out)."""
     if folds <= 1:
@@ -394,6 +420,9 @@ def run(args: argparse.Namespace) -> int:
         for name in nets:
             torch.manual_seed(args.seed)
             net = build_network(card.architecture["name"], card.architecture["args"])
+            if args.init_from:
+                log({"event": "initialised", "network": name,
+                     **initialise_from(net, args.init_from, name, card)})
             if kind == "planar":
                 axis = models.PLANES[name]
                 sampler = (lambda a: lambda rng: sample_planar(
@@ -408,7 +437,8 @@ def run(args: argparse.Namespace) -> int:
                                  "train_cases": len(cases), "phantoms": args.phantoms,
                                  "data": [str(d) for d in args.data], "loss": args.loss,
                                  "alpha": args.alpha, "beta": args.beta, "seed": args.seed,
-                                 "folds": args.folds, "fold": args.fold, "world_size": dd.world}
+                                 "folds": args.folds, "fold": args.fold, "world_size": dd.world,
+                                 "initialised_from": str(args.init_from) if args.init_from else None}
         if dd.main:
             (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if dd.world > 1:

@@ -68,8 +68,6 @@ WORK_SPACING_MM = 3.5
 #: brain/CSF border carry the roll; bone and air are clipped flat (the skull outline of a
 #: nearly round head says little about roll, and bone density varies with thickness).
 FEATURE_HU = (0.0, 80.0)
-#: Median soft-tissue density of a head on a calibrated scanner (brain, scalp, CSF).
-BRAIN_LEVEL_HU = 30.0
 #: Half-range (degrees) of the coarse search over the symmetry plane's normal.
 SEARCH_DEG = 24.0
 COARSE_STEP_DEG = 4.0
@@ -123,7 +121,8 @@ def _working_image(scan: sitk.Image, spacing: float
     """The head on an identity-direction isotropic grid in the scan's physical space:
     the symmetry feature image (brain window, lightly smoothed), the head mask and the
     field-of-view mask (bool, z y x), and the HU image on that grid, less the scan's
-    :func:`calibration_shift`.
+    :func:`geometry.calibration_shift` (both feature windows move with the head's own
+    soft tissue, so a scanner's calibration offset changes nothing here).
 
     The field of view matters: a scan often cuts the head (vertex, chin, nose), and the
     cut faces are planes of the *scan*, not of the head. Compared as air they would pull
@@ -143,21 +142,10 @@ def _working_image(scan: sitk.Image, spacing: float
     fov_img = sitk.BinaryErode(fov_img, [1, 1, 1])
     fov = sitk.GetArrayFromImage(fov_img) > 0
     mask = (hu > geometry.HEAD_THRESHOLD_HU) & fov
-    shift = calibration_shift(hu, mask)
+    shift = geometry.calibration_shift(hu, mask)
     feat = np.clip(hu - shift, *FEATURE_HU).astype(np.float32)
     img = sitk.SmoothingRecursiveGaussian(grid.image(feat), SMOOTHING_MM)
     return img, mask, fov, grid.image((hu - shift).astype(np.float32))
-
-
-def calibration_shift(hu: np.ndarray, mask: np.ndarray) -> float:
-    """How far (HU) the head's median soft-tissue density lies from :data:`BRAIN_LEVEL_HU`.
-
-    A scanner's calibration can shift all of a scan by tens of HU; both feature windows
-    move with the head's own soft tissue, so such a shift changes nothing here.
-    """
-    soft = hu[mask & (hu > -100.0) & (hu < 150.0)]
-    shift = float(np.median(soft)) - BRAIN_LEVEL_HU if soft.size > 100 else 0.0
-    return float(np.clip(shift, -60.0, 60.0))
 
 
 def match_image(hu: sitk.Image) -> sitk.Image:

@@ -31,6 +31,11 @@ HEAD_THRESHOLD_HU = -300.0   # scalp and everything inside it
 BOX_MARGIN_MM = 6.0
 MAX_BOX_MM = (230.0, 260.0, 220.0)  # x, y, z: larger than any adult head
 _SCOUT_SPACING_MM = 4.0      # resolution of the head-mask search
+#: Median soft-tissue density (HU) of a head on a calibrated scanner (brain, CSF, scalp).
+SOFT_TISSUE_LEVEL_HU = 30.0
+#: Largest calibration shift (HU) that is corrected; beyond it the scan is not a
+#: calibrated CT, which the CT check reports.
+MAX_CALIBRATION_SHIFT_HU = 60.0
 
 
 @dataclass(frozen=True)
@@ -190,3 +195,22 @@ def crop_box(shape: Sequence[int], mask: Optional[np.ndarray] = None) -> Tuple[s
         return tuple(slice(0, n) for n in shape)
     idx = np.argwhere(mask)
     return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
+
+
+def calibration_shift(hu: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """How far (HU) the head's median soft-tissue density lies from
+    :data:`SOFT_TISSUE_LEVEL_HU`; 0 when there is too little soft tissue to tell.
+
+    Scanners differ in calibration by tens of HU over the whole image. Soft tissue
+    (-100..150 HU: brain, CSF, scalp; not fat, air or bone) is mostly brain in a head
+    scan, and its median moves with the calibration and hardly with the patient, so
+    subtracting this shift makes densities comparable between scanners.
+    """
+    sel = (hu > -100.0) & (hu < 150.0)
+    if mask is not None:
+        sel &= mask
+    soft = hu[sel]
+    if soft.size < 100:
+        return 0.0
+    shift = float(np.median(soft)) - SOFT_TISSUE_LEVEL_HU
+    return float(np.clip(shift, -MAX_CALIBRATION_SHIFT_HU, MAX_CALIBRATION_SHIFT_HU))

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import regions
+from . import geometry, regions
 from .errors import ModelError
 from .imageio import default_file_mode
 from .networks import UNet, build_network
@@ -91,8 +91,20 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+#: ``intensity.calibration`` of a card: subtract the scan's soft-tissue calibration shift
+#: (:func:`geometry.calibration_shift`) before the window. Cards without it use raw HU.
+CALIBRATION_SOFT_TISSUE = "soft-tissue-median"
+
+
 def normalise_intensity(hu: np.ndarray, card: ModelCard) -> np.ndarray:
-    """HU -> network input in [0, 1] with the card's window (the only place this happens)."""
+    """HU -> network input in [0, 1] with the card's window (the only place this happens).
+
+    With ``intensity.calibration`` set to :data:`CALIBRATION_SOFT_TISSUE`, a whole-scan
+    offset (another scanner's calibration) is removed first, so the network sees the
+    same densities whatever the scanner; training and inference both come through here.
+    """
+    if card.intensity.get("calibration") == CALIBRATION_SOFT_TISSUE:
+        hu = hu - np.float32(geometry.calibration_shift(hu))
     lo, hi = (float(v) for v in card.intensity["window"])
     out = np.clip(hu, lo, hi, out=None if hu.dtype != np.float32 else hu)
     out -= lo
@@ -149,6 +161,10 @@ def _check_card(card: ModelCard, path: Path) -> None:
                          "Train the model with this version's regions table.")
     if not _numbers(card.spacing_mm, 3) or min(card.spacing_mm) <= 0:
         raise ModelError(f"{path}: spacing_mm must be three positive numbers.", "Fix model.json.")
+    calibration = card.intensity.get("calibration")
+    if calibration not in (None, CALIBRATION_SOFT_TISSUE):
+        raise ModelError(f"{path}: intensity calibration {calibration!r} is unknown to this engine "
+                         f"(it knows {CALIBRATION_SOFT_TISSUE!r}).", "Update BrainLobeSeg.")
     window = card.intensity.get("window")
     if not _numbers(window, 2) or not window[1] > window[0]:
         raise ModelError(f"{path}: intensity window must be two numbers lo < hi, not {window!r}.",
