@@ -55,15 +55,18 @@ class BrainLobeSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segments the 20 ASPECTS regions (caudate, lentiform nucleus, internal capsule, "
             "insular ribbon and M1-M6, each side) on a non-contrast head CT, in Slicer, with "
-            "the bundled models. Choose the CT and how the head is turned upright (its parent "
-            "transform, a transform node, or an ITK-SNAP transform file), press Segment, then "
-            "correct the result in the Segment Editor.<br><br>"
+            "the bundled models. Choose the CT and how the head is turned upright (an automatic "
+            "estimate, which is added as a transform node to check; its parent transform; a "
+            "transform node; or an ITK-SNAP transform file), press Segment, then correct the "
+            "result in the Segment Editor.<br><br>"
             "Not a medical device: for research and decision support; every region must be "
             "checked by a clinician."
         )
         self.parent.acknowledgementText = _(
             "BrainLobeSeg is open source. Models are trained on public atlases and synthetic "
-            "scans; see each model's model.json for its data and held-out metrics."
+            "scans; see each model's model.json for its data and held-out metrics. The automatic "
+            "alignment uses the CT template of Rorden et al. (2012), Clinical toolbox, BSD-2-Clause "
+            "(Resources/Atlas)."
         )
 
 

@@ -3,7 +3,8 @@
 
 The default reference is the bundled MNI-frame head CT (:mod:`reference`); the tests pose
 that head by known rotations (:func:`phantom.make_reference_scan`). The analytic phantom
-is aligned against its own upright image, since its shape is not an MNI head's.
+is not used here: its head is a smooth ellipsoid whose pose a shape registration cannot
+pin down (``Testing/benchmarks/ALIGNMENT_RESULTS.md`` has its numbers).
 """
 
 from __future__ import annotations
@@ -35,15 +36,6 @@ def test_default_reference_finds_a_posed_head(angles, offset, cut):
     # R maps the head centre to itself, so the upright space overlaps the scan
     centre = np.asarray(est.transform.TransformPoint(tuple(est.centre)))
     assert np.allclose(centre, est.centre, atol=1e-6)
-
-
-@pytest.mark.parametrize("angles, seed", [((9.0, -6.0, 11.0), 11), ((-12.0, 8.0, -5.0), 12)])
-def test_phantom_pose_against_its_own_upright_image(angles, seed):
-    case = phantom.make_scan(size=SIZE, spacing=SPACING, angles_deg=angles, seed=seed)
-    upright = phantom.make_upright_phantom(spacing_mm=2.0)[0]
-    est = alignment.estimate_pose(case.ct, template=upright)
-    error = alignment.angle_error_deg(est.transform, case.transform)
-    assert error < 3.0, f"tilt {angles}: error {error:.2f} degrees"
 
 
 def test_nearest_rotation_removes_head_scaling():

@@ -30,7 +30,10 @@ Two steps, both on a coarse (3.5 mm) isotropic copy of the head:
 
    The code phantoms of :mod:`phantom` have region labels at MNI places but an
    analytic, horizontal brain ellipsoid without a face: their pose is not the MNI head
-   shape's, so they are aligned against their own upright phantom (``template=``).
+   shape's, and even against their own upright image (``template=``) a smooth
+   ellipsoid leaves the rotation poorly defined for a registration with free scales
+   (errors of several degrees; ``Testing/benchmarks/ALIGNMENT_RESULTS.md``). Give
+   phantoms their transform.
 
 The rotation found is written about the head centre (``R(c) = c``), so the upright
 space overlaps the scan and the file's translation stays small and readable.
@@ -349,7 +352,8 @@ class Reference:
 
     image: sitk.Image     # match-window feature image, identity direction
     mask: sitk.Image      # where it is compared: the head and a margin of air around it
-    centre: np.ndarray    # centroid of the head (LPS mm)
+    centre: np.ndarray       # centroid of the brain (LPS mm), see :func:`brain_centroid`
+    head_centre: np.ndarray  # centroid of the head (LPS mm)
 
 
 def prepare_reference(template: sitk.Image, spacing: float = WORK_SPACING_MM) -> Reference:
@@ -360,8 +364,29 @@ def prepare_reference(template: sitk.Image, spacing: float = WORK_SPACING_MM) ->
     # template's own field of view
     near = sitk.BinaryDilate(_mask_image(mask, image), [3, 3, 3])
     near = sitk.And(near, _mask_image(fov, image))
-    pts = _index_points(image, mask, max_points=200000)
-    return Reference(image, near, pts.mean(axis=0))
+    head = _index_points(hu, mask, max_points=200000).mean(axis=0)
+    return Reference(image, near, brain_centroid(hu, mask, fov), head)
+
+
+def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Centroid (LPS mm) of the intracranial soft tissue, else of the head.
+
+    The registration starts by putting the reference's brain on the scan's: the head's
+    centroid would move with how much neck or face the scan holds (up to 100 mm of neck
+    in view), the brain's hardly (a cut vertex moves it by a few mm). The brain is the
+    largest 0-100 HU region (calibration-corrected) after an opening of 7 mm, which cuts
+    it from the scalp, the face and the spinal canal.
+    """
+    soft = sitk.And(sitk.And(hu > 0.0, hu < 100.0), _mask_image(fov, hu))
+    radius = max(1, int(round(7.0 / hu.GetSpacing()[0])))
+    soft = sitk.BinaryMorphologicalOpening(sitk.Cast(soft, sitk.sitkUInt8), [radius] * 3)
+    comps = sitk.GetArrayViewFromImage(
+        sitk.RelabelComponent(sitk.ConnectedComponent(soft), sortByObjectSize=True))
+    brain = comps == 1
+    # a brain is at least 0.5 l; less means the opening found no brain (e.g. a phantom)
+    if brain.sum() * float(np.prod(hu.GetSpacing())) < 5e5:
+        brain = head
+    return _index_points(hu, brain, max_points=200000).mean(axis=0)
 
 
 @functools.lru_cache(maxsize=2)
@@ -397,38 +422,44 @@ def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
 class Match:
     """The reference head as registered to a scan: ``T(p) = M (p - c) + c + t``."""
 
-    transform: sitk.ScaleVersor3DTransform
+    transform: sitk.AffineTransform
     correlation: float     # normalised correlation at the optimum (1: identical)
 
 
 def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Reference,
-                       plane_rotation: np.ndarray, centre: np.ndarray,
+                       plane_rotation: np.ndarray, centres: Sequence[np.ndarray],
                        starts: Sequence[float] = PITCH_STARTS_DEG) -> Match:
-    """Register the upright reference to the scan: rotation, shift and a scale per axis.
+    """Register the upright reference to the scan: rotation, shift and a linear map that
+    absorbs head size and proportions (removed afterwards by :func:`nearest_rotation`).
 
     SimpleITK maps fixed (reference, upright) points to moving (scan) points, which is the
-    direction of ``R`` itself. The scale per axis absorbs head size and proportions, so
-    the rotation is free to follow the head's orientation alone. Starting from the
-    mid-sagittal plane's roll and yaw, a few starting pitches are tried on a grid twice
-    as coarse (pitch has local optima 30-40 degrees apart, the skull being nearly round),
-    and the best is refined at the working resolution.
+    direction of ``R`` itself. Starting from the mid-sagittal plane's roll and yaw, a few
+    starting pitches are tried on a grid twice as coarse (pitch has local optima 30-40
+    degrees apart, the skull being nearly round), each from two starting positions: the
+    scan's brain centroid on the reference's, and the head centroid on the reference's
+    (``centres``, in that order; the first is robust to neck in view, the second when no
+    brain is found). The best is refined at the working resolution.
     """
     moving_mask = _mask_image(scan_fov, scan_img)
     best: Optional[Match] = None
-    for pitch in starts:
-        tf = sitk.ScaleVersor3DTransform()
-        tf.SetCenter(tuple(float(c) for c in ref.centre))
-        tf.SetRotation(*_versor_of(plane_rotation @ rotation_x(pitch)))
-        tf.SetTranslation(tuple(float(v) for v in centre - ref.centre))
-        match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
-        if best is None or match.correlation > best.correlation:
-            best = match
+    for scan_centre, ref_centre in zip(centres, (ref.centre, ref.head_centre)):
+        for pitch in starts:
+            rotation = plane_rotation @ rotation_x(pitch)
+            tf = sitk.AffineTransform(3)
+            tf.SetCenter(tuple(float(c) for c in ref.centre))
+            tf.SetMatrix(tuple(float(v) for v in rotation.ravel()))
+            # T(ref_centre) = scan_centre at the start
+            tf.SetTranslation(tuple(float(v) for v in scan_centre - ref.centre
+                                    - rotation @ (ref_centre - ref.centre)))
+            match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
+            if best is None or match.correlation > best.correlation:
+                best = match
     assert best is not None
     return _run_registration(ref, scan_img, moving_mask, best.transform, shrink=1)
 
 
 def _run_registration(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Image,
-                      tf: sitk.ScaleVersor3DTransform, shrink: int) -> Match:
+                      tf: sitk.AffineTransform, shrink: int) -> Match:
     """One registration of the reference to the scan from ``tf`` (changed in place),
     on grids shrunk by ``shrink``."""
     reg = sitk.ImageRegistrationMethod()
@@ -470,11 +501,13 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
         raise InputError("no head found in the scan (too few voxels above "
                          f"{geometry.HEAD_THRESHOLD_HU:.0f} HU).", "Give a head CT in HU.")
     report(0.15, "mid-sagittal plane")
-    normal, _, centre, rmse = find_symmetry_plane(img, mask, fov)
+    normal, offset, head_centre, rmse = find_symmetry_plane(img, mask, fov)
     plane_rotation = rotation_taking(np.array([1.0, 0.0, 0.0]), normal)
+    brain = brain_centroid(hu, mask, fov)
+    brain = brain - (float(brain @ normal) - offset) * normal    # on the mid-sagittal plane
     report(0.45, "matching the reference head")
     ref = _bundled_reference(float(spacing)) if template is None else prepare_reference(template, spacing)
-    match = register_reference(match_image(hu), fov, ref, plane_rotation, centre)
+    match = register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre))
     if match.correlation < MIN_MATCH:
         raise InputError(f"the scan does not match a head well enough to find its pose "
                          f"(correlation with the reference head {match.correlation:.2f}, below "

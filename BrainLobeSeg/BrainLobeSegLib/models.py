@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import geometry, regions
+from .resources import bundled_dir
 from .errors import ModelError
 from .imageio import default_file_mode
 from .networks import UNet, build_network
@@ -259,18 +260,9 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
 
 
 def bundled_models_dir() -> Path:
-    """``$BRAINLOBESEG_MODELS``, else ``BrainLobeSeg/Resources/Models``.
-
-    In Slicer and in a source checkout (editable install) the models sit in the
-    extension's Resources next to this package; a wheel copies them into the package
-    as ``bundled_models`` (pyproject.toml), because it cannot carry files outside it.
-    """
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    resources = here.parent / "Resources" / "Models"
-    return resources if resources.is_dir() else here / "bundled_models"
+    """``$BRAINLOBESEG_MODELS``, else ``BrainLobeSeg/Resources/Models`` (or a wheel's
+    ``bundled_models``; see :mod:`resources`)."""
+    return bundled_dir(MODELS_ENV, "Models", "bundled_models")
 
 
 def list_model_folders(root: Optional[Path] = None) -> List[Path]:

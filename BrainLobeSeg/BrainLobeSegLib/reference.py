@@ -13,13 +13,13 @@ Only numpy and SimpleITK are used (the inference-path rule).
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .resources import bundled_dir
 
 #: Environment variable that points at another folder holding the reference files.
 ATLAS_ENV = "BRAINLOBESEG_ATLAS"
@@ -29,18 +29,9 @@ SOURCE_FILE = "SOURCE.md"
 
 
 def atlas_dir() -> Path:
-    """``$BRAINLOBESEG_ATLAS``, else the extension's ``Resources/Atlas``.
-
-    As for the models (:func:`models.bundled_models_dir`): a source checkout and Slicer
-    have the Resources beside this package; a wheel carries them inside it as
-    ``bundled_atlas``.
-    """
-    env = os.environ.get(ATLAS_ENV)
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    resources = here.parent / "Resources" / "Atlas"
-    return resources if resources.is_dir() else here / "bundled_atlas"
+    """``$BRAINLOBESEG_ATLAS``, else the extension's ``Resources/Atlas`` (or a wheel's
+    ``bundled_atlas``; see :mod:`resources`)."""
+    return bundled_dir(ATLAS_ENV, "Atlas", "bundled_atlas")
 
 
 @functools.lru_cache(maxsize=2)

@@ -19,6 +19,8 @@ group):
   ``Q ∘ R_0`` (``R_0``: the estimate on the unrotated scan); no ground truth needed.
 - ``--speed``: the time of one estimate on a 512 x 512 x 110 int16 head CT (the
   performance target's size), printed as the median of 3 runs.
+- ``--dice DIR``: the bundled models' mean Dice when ``segment`` gets no transform (the
+  automatic pose) against the Dice with the true transform, on labelled scans.
 
 Exit status 1 if a group misses the targets (median <= 1.5, p95 <= 3, max <= 5 degrees;
 real-scan consistency <= 2 degrees; speed < 3 s). Run it niced on a shared machine::
@@ -137,6 +139,40 @@ def real_consistency(path: str, count: int = 6) -> bool:
     return ok
 
 
+def segmentation_dice(folder: str, mode: str) -> bool:
+    """Mean Dice of ``segment`` without a transform (the automatic pose) against the Dice
+    with the true transform, per case, both on the scan grid (the truth ``N-seg`` mapped
+    there through ``R_true``); the target is a difference of at most 0.01 on average."""
+    from BrainLobeSegLib import geometry, inference, regions
+    seg = inference.Segmenter(mode, None, "cpu")
+    rows = []
+    for case in dataset.list_cases(folder):
+        if case.transform_path is None or case.seg_path is None:
+            continue
+        ct, truth_R, upright = dataset.read_case(case)
+        inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(truth_R)))
+        truth = sitk.GetArrayFromImage(sitk.Resample(upright, ct, inv, sitk.sitkNearestNeighbor, 0))
+        est = alignment.estimate_pose(ct)
+        dice = []
+        for R in (truth_R, est.transform):
+            labels = sitk.GetArrayFromImage(seg.segment(ct, R).labels_scan)   # a copy: the image is temporary
+            per = [2.0 * ((truth == r.label) & (labels == r.label)).sum()
+                   / max(1, (truth == r.label).sum() + (labels == r.label).sum())
+                   for r in regions.REGIONS if (truth == r.label).any()]
+            dice.append(float(np.mean(per)))
+        rows.append(dice)
+        print(f"{case.name:<6} pose error {alignment.angle_error_deg(est.transform, truth_R):5.2f} deg  "
+              f"Dice with R_true {dice[0]:.3f}  without a transform {dice[1]:.3f}  "
+              f"({dice[1] - dice[0]:+.3f})", flush=True)
+    arr = np.array(rows)
+    diff = float(arr[:, 1].mean() - arr[:, 0].mean())
+    ok = diff >= -0.01
+    print(f"segment ({mode}) on {len(rows)} cases of {folder}: mean Dice with the true transform "
+          f"{arr[:, 0].mean():.3f}, without a transform {arr[:, 1].mean():.3f} ({diff:+.3f}; worst case "
+          f"{(arr[:, 1] - arr[:, 0]).min():+.3f})  {'ok' if ok else 'MISSES TARGET'}")
+    return ok
+
+
 def speed() -> bool:
     """Seconds for one estimate on a 512 x 512 x 110 int16 head CT."""
     ct, _ = phantom.make_reference_scan((20.0, 6.0, -9.0), size=(512, 512, 110),
@@ -161,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reference-poses", type=int, default=0, help="posed copies of the reference head")
     p.add_argument("--real", help="a real scan (file or DICOM folder) for the consistency check")
     p.add_argument("--speed", action="store_true", help="time one 512x512x110 estimate")
+    p.add_argument("--dice", help="labelled dataset folder: Dice of segment without a transform "
+                                  "against with the true one (bundled models)")
+    p.add_argument("--mode", default="3d", help="segmentation mode for --dice (default 3d)")
     p.add_argument("--threads", type=int, default=2, help="ITK threads (the target machine has 2 cores)")
     p.add_argument("--json", help="write the per-case errors here")
     args = p.parse_args(argv)
@@ -184,10 +223,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         ok &= real_consistency(args.real)
     if args.speed:
         ok &= speed()
+    if args.dice:
+        ok &= segmentation_dice(args.dice, args.mode)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(groups, fh, indent=1)
-    if not groups and not args.real and not args.speed:
+    if not groups and not args.real and not args.speed and not args.dice:
         print("nothing measured: give --data, --phantoms, --reference-poses, --real or --speed", file=sys.stderr)
         return 2
     return 0 if ok else 1
