@@ -1,7 +1,7 @@
 """Prediction: one data flow from a scan to labels on the scan grid (DESIGN.md section 3).
 
     head_box -> upright_resample -> normalise_intensity -> predict_planar / predict_3d
-    -> fuse_probabilities -> labels_from_probabilities -> labels_to_scan
+    -> fuse_probabilities -> clean_probabilities -> labels_from_probabilities -> labels_to_scan
 
 Each step is one function; :class:`Segmenter` strings them together, reports progress
 through a callback ``progress(fraction, message)`` and stops when ``cancel()`` returns
@@ -10,6 +10,7 @@ True (checked between batches), raising :class:`Cancelled` before anything is re
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import geometry, models
+from . import cleanup, geometry, models
 from .errors import Cancelled, InputError
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
@@ -48,6 +49,7 @@ class SegmentationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     mode: str = ""
     model_names: List[str] = field(default_factory=list)
+    cleanup: Optional[cleanup.CleanupReport] = None   # what the post-processing removed
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -324,9 +326,11 @@ class Segmenter:
         member_labels: Dict[str, np.ndarray] = {}
         n = len(self.models)
         prepared: Dict[tuple, np.ndarray] = {}   # ensemble members on one grid share it
+        non_brain_masks: Dict[Grid, np.ndarray] = {}   # bone and air, per model grid
         for i, model in enumerate(self.models):
             span = (0.05 + 0.85 * i / n, 0.05 + 0.85 * (i + 1) / n)
-            grid, volume, lateral = self._prepare(scan, transform, head, model, st, prepared)
+            grid, volume, lateral = self._prepare(scan, transform, head, model, st, prepared,
+                                                  non_brain_masks)
             st.report(span[0], f"running the {model.card.kind} model")
             with st.stage("inference"):
                 if model.card.kind == "planar":
@@ -343,6 +347,12 @@ class Segmenter:
             members = {k: v for k, v in member_labels.items()
                        if v.shape == grid.shape}
             fused = fuse_probabilities(probs, list(members.values()), self.fusion)
+        with st.stage("clean-up"):
+            non_brain = non_brain_masks.get(grid)
+            if non_brain is None:   # the fused grid is no model's own (not the case today)
+                non_brain = cleanup.non_brain_mask(geometry.upright_resample(scan, transform, grid),
+                                                   grid.spacing)
+            report = cleanup.clean_probabilities(fused, non_brain)
             labels = labels_from_probabilities(fused)
         st.report(0.93, "mapping labels back to the scan")
         with st.stage("to scan grid"):
@@ -355,19 +365,23 @@ class Segmenter:
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,
             member_labels=members, probabilities=fused if keep_probabilities else None,
-            timings=st.timings, mode=self.mode, model_names=[m.card.name for m in self.models])
+            timings=st.timings, mode=self.mode, model_names=[m.card.name for m in self.models],
+            cleanup=report)
 
     @staticmethod
     def _prepare(scan: sitk.Image, transform: sitk.Transform, head: HeadBox,
-                 model: models.LoadedModel, st: _Stages, prepared: Dict[tuple, np.ndarray]
-                 ) -> Tuple[Grid, np.ndarray, np.ndarray]:
-        """Upright, cropped, normalised volume at the model's spacing (once per grid)."""
+                 model: models.LoadedModel, st: _Stages, prepared: Dict[tuple, np.ndarray],
+                 non_brain_masks: Dict[Grid, np.ndarray]) -> Tuple[Grid, np.ndarray, np.ndarray]:
+        """Upright, cropped, normalised volume at the model's spacing (once per grid and
+        intensity setting), and the grid's bone-and-air mask for the clean-up."""
         divisor = max(net.divisor for net in model.nets.values())
         grid = head.grid(model.card.spacing_mm, multiple=divisor if model.card.kind == "3d" else 1)
-        key = (grid, tuple(model.card.intensity["window"]))
+        key = (grid, json.dumps(model.card.intensity, sort_keys=True))
         if key not in prepared:
             with st.stage("upright resample"):
                 hu = geometry.upright_resample(scan, transform, grid)
+            if grid not in non_brain_masks:
+                non_brain_masks[grid] = cleanup.non_brain_mask(hu, grid.spacing)
             with st.stage("normalise"):
                 prepared[key] = models.normalise_intensity(hu, model.card)
         lateral = geometry.lateral_coordinate(grid, head.midline_x)

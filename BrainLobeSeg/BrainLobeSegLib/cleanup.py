@@ -1,0 +1,89 @@
+"""Post-processing of the fused probabilities: regions on the brain only, in one piece.
+
+A radiologist never labels bone, scalp or air, and an ASPECTS region is one connected
+piece of brain. Networks sometimes disagree (a few ml of cortex label reaching into the
+inner table, a 0.4 ml insula blob 40 mm below the brain), so before the labels are taken:
+
+1. **Not in bone or air**: voxels of the skull (dense pieces larger than
+   :data:`MIN_BONE_ML`, denser than :data:`BONE_HU`) or thinner than :data:`AIR_HU`
+   (after the scan's calibration shift, :func:`geometry.calibration_shift`) become
+   background. A calcification inside a region (basal ganglia, choroid plexus) is a small
+   dense piece and keeps its label, as a radiologist would label it.
+2. **One piece per region**: of each region's connected pieces (26-connected, on the
+   model grid) only the largest stays; the others become background. Scalp is cut from
+   the brain by the skull, which step 1 has emptied, so labels there are stray pieces too.
+
+Both act on the probabilities (the removed voxels become certain background), so the
+labels, the 1 mm refinement and the uncertainty all see the same result, in every mode.
+Only numpy and SimpleITK are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+
+#: Calibrated HU above which a voxel is bone (dense cortical bone is > 300; the inner
+#: table's partial volume with brain reaches 150 at 2 mm), and below which it is air
+#: or fat (no brain tissue is below -100 HU).
+BONE_HU = 150.0
+AIR_HU = -100.0
+#: Dense pieces smaller than this (ml) are calcifications, not skull.
+MIN_BONE_ML = 2.0
+
+
+@dataclass
+class CleanupReport:
+    """What the clean-up removed, in voxels of the model grid, per label id."""
+
+    outside_brain: Dict[int, int]
+    stray_pieces: Dict[int, int]
+
+
+def non_brain_mask(hu: np.ndarray, spacing_mm) -> np.ndarray:
+    """Skull and air (bool, same shape) of an upright HU volume on a model grid."""
+    level = hu - np.float32(geometry.calibration_shift(hu))
+    dense = sitk.GetImageFromArray((level > BONE_HU).astype(np.uint8))
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    skull = sitk.RelabelComponent(sitk.ConnectedComponent(dense, True), sortByObjectSize=True,
+                                  minimumObjectSize=int(np.ceil(MIN_BONE_ML / voxel_ml)))
+    return (sitk.GetArrayViewFromImage(skull) > 0) | (level < AIR_HU)
+
+
+def largest_pieces(labels: np.ndarray) -> np.ndarray:
+    """Bool mask of the voxels outside each region's largest 26-connected piece."""
+    stray = np.zeros(labels.shape, bool)
+    for label in np.unique(labels):
+        if label == 0:
+            continue
+        box = geometry.crop_box(labels.shape, labels == label)
+        region = (labels[box] == label).astype(np.uint8)
+        pieces = sitk.GetArrayViewFromImage(sitk.RelabelComponent(
+            sitk.ConnectedComponent(sitk.GetImageFromArray(region), True), sortByObjectSize=True))
+        stray[box] |= pieces > 1
+    return stray
+
+
+def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> CleanupReport:
+    """Apply the two rules to fused probabilities ``(classes, z, y, x)``, in place."""
+    labels = np.argmax(probs, axis=0).astype(np.uint8)
+    outside = non_brain & (labels > 0)
+    outside_counts = _counts(labels[outside])
+    labels[outside] = 0
+    stray = largest_pieces(labels)
+    stray_counts = _counts(labels[stray])
+    removed = outside | stray
+    if removed.any():
+        probs[:, removed] = 0.0
+        probs[0, removed] = 1.0
+    return CleanupReport(outside_counts, stray_counts)
+
+
+def _counts(values: np.ndarray) -> Dict[int, int]:
+    ids, counts = np.unique(values, return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts) if i}
