@@ -102,8 +102,8 @@ def load_segmenters(model_dir: Optional[Path], device: str = "auto", fusion: str
 
 
 def fuse_ensemble(planar: SegmentationResult, threed: SegmentationResult, scan: sitk.Image,
-                  fusion: str = "mean", refine_mm: Optional[float] = DEFAULT_REFINE_MM
-                  ) -> sitk.Image:
+                  transform: sitk.Transform, fusion: str = "mean",
+                  refine_mm: Optional[float] = DEFAULT_REFINE_MM) -> sitk.Image:
     """The ensemble's labels (N-seg layout) from a planar and a 3D result, both run with
     ``keep_probabilities=True``.
 
@@ -119,10 +119,8 @@ def fuse_ensemble(planar: SegmentationResult, threed: SegmentationResult, scan: 
     merged = {**planar.member_labels, **threed.member_labels}
     members = [v for v in merged.values() if v.shape == grid.shape]
     fused = inference.fuse_probabilities(probs, members, fusion)
-    labels, out_grid = inference.labels_from_probabilities(fused), grid
-    if refine_mm and refine_mm < min(grid.spacing):
-        labels, out_grid = inference.refine_labels(fused, grid, refine_mm)
-    return geometry.labels_to_upright_scan_grid(labels, out_grid, scan)
+    non_brain = next((r.non_brain for r in (planar, threed) if r.grid == grid), None)
+    return inference.fused_to_labels(fused, grid, scan, transform, refine_mm, non_brain)[2]
 
 
 def predict_case(segmenters: Dict[str, Segmenter], scan: sitk.Image, transform: sitk.Transform,
@@ -154,7 +152,7 @@ def predict_case(segmenters: Dict[str, Segmenter], scan: sitk.Image, transform: 
                     out[plane] = sitk.GetArrayFromImage(img)
     if both:
         t0 = time.perf_counter()
-        img = fuse_ensemble(results["planar"], results["3d"], scan, fusion,
+        img = fuse_ensemble(results["planar"], results["3d"], scan, transform, fusion,
                             segmenters["planar"].refine_mm)
         out["ensemble"] = sitk.GetArrayFromImage(img)
         fusion_s = time.perf_counter() - t0

@@ -9,6 +9,9 @@ inner table, a 0.4 ml insula blob 40 mm below the brain), so before the labels a
    (after the scan's calibration shift, :func:`geometry.calibration_shift`) become
    background. A calcification inside a region (basal ganglia, choroid plexus) is a small
    dense piece and keeps its label, as a radiologist would label it.
+   The same holds on the scan's own grid, where the labels are finally written
+   (:func:`strip_skull_on_scan_grid`): the inner table's partial volume at 2 mm is bone
+   at 0.5 mm.
 2. **One piece per region**: of each region's connected pieces (26-connected, on the
    model grid) only the largest stays; the others become background. Scalp is cut from
    the brain by the skull, which step 1 has emptied, so labels there are stray pieces too.
@@ -45,14 +48,52 @@ class CleanupReport:
     stray_pieces: Dict[int, int]
 
 
-def non_brain_mask(hu: np.ndarray, spacing_mm) -> np.ndarray:
-    """Skull and air (bool, same shape) of an upright HU volume on a model grid."""
-    level = hu - np.float32(geometry.calibration_shift(hu))
+@dataclass
+class NonBrain:
+    """Skull and air of the upright head on a model grid (bool, z y x), and the scan's
+    calibration shift (HU) they were found with."""
+
+    skull: np.ndarray
+    air: np.ndarray
+    shift: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.skull | self.air
+
+
+def find_non_brain(hu: np.ndarray, spacing_mm) -> NonBrain:
+    """Skull (dense pieces larger than :data:`MIN_BONE_ML`) and air of an upright HU
+    volume on a model grid."""
+    shift = geometry.calibration_shift(hu)
+    level = hu - np.float32(shift)
     dense = sitk.GetImageFromArray((level > BONE_HU).astype(np.uint8))
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     skull = sitk.RelabelComponent(sitk.ConnectedComponent(dense, True), sortByObjectSize=True,
                                   minimumObjectSize=int(np.ceil(MIN_BONE_ML / voxel_ml)))
-    return (sitk.GetArrayViewFromImage(skull) > 0) | (level < AIR_HU)
+    return NonBrain(sitk.GetArrayFromImage(skull) > 0, level < AIR_HU, shift)
+
+
+def non_brain_mask(hu: np.ndarray, spacing_mm) -> np.ndarray:
+    """Skull and air (bool, same shape) of an upright HU volume on a model grid."""
+    return find_non_brain(hu, spacing_mm).mask
+
+
+def strip_skull_on_scan_grid(labels: sitk.Image, hu: sitk.Image, near_skull: sitk.Image,
+                             shift: float) -> sitk.Image:
+    """Labels of ``labels`` that lie in bone at the full resolution become background.
+
+    The model grid (2 mm) leaves the inner table's partial volume to the labels; on the
+    scan's own grid (0.5 mm) those voxels are bone (> :data:`BONE_HU`). Only voxels near
+    the model grid's skull (``near_skull``, same grid as ``labels``) count, so a
+    calcification inside a region keeps its label. ``hu`` is the scan on the same grid.
+    """
+    lab = sitk.GetArrayFromImage(labels)
+    bone = (sitk.GetArrayViewFromImage(hu) > BONE_HU + shift) & (sitk.GetArrayViewFromImage(near_skull) > 0)
+    lab[bone] = 0
+    out = sitk.GetImageFromArray(lab)
+    out.CopyInformation(labels)
+    return out
 
 
 def largest_pieces(labels: np.ndarray) -> np.ndarray:

@@ -45,11 +45,13 @@ class SegmentationResult:
     grid: Grid                       # the model grid the labels were computed on
     labels_grid: np.ndarray          # uint8 (z, y, x) on ``grid``
     member_labels: Dict[str, np.ndarray]  # each plane / model's own argmax on ``grid``
-    probabilities: Optional[np.ndarray] = None  # fused (classes, z, y, x) if kept
+    probabilities: Optional[np.ndarray] = None  # fused (classes, z, y, x) if kept, before the
+                                                # clean-up (so members can be fused again)
     timings: Dict[str, float] = field(default_factory=dict)
     mode: str = ""
     model_names: List[str] = field(default_factory=list)
     cleanup: Optional[cleanup.CleanupReport] = None   # what the post-processing removed
+    non_brain: Optional[cleanup.NonBrain] = None      # skull and air on ``grid``
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -295,6 +297,48 @@ def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     return labels
 
 
+def strip_skull(labels_scan: sitk.Image, labels_upright: sitk.Image, scan: sitk.Image,
+                transform: sitk.Transform, grid: Grid, non_brain: cleanup.NonBrain
+                ) -> Tuple[sitk.Image, sitk.Image]:
+    """:func:`cleanup.strip_skull_on_scan_grid` for both output layouts: the skull of the
+    model grid (grown by one voxel) and the scan's HU, each on the layout's grid."""
+    near = sitk.GetArrayFromImage(sitk.BinaryDilate(
+        grid.image(non_brain.skull.astype(np.uint8)), [1, 1, 1]))
+    near_scan = geometry.labels_to_scan(near, grid, scan, transform)
+    near_upright = geometry.labels_to_upright_scan_grid(near, grid, scan)
+    hu_upright = sitk.Resample(scan, scan, transform, sitk.sitkLinear, geometry.AIR_HU)
+    return (cleanup.strip_skull_on_scan_grid(labels_scan, scan, near_scan, non_brain.shift),
+            cleanup.strip_skull_on_scan_grid(labels_upright, hu_upright, near_upright, non_brain.shift))
+
+
+def fused_to_labels(fused: np.ndarray, grid: Grid, scan: sitk.Image, transform: sitk.Transform,
+                    refine_mm: Optional[float], non_brain: Optional[cleanup.NonBrain] = None,
+                    st: Optional["_Stages"] = None
+                    ) -> Tuple[np.ndarray, sitk.Image, sitk.Image, cleanup.CleanupReport]:
+    """Every step after fusion, in one place for every mode (and for the evaluation's
+    ensemble made from kept probabilities): clean-up (``fused`` is changed in place), the
+    labels on the model grid, the optional refinement, both output layouts on the scan's
+    grid, and the clean-up at full resolution. Returns (model-grid labels, scan labels,
+    upright labels, what was removed)."""
+    st = st or _Stages(None, None)
+    with st.stage("clean-up"):
+        if non_brain is None:
+            non_brain = cleanup.find_non_brain(geometry.upright_resample(scan, transform, grid), grid.spacing)
+        report = cleanup.clean_probabilities(fused, non_brain.mask)
+        labels = labels_from_probabilities(fused)
+    st.report(0.93, "mapping labels back to the scan")
+    with st.stage("to scan grid"):
+        out_labels, out_grid = labels, grid
+        if refine_mm and refine_mm < min(grid.spacing):
+            out_labels, out_grid = refine_labels(fused, grid, refine_mm)
+        labels_scan = geometry.labels_to_scan(out_labels, out_grid, scan, transform)
+        labels_upright = geometry.labels_to_upright_scan_grid(out_labels, out_grid, scan)
+    with st.stage("clean-up"):
+        labels_scan, labels_upright = strip_skull(labels_scan, labels_upright, scan, transform,
+                                                  grid, non_brain)
+    return labels, labels_scan, labels_upright, report
+
+
 class Segmenter:
     """Loads the models for a mode once and segments any number of scans."""
 
@@ -326,7 +370,7 @@ class Segmenter:
         member_labels: Dict[str, np.ndarray] = {}
         n = len(self.models)
         prepared: Dict[tuple, np.ndarray] = {}   # ensemble members on one grid share it
-        non_brain_masks: Dict[Grid, np.ndarray] = {}   # bone and air, per model grid
+        non_brain_masks: Dict[Grid, cleanup.NonBrain] = {}   # skull and air, per model grid
         for i, model in enumerate(self.models):
             span = (0.05 + 0.85 * i / n, 0.05 + 0.85 * (i + 1) / n)
             grid, volume, lateral = self._prepare(scan, transform, head, model, st, prepared,
@@ -347,31 +391,21 @@ class Segmenter:
             members = {k: v for k, v in member_labels.items()
                        if v.shape == grid.shape}
             fused = fuse_probabilities(probs, list(members.values()), self.fusion)
-        with st.stage("clean-up"):
-            non_brain = non_brain_masks.get(grid)
-            if non_brain is None:   # the fused grid is no model's own (not the case today)
-                non_brain = cleanup.non_brain_mask(geometry.upright_resample(scan, transform, grid),
-                                                   grid.spacing)
-            report = cleanup.clean_probabilities(fused, non_brain)
-            labels = labels_from_probabilities(fused)
-        st.report(0.93, "mapping labels back to the scan")
-        with st.stage("to scan grid"):
-            out_labels, out_grid = labels, grid
-            if self.refine_mm and self.refine_mm < min(grid.spacing):
-                out_labels, out_grid = refine_labels(fused, grid, self.refine_mm)
-            labels_scan = geometry.labels_to_scan(out_labels, out_grid, scan, transform)
-            labels_upright = geometry.labels_to_upright_scan_grid(out_labels, out_grid, scan)
+        non_brain = non_brain_masks.get(grid)
+        kept = fused.copy() if keep_probabilities else None   # before the clean-up
+        labels, labels_scan, labels_upright, report = fused_to_labels(
+            fused, grid, scan, transform, self.refine_mm, non_brain, st)
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,
-            member_labels=members, probabilities=fused if keep_probabilities else None,
+            member_labels=members, probabilities=kept,
             timings=st.timings, mode=self.mode, model_names=[m.card.name for m in self.models],
-            cleanup=report)
+            cleanup=report, non_brain=non_brain_masks.get(grid))
 
     @staticmethod
     def _prepare(scan: sitk.Image, transform: sitk.Transform, head: HeadBox,
                  model: models.LoadedModel, st: _Stages, prepared: Dict[tuple, np.ndarray],
-                 non_brain_masks: Dict[Grid, np.ndarray]) -> Tuple[Grid, np.ndarray, np.ndarray]:
+                 non_brain_masks: Dict[Grid, "cleanup.NonBrain"]) -> Tuple[Grid, np.ndarray, np.ndarray]:
         """Upright, cropped, normalised volume at the model's spacing (once per grid and
         intensity setting), and the grid's bone-and-air mask for the clean-up."""
         divisor = max(net.divisor for net in model.nets.values())
@@ -381,7 +415,7 @@ class Segmenter:
             with st.stage("upright resample"):
                 hu = geometry.upright_resample(scan, transform, grid)
             if grid not in non_brain_masks:
-                non_brain_masks[grid] = cleanup.non_brain_mask(hu, grid.spacing)
+                non_brain_masks[grid] = cleanup.find_non_brain(hu, grid.spacing)
             with st.stage("normalise"):
                 prepared[key] = models.normalise_intensity(hu, model.card)
         lateral = geometry.lateral_coordinate(grid, head.midline_x)
