@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import os
 import shlex
@@ -354,6 +355,7 @@ class Reference:
     mask: sitk.Image      # where it is compared: the head and a margin of air around it
     centre: np.ndarray       # centroid of the brain (LPS mm), see :func:`brain_centroid`
     head_centre: np.ndarray  # centroid of the head (LPS mm)
+    brain_ml: float          # volume of that brain
 
 
 def prepare_reference(template: sitk.Image, spacing: float = WORK_SPACING_MM) -> Reference:
@@ -365,11 +367,12 @@ def prepare_reference(template: sitk.Image, spacing: float = WORK_SPACING_MM) ->
     near = sitk.BinaryDilate(_mask_image(mask, image), [3, 3, 3])
     near = sitk.And(near, _mask_image(fov, image))
     head = _index_points(hu, mask, max_points=200000).mean(axis=0)
-    return Reference(image, near, brain_centroid(hu, mask, fov), head)
+    centre, brain_ml = brain_centroid(hu, mask, fov)
+    return Reference(image, near, centre, head, brain_ml)
 
 
-def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Centroid (LPS mm) of the intracranial soft tissue, else of the head.
+def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Centroid (LPS mm) and volume (ml) of the intracranial soft tissue, else of the head.
 
     The registration starts by putting the reference's brain on the scan's: the head's
     centroid would move with how much neck or face the scan holds (up to 100 mm of neck
@@ -386,7 +389,8 @@ def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> np.ndar
     # a brain is at least 0.5 l; less means the opening found no brain (e.g. a phantom)
     if brain.sum() * float(np.prod(hu.GetSpacing())) < 5e5:
         brain = head
-    return _index_points(hu, brain, max_points=200000).mean(axis=0)
+    volume_ml = float(brain.sum() * np.prod(hu.GetSpacing())) / 1000.0
+    return _index_points(hu, brain, max_points=200000).mean(axis=0), volume_ml
 
 
 @functools.lru_cache(maxsize=2)
@@ -428,7 +432,8 @@ class Match:
 
 def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Reference,
                        plane_rotation: np.ndarray, centres: Sequence[np.ndarray],
-                       starts: Sequence[float] = PITCH_STARTS_DEG) -> Match:
+                       starts: Sequence[float] = PITCH_STARTS_DEG,
+                       scales: Sequence[float] = (1.0,)) -> Match:
     """Register the upright reference to the scan: rotation, shift and a linear map that
     absorbs head size and proportions (removed afterwards by :func:`nearest_rotation`).
 
@@ -438,24 +443,36 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
     degrees apart, the skull being nearly round), each from two starting positions: the
     scan's brain centroid on the reference's, and the head centroid on the reference's
     (``centres``, in that order; the first is robust to neck in view, the second when no
-    brain is found). The best is refined at the working resolution.
+    brain is found), and from each of ``scales`` (a head much larger or smaller than the
+    reference can settle with the reference shrunk into its skull). The best is refined
+    at the working resolution.
     """
     moving_mask = _mask_image(scan_fov, scan_img)
     best: Optional[Match] = None
-    for scan_centre, ref_centre in zip(centres, (ref.centre, ref.head_centre)):
-        for pitch in starts:
-            rotation = plane_rotation @ rotation_x(pitch)
-            tf = sitk.AffineTransform(3)
-            tf.SetCenter(tuple(float(c) for c in ref.centre))
-            tf.SetMatrix(tuple(float(v) for v in rotation.ravel()))
-            # T(ref_centre) = scan_centre at the start
-            tf.SetTranslation(tuple(float(v) for v in scan_centre - ref.centre
-                                    - rotation @ (ref_centre - ref.centre)))
-            match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
-            if best is None or match.correlation > best.correlation:
-                best = match
+    pairs = list(zip(centres, (ref.centre, ref.head_centre)))   # scan point <- reference point
+    for scale, (scan_centre, ref_centre), pitch in itertools.product(scales, pairs, starts):
+        linear = plane_rotation @ rotation_x(pitch) * scale
+        tf = sitk.AffineTransform(3)
+        tf.SetCenter(tuple(float(c) for c in ref.centre))
+        tf.SetMatrix(tuple(float(v) for v in linear.ravel()))
+        # T(ref_centre) = scan_centre at the start
+        tf.SetTranslation(tuple(float(v) for v in scan_centre - ref.centre
+                                - linear @ (ref_centre - ref.centre)))
+        match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
+        if best is None or match.correlation > best.correlation:
+            best = match
     assert best is not None
     return _run_registration(ref, scan_img, moving_mask, best.transform, shrink=1)
+
+
+def starting_scales(brain_ml: float, reference_ml: float) -> Tuple[float, ...]:
+    """1, and the head's size against the reference's (cube root of the brain volumes,
+    within 0.85-1.2) when that differs by more than 5 %: a start from the right size
+    keeps a large head (or a small one) from a wrong optimum."""
+    if brain_ml <= 0 or reference_ml <= 0:
+        return (1.0,)
+    size = float(np.clip((brain_ml / reference_ml) ** (1.0 / 3.0), 0.85, 1.2))
+    return (1.0,) if abs(size - 1.0) <= 0.05 else (1.0, size)
 
 
 def _run_registration(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Image,
@@ -503,11 +520,12 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
     report(0.15, "mid-sagittal plane")
     normal, offset, head_centre, rmse = find_symmetry_plane(img, mask, fov)
     plane_rotation = rotation_taking(np.array([1.0, 0.0, 0.0]), normal)
-    brain = brain_centroid(hu, mask, fov)
+    brain, brain_ml = brain_centroid(hu, mask, fov)
     brain = brain - (float(brain @ normal) - offset) * normal    # on the mid-sagittal plane
     report(0.45, "matching the reference head")
     ref = _bundled_reference(float(spacing)) if template is None else prepare_reference(template, spacing)
-    match = register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre))
+    match = register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre),
+                               scales=starting_scales(brain_ml, ref.brain_ml))
     if match.correlation < MIN_MATCH:
         raise InputError(f"the scan does not match a head well enough to find its pose "
                          f"(correlation with the reference head {match.correlation:.2f}, below "
