@@ -737,6 +737,8 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
             self.test_nonlinear_transform_refused()
             self.setUp()
             self.test_uncertainty_and_statistics()
+            self.setUp()
+            self.test_automatic_estimate_adds_a_node()
         finally:
             self._tmp.cleanup()
 
@@ -867,6 +869,24 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         self.assertTrue(run.wait(60.0))
         self.assertIsInstance(run.error, Cancelled)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+
+    def test_automatic_estimate_adds_a_node(self) -> None:
+        """The panel's default for a CT without a transform: preparing a run adds one
+        transform node holding the estimated pose (within 2 degrees of the known pose of
+        the bundled reference head, posed here), and the CT is not moved under it."""
+        from BrainLobeSegLib import alignment, phantom, slicer_logic
+        self.delayDisplay("Automatic upright estimate")
+        ct, truth = phantom.make_reference_scan((18.0, -5.0, 7.0), seed=4)
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
+        slicer_logic.update_volume_from_image(volume, ct)
+        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode")
+        # prepare() loads no model, so this test needs none of runTest's fixtures
+        job = slicer_logic.BrainLobeSegLogic().prepare(volume, "estimate", mode="3d", device="cpu")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode"),
+                         before + 1)
+        self.assertLess(alignment.angle_error_deg(job.transform, truth), 2.0)
+        self.assertIsNone(volume.GetParentTransformNode())
+        self.delayDisplay("Automatic upright estimate passed")
 
     def test_nonlinear_transform_refused(self) -> None:
         from BrainLobeSegLib.errors import InputError
