@@ -6,7 +6,7 @@ condition, the scan is changed in a known way, segmented with the true transform
 the pitch conditions: the true transform composed with the known extra rotation), and
 scored on the scan grid (the truth ``N-seg`` mapped there through ``R``, so a cut field
 of view also cuts the truth). Printed per condition and mode: mean Dice over regions and
-cases, and the labelled volume in bone (> 150 HU) per scan. ``--calibration on|off``
+cases, and the labelled volume in bone (> 150 HU after the calibration shift) per scan. ``--calibration on|off``
 overrides the models' card (``intensity.calibration``) to measure what the input
 calibration does with the same weights. With ``--markdown`` the table is written there.
 
@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from BrainLobeSegLib import dataset, inference, models, regions, transforms
+from BrainLobeSegLib import dataset, geometry, inference, models, regions, transforms
 
 AIR_LIMIT_HU = -1000.0      # tissue above this; air is left alone by every change
 Case = Tuple[sitk.Image, sitk.Transform, sitk.Image]
@@ -120,8 +120,12 @@ def score(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def bone_ml(ct: sitk.Image, pred: np.ndarray) -> float:
+    """Labelled volume (ml) denser than 150 HU after the scan's calibration shift: bone
+    is bone whatever the scanner's offset (raw HU would count brain at +40 HU offsets'
+    partial volume as bone)."""
     hu = sitk.GetArrayViewFromImage(ct)
-    return float(((pred > 0) & (hu > 150)).sum() * np.prod(ct.GetSpacing()) / 1000.0)
+    threshold = 150.0 + geometry.calibration_shift(hu)
+    return float(((pred > 0) & (hu > threshold)).sum() * np.prod(ct.GetSpacing()) / 1000.0)
 
 
 def with_calibration(seg: inference.Segmenter, setting: str) -> None:
