@@ -1337,20 +1337,28 @@ def synth_case(atlas: Atlas, seed: int, index: int, inplane: int = 512,
     return _synth_case_v2(atlas, seed, index, inplane, prof)
 
 
+def _case_geometry(atlas: Atlas, p: CaseParams, inplane: int, plan, field_spacing: float):
+    """What both profiles derive from a case's parameters: the warp ``D`` (as a field), the
+    pose ``R``, the scan grid (``plan``: the profile's planner; ``p.spacing_mm`` is set to
+    the grid's, widened if the head would not fit) and the labelled and head boxes."""
+    warp = Warp(atlas, p)
+    R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
+    grid = plan(atlas, warp, R, p, inplane)
+    p.spacing_mm = grid.spacing[0]
+    labels_up = warp.approx_to_upright(atlas.label_points)
+    label_box = (labels_up.min(0) - 8.0, labels_up.max(0) + 8.0)
+    head_up = warp.approx_to_upright(atlas.head_box)
+    head_box = (head_up.min(0) - 10.0, head_up.max(0) + 10.0)
+    D = warp.transform(*_field_box([head_up, np.array(label_box)]), spacing=field_spacing)
+    return warp, R, grid, label_box, head_box, D
+
+
 def _synth_case_v1(atlas: Atlas, seed: int, index: int, inplane: int, prof: Profile) -> SynthCase:
     """The first generator, unchanged: one stream, labels not clipped."""
     rng = case_rng(seed, index)
     p = draw_params(rng, inplane, prof.slice_mm,
                     (prof.max_pitch_deg, prof.max_roll_yaw_deg, prof.max_roll_yaw_deg))
-    warp = Warp(atlas, p)
-    R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
-    grid = plan_grid(atlas, warp, R, p, inplane)
-    p.spacing_mm = grid.spacing[0]          # widened if the head would not fit
-    labels_up = warp.approx_to_upright(atlas.label_points)
-    label_box = (labels_up.min(0) - 8.0, labels_up.max(0) + 8.0)
-    head_up = warp.approx_to_upright(atlas.head_box)
-    head_box = (head_up.min(0) - 10.0, head_up.max(0) + 10.0)
-    D = warp.transform(*_field_box([head_up, np.array(label_box)]))
+    _, R, grid, label_box, head_box, D = _case_geometry(atlas, p, inplane, plan_grid, FIELD_SPACING_MM)
     ct = render_ct(upright_hu(atlas, D, head_box, p, grid), R, grid, p, rng)
     labels = render_labels(atlas, D, label_box, grid)
     return SynthCase(ct=ct, labels=labels, transform=R, params=p)
@@ -1360,15 +1368,8 @@ def _synth_case_v2(atlas: Atlas, seed: int, index: int, inplane: int, prof: Prof
     """v2: wider pose and field of view, anatomy, scanner and pathology randomisation;
     labels on the scanned brain only."""
     p = draw_params_v2(seed, index, inplane, prof, atlas)
-    warp = Warp(atlas, p)
-    R = transforms.rotation(p.angles_deg, center=tuple(warp.c_up))
-    grid = plan_grid_v2(atlas, warp, R, p, inplane)
-    p.spacing_mm = grid.spacing[0]          # widened if the head would not fit
-    labels_up = warp.approx_to_upright(atlas.label_points)
-    label_box = (labels_up.min(0) - 8.0, labels_up.max(0) + 8.0)
-    head_up = warp.approx_to_upright(atlas.head_box)
-    head_box = (head_up.min(0) - 10.0, head_up.max(0) + 10.0)
-    D = warp.transform(*_field_box([head_up, np.array(label_box)]), spacing=V2_FIELD_SPACING_MM)
+    warp, R, grid, label_box, head_box, D = _case_geometry(atlas, p, inplane, plan_grid_v2,
+                                                           V2_FIELD_SPACING_MM)
     upright = upright_hu(atlas, D, head_box, p, grid, tissue_hu_v2(atlas, p))
     ct, clean = render_ct_v2(upright, R, grid, p, case_streams(seed, index)["texture"], warp)
     del upright
