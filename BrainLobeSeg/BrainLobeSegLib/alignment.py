@@ -19,14 +19,16 @@ Two steps, both on a coarse (3.5 mm) isotropic copy of the head:
    needs no template and holds for any head.
 2. **The reference head** (pitch, and a refinement of all three angles): the upright
    reference, by default the bundled Rorden CT template in the MNI frame that the models
-   and label files use (:mod:`reference`), is registered to the scan with a rotation, a
-   shift and a scale per axis (correlation of images clipped to -50..300 HU, so scanner
-   offsets and grey/white densities do not matter). The scale absorbs head size and
-   proportions and is removed by a polar decomposition, leaving the rotation. Pitch is
-   what symmetry cannot see; starting pitches -20, 0 and +20 degrees from the plane's
-   roll and yaw cover heads pitched by +-30 degrees (scans angled along the
-   orbitomeatal line). Reference points that fall outside the scan's field of view do
-   not count, so a cut vertex or face does not bias it.
+   and label files use (:mod:`reference`), is registered to the scan with an affine map
+   (correlation of images clipped to -50..300 HU after the scan's calibration shift, so
+   scanner offsets and grey/white densities do not matter). The linear part absorbs
+   head size and proportions and is removed by a polar decomposition, leaving the
+   rotation. Pitch is what symmetry cannot see; starting pitches -20, 0 and +20 degrees
+   from the plane's roll and yaw cover heads pitched by +-30 degrees (scans angled along
+   the orbitomeatal line), each started from the brain's and from the head's centroid
+   and, for a head much larger or smaller than the reference, at its size too; the best
+   of these coarse runs is refined. Reference points that fall outside the scan's field
+   of view do not count, so a cut vertex or face does not bias it.
 
    The code phantoms of :mod:`phantom` have region labels at MNI places but an
    analytic, horizontal brain ellipsoid without a face: their pose is not the MNI head
@@ -396,16 +398,6 @@ def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> Tuple[n
 @functools.lru_cache(maxsize=2)
 def _bundled_reference(spacing: float) -> Reference:
     return prepare_reference(reference.upright_template(), spacing)
-
-
-def _versor_of(rotation: np.ndarray) -> Tuple[Tuple[float, float, float], float]:
-    """Axis and angle (radians) of a rotation matrix, for ITK's versor transforms."""
-    angle = math.acos(max(-1.0, min(1.0, (float(np.trace(rotation)) - 1.0) / 2.0)))
-    if angle < 1e-9:
-        return (1.0, 0.0, 0.0), 0.0
-    axis = np.array([rotation[2, 1] - rotation[1, 2], rotation[0, 2] - rotation[2, 0],
-                     rotation[1, 0] - rotation[0, 1]]) / (2.0 * math.sin(angle))
-    return (float(axis[0]), float(axis[1]), float(axis[2])), angle
 
 
 def nearest_rotation(matrix: np.ndarray) -> np.ndarray:

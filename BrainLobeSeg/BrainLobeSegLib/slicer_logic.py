@@ -68,8 +68,8 @@ NOTICE = ("BrainLobeSeg result: automatic ASPECTS region segmentation for resear
           "decision support. Not a medical device; check and correct before use.")
 
 #: Attribute text of an automatically estimated transform node.
-ESTIMATE_NOTE = ("automatic estimate (mid-sagittal plane and pitch): check that the head looks "
-                 "upright with it before segmenting")
+ESTIMATE_NOTE = ("automatic estimate (mid-sagittal plane and the bundled reference head): check "
+                 "that the head looks upright with it")
 
 
 # ----------------------------------------------------------------------------- volumes
