@@ -28,8 +28,9 @@ def test_skull_air_and_stray_pieces_become_background_calcification_stays():
     labels[10:14, 10:14, 34:40] = 7             # M6 partly in air
     probs = _probs_from(labels)
     mask = cleanup.non_brain_mask(hu, (2.0, 2.0, 2.0))
-    report = cleanup.clean_probabilities(probs, mask)
+    labels, report = cleanup.clean_probabilities(probs, mask)
     out = np.argmax(probs, axis=0)
+    assert np.array_equal(labels, out)      # the labels returned are the cleaned argmax
     assert not out[:, :, :4].any() and not out[:, :, 36:].any()
     assert (out[20:22, 20:22, 20:22] == 2).all()               # calcification keeps its label
     assert not (out[2:4, 2:4, 30:33] == 2).any()               # stray piece gone

@@ -24,7 +24,7 @@ Only numpy and SimpleITK are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -110,8 +110,9 @@ def largest_pieces(labels: np.ndarray) -> np.ndarray:
     return stray
 
 
-def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> CleanupReport:
-    """Apply the two rules to fused probabilities ``(classes, z, y, x)``, in place."""
+def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> Tuple[np.ndarray, CleanupReport]:
+    """Apply the two rules to fused probabilities ``(classes, z, y, x)``, in place; return
+    the labels they now give (their argmax, computed once here) and what was removed."""
     labels = np.argmax(probs, axis=0).astype(np.uint8)
     outside = non_brain & (labels > 0)
     outside_counts = _counts(labels[outside])
@@ -122,7 +123,8 @@ def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> CleanupRepo
     if removed.any():
         probs[:, removed] = 0.0
         probs[0, removed] = 1.0
-    return CleanupReport(outside_counts, stray_counts)
+        labels[stray] = 0
+    return labels, CleanupReport(outside_counts, stray_counts)
 
 
 def _counts(values: np.ndarray) -> Dict[int, int]:

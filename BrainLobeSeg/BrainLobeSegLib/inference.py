@@ -324,8 +324,7 @@ def fused_to_labels(fused: np.ndarray, grid: Grid, scan: sitk.Image, transform: 
     with st.stage("clean-up"):
         if non_brain is None:
             non_brain = cleanup.find_non_brain(geometry.upright_resample(scan, transform, grid), grid.spacing)
-        report = cleanup.clean_probabilities(fused, non_brain.mask)
-        labels = labels_from_probabilities(fused)
+        labels, report = cleanup.clean_probabilities(fused, non_brain.mask)
     st.report(0.93, "mapping labels back to the scan")
     with st.stage("to scan grid"):
         out_labels, out_grid = labels, grid
