@@ -42,6 +42,7 @@ import SimpleITK as sitk
 
 from BrainLobeSegLib import geometry, inference, models, output, regions, transforms
 from BrainLobeSegLib.dataset import list_cases, read_case
+from BrainLobeSegLib.steps import run_steps
 from BrainLobeSegLib.errors import InputError, ModelError
 from BrainLobeSegLib.inference import Segmenter, SegmentationResult
 
@@ -120,7 +121,7 @@ def fuse_ensemble(planar: SegmentationResult, threed: SegmentationResult, scan: 
     members = [v for v in merged.values() if v.shape == grid.shape]
     fused = inference.fuse_probabilities(probs, members, fusion)
     non_brain = next((r.non_brain for r in (planar, threed) if r.grid == grid), None)
-    return inference.fused_to_labels(fused, grid, scan, transform, refine_mm, non_brain)[2]
+    return run_steps(inference.fused_to_labels(fused, grid, scan, transform, refine_mm, non_brain))[2]
 
 
 def predict_case(segmenters: Dict[str, Segmenter], scan: sitk.Image, transform: sitk.Transform,

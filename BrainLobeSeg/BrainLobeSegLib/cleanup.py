@@ -10,7 +10,7 @@ inner table, a 0.4 ml insula blob 40 mm below the brain), so before the labels a
    background. A calcification inside a region (basal ganglia, choroid plexus) is a small
    dense piece and keeps its label, as a radiologist would label it.
    The same holds on the scan's own grid, where the labels are finally written
-   (:func:`strip_skull_on_scan_grid`): the inner table's partial volume at 2 mm is bone
+   (:func:`strip_bone`): the inner table's partial volume at 2 mm is bone
    at 0.5 mm.
 2. **One piece per region**: of each region's connected pieces (26-connected, on the
    model grid) only the largest stays; the others become background. Scalp is cut from
@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .steps import Steps, run_steps
 
 #: Calibrated HU above which a voxel is bone (dense cortical bone is > 300; the inner
 #: table's partial volume with brain reaches 150 at 2 mm), and below which it is air
@@ -79,45 +80,51 @@ def non_brain_mask(hu: np.ndarray, spacing_mm) -> np.ndarray:
     return find_non_brain(hu, spacing_mm).mask
 
 
-def strip_skull_on_scan_grid(labels: sitk.Image, hu: sitk.Image, near_skull: sitk.Image,
-                             shift: float) -> sitk.Image:
-    """Labels of ``labels`` that lie in bone at the full resolution become background.
+def strip_bone(labels: np.ndarray, hu: np.ndarray, near_skull: np.ndarray,
+               shift: float) -> np.ndarray:
+    """``labels`` with the voxels that lie in bone at the full resolution made background
+    (changed in place and returned; all arrays on one grid).
 
     The model grid (2 mm) leaves the inner table's partial volume to the labels; on the
-    scan's own grid (0.5 mm) those voxels are bone (> :data:`BONE_HU`). Only voxels near
-    the model grid's skull (``near_skull``, same grid as ``labels``) count, so a
-    calcification inside a region keeps its label. ``hu`` is the scan on the same grid.
+    scan's own grid (0.5 mm) those voxels are bone (> :data:`BONE_HU`, calibration
+    ``shift`` added). Only voxels near the model grid's skull (``near_skull`` > 0) count,
+    so a calcification inside a region keeps its label.
     """
-    lab = sitk.GetArrayFromImage(labels)
-    bone = (sitk.GetArrayViewFromImage(hu) > BONE_HU + shift) & (sitk.GetArrayViewFromImage(near_skull) > 0)
-    lab[bone] = 0
-    out = sitk.GetImageFromArray(lab)
-    out.CopyInformation(labels)
-    return out
+    labels[(hu > BONE_HU + shift) & (near_skull > 0)] = 0
+    return labels
 
 
-def largest_pieces(labels: np.ndarray) -> np.ndarray:
-    """Bool mask of the voxels outside each region's largest 26-connected piece."""
+def largest_pieces(labels: np.ndarray) -> "Steps[np.ndarray]":
+    """Bool mask of the voxels outside each region's largest 26-connected piece (one
+    step per region)."""
     stray = np.zeros(labels.shape, bool)
     for label in np.unique(labels):
         if label == 0:
             continue
         box = geometry.crop_box(labels.shape, labels == label)
         region = (labels[box] == label).astype(np.uint8)
-        pieces = sitk.GetArrayViewFromImage(sitk.RelabelComponent(
+        pieces = sitk.GetArrayFromImage(sitk.RelabelComponent(
             sitk.ConnectedComponent(sitk.GetImageFromArray(region), True), sortByObjectSize=True))
         stray[box] |= pieces > 1
+        yield
     return stray
 
 
 def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> Tuple[np.ndarray, CleanupReport]:
     """Apply the two rules to fused probabilities ``(classes, z, y, x)``, in place; return
     the labels they now give (their argmax, computed once here) and what was removed."""
+    return run_steps(clean_probabilities_steps(probs, non_brain))
+
+
+def clean_probabilities_steps(probs: np.ndarray, non_brain: np.ndarray
+                              ) -> "Steps[Tuple[np.ndarray, CleanupReport]]":
+    """:func:`clean_probabilities` in steps (see :mod:`steps`)."""
     labels = np.argmax(probs, axis=0).astype(np.uint8)
     outside = non_brain & (labels > 0)
     outside_counts = _counts(labels[outside])
     labels[outside] = 0
-    stray = largest_pieces(labels)
+    yield
+    stray = yield from largest_pieces(labels)
     stray_counts = _counts(labels[stray])
     removed = outside | stray
     if removed.any():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import cleanup, geometry, models
+from . import cleanup, geometry, models, transforms
+from .steps import Steps, run_steps, within
 from .errors import Cancelled, InputError
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
@@ -137,8 +137,9 @@ def volume_inputs(volume: np.ndarray, lateral: np.ndarray, coordinate: bool) -> 
 
 def predict_planar(model: models.LoadedModel, volume: np.ndarray, lateral: np.ndarray,
                    stages: _Stages, span: Tuple[float, float], batch_size: int = 16
-                   ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """Mean softmax of the axial, coronal and sagittal networks, and each plane's labels."""
+                   ) -> "Steps[Tuple[np.ndarray, Dict[str, np.ndarray]]]":
+    """Mean softmax of the axial, coronal and sagittal networks, and each plane's labels
+    (in steps: one batch of slices each)."""
     card = model.card
     acc = np.zeros((NUM_CLASSES,) + volume.shape, np.float32)
     labels: Dict[str, np.ndarray] = {}
@@ -161,6 +162,7 @@ def predict_planar(model: models.LoadedModel, volume: np.ndarray, lateral: np.nd
             view[:, start:stop] += prob.permute(1, 0, 2, 3).cpu().numpy()
             done += stop - start
             stages.report(span[0] + (span[1] - span[0]) * done / total, f"{plane} slices {stop}/{n}")
+            yield
         labels[plane] = np.ascontiguousarray(np.moveaxis(plane_labels, 0, axis))
     acc /= len(planes)
     return acc, labels
@@ -182,16 +184,28 @@ def window_starts(n: int, patch: int, step: float = 0.5) -> List[int]:
 
 
 def predict_3d(model: models.LoadedModel, volume: np.ndarray, lateral: np.ndarray,
-               stages: _Stages, span: Tuple[float, float]) -> np.ndarray:
+               stages: _Stages, span: Tuple[float, float]) -> "Steps[np.ndarray]":
     """Softmax of the 3D network: one pass if the head fits the patch, else Gaussian-
-    weighted sliding windows (step 0.5)."""
+    weighted sliding windows (step 0.5). In steps of one convolution layer each."""
     card, net = model.card, model.nets["unet3d"]
     x = torch.from_numpy(volume_inputs(volume, lateral, card.coordinate_channel)).to(model.device)
     patch = card.patch_size
     if patch is None or all(n <= p for n, p in zip(volume.shape, patch)):
         xp, spatial = _pad_to(x, net.divisor)
         stages.report(span[0], "3D network")
-        out = torch.softmax(net(xp)[..., :spatial[0], :spatial[1], :spatial[2]].float(), dim=1)
+        layers = 5 * net.depth - 3   # the steps of forward_steps: 2 per encoder, 3 per decoder
+        done = 0
+        forward = net.forward_steps(xp)
+        while True:
+            try:
+                next(forward)
+            except StopIteration as finished:
+                logits = finished.value
+                break
+            done += 1
+            stages.report(span[0] + (span[1] - span[0]) * min(done / layers, 1.0), "3D network")
+            yield
+        out = torch.softmax(logits[..., :spatial[0], :spatial[1], :spatial[2]].float(), dim=1)
         stages.report(span[1], "3D network done")
         return out[0].cpu().numpy()
     x, spatial = _pad_to(x, net.divisor)
@@ -203,7 +217,8 @@ def predict_3d(model: models.LoadedModel, volume: np.ndarray, lateral: np.ndarra
     windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     for i, (a, b, c) in enumerate(windows):
         sl = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-        prob = torch.softmax(net(x[(slice(None), slice(None)) + sl]).float(), dim=1)[0]
+        logits = yield from net.forward_steps(x[(slice(None), slice(None)) + sl])
+        prob = torch.softmax(logits.float(), dim=1)[0]
         acc[(slice(None),) + sl] += prob * weight
         norm[sl] += weight
         stages.report(span[0] + (span[1] - span[0]) * (i + 1) / len(windows),
@@ -262,12 +277,13 @@ def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
 
 
 def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float,
-                  margin: int = 2) -> Tuple[np.ndarray, Grid]:
+                  margin: int = 2) -> "Steps[Tuple[np.ndarray, Grid]]":
     """Labels on a finer grid over the regions' bounding box, from interpolated probabilities.
 
     Taking the argmax after linear interpolation gives smooth region borders where a
     nearest-neighbour copy of coarse labels would give 2 mm stairs on a 0.45 mm scan.
     Only the box around the regions is refined, which keeps time and memory small.
+    In steps of one class each.
     """
     coarse = labels_from_probabilities(probs)
     if spacing_mm >= min(grid.spacing) or not coarse.any():
@@ -280,16 +296,19 @@ def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float,
                grid.spacing, (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]))
     size = tuple(int((n - 1) * sp / spacing_mm) + 1 for n, sp in zip(src.size, src.spacing))
     fine = Grid(src.origin, (spacing_mm,) * 3, size)  # type: ignore[arg-type]
-    return running_argmax(sub, src, fine), fine
+    yield
+    labels = yield from running_argmax(sub, src, fine)
+    return labels, fine
 
 
-def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
+def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> "Steps[np.ndarray]":
     """``labels_from_probabilities(resample_probabilities(probs, src, dst))`` one class at
-    a time: only the best probability so far and its label are kept on the fine grid,
-    not all 21 interpolated classes (7x less memory, 2x faster at 1 mm)."""
+    a time (one step each): only the best probability so far and its label are kept on
+    the fine grid, not all 21 interpolated classes (7x less memory, 2x faster at 1 mm)."""
     best = resample_probabilities(probs[:1], src, dst)[0]
     labels = np.zeros(best.shape, np.uint8)
     for c in range(1, probs.shape[0]):
+        yield
         p = resample_probabilities(probs[c:c + 1], src, dst)[0]
         better = p > best   # strict: ties keep the lower label, as np.argmax does
         labels[better] = c
@@ -297,44 +316,88 @@ def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     return labels
 
 
-def strip_skull(labels_scan: sitk.Image, labels_upright: sitk.Image, scan: sitk.Image,
-                transform: sitk.Transform, grid: Grid, non_brain: cleanup.NonBrain
-                ) -> Tuple[sitk.Image, sitk.Image]:
-    """:func:`cleanup.strip_skull_on_scan_grid` for both output layouts: the skull of the
-    model grid (grown by one voxel) and the scan's HU, each on the layout's grid."""
-    near = sitk.GetArrayFromImage(sitk.BinaryDilate(
-        grid.image(non_brain.skull.astype(np.uint8)), [1, 1, 1]))
-    near_scan = geometry.labels_to_scan(near, grid, scan, transform)
-    near_upright = geometry.labels_to_upright_scan_grid(near, grid, scan)
-    hu_upright = sitk.Resample(scan, scan, transform, sitk.sitkLinear, geometry.AIR_HU)
-    return (cleanup.strip_skull_on_scan_grid(labels_scan, scan, near_scan, non_brain.shift),
-            cleanup.strip_skull_on_scan_grid(labels_upright, hu_upright, near_upright, non_brain.shift))
+#: Scan slices mapped back per step: 16 slices of 512 x 512 take about 0.1 s.
+SLAB_VOXELS = 16 * 512 * 512
+
+
+def scan_layouts(labels: np.ndarray, labels_grid: Grid, grid: Grid, scan: sitk.Image,
+                 transform: sitk.Transform, non_brain: cleanup.NonBrain
+                 ) -> "Steps[Tuple[sitk.Image, sitk.Image]]":
+    """Labels (on ``labels_grid``) onto the scan's grid in both output layouts, with the
+    bone of the full resolution cleared (:func:`cleanup.strip_bone`), a slab of scan
+    slices per step.
+
+    Layouts: the scan as acquired (voxel ``q`` takes the label at ``R^-1(q)``) and the
+    upright space on the scan's grid (``N-seg.nii.gz``: voxel ``p`` is the upright point
+    ``p``, whose HU is the scan's at ``R(p)``). Bone counts only near the model grid's
+    skull (``grid``, grown by one voxel), so a calcification inside a region keeps its
+    label. Every voxel is computed on its own, so slabs give exactly the whole-image result.
+    """
+    source = labels_grid.image(labels.astype(np.uint8, copy=False))
+    near = sitk.BinaryDilate(grid.image(non_brain.skull.astype(np.uint8)), [1, 1, 1])
+    inverse = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(transform)))
+    upright = transforms.identity()
+    hu_scan = sitk.GetArrayViewFromImage(scan)
+    nx, ny, nz = scan.GetSize()
+    out_scan = np.zeros((nz, ny, nx), np.uint8)
+    out_upright = np.zeros((nz, ny, nx), np.uint8)
+    step = max(1, SLAB_VOXELS // (nx * ny))
+    for z0 in range(0, nz, step):
+        z1 = min(nz, z0 + step)
+        slab = _slab_reference(scan, z0, z1)
+        lab = _nearest(source, slab, inverse)
+        out_scan[z0:z1] = cleanup.strip_bone(lab, hu_scan[z0:z1], _nearest(near, slab, inverse),
+                                             non_brain.shift)
+        hu_up = sitk.GetArrayFromImage(sitk.Resample(scan, slab, transform, sitk.sitkLinear,
+                                                         geometry.AIR_HU, sitk.sitkFloat32))
+        out_upright[z0:z1] = cleanup.strip_bone(_nearest(source, slab, upright), hu_up,
+                                                _nearest(near, slab, upright), non_brain.shift)
+        yield
+    return _on_scan_grid(out_scan, scan), _on_scan_grid(out_upright, scan)
+
+
+def _slab_reference(scan: sitk.Image, z0: int, z1: int) -> sitk.Image:
+    """An empty image on scan slices ``z0:z1`` (same spacing and direction)."""
+    ref = sitk.Image([scan.GetSize()[0], scan.GetSize()[1], z1 - z0], sitk.sitkUInt8)
+    ref.SetSpacing(scan.GetSpacing())
+    ref.SetDirection(scan.GetDirection())
+    ref.SetOrigin(scan.TransformIndexToPhysicalPoint((0, 0, z0)))
+    return ref
+
+
+def _nearest(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.Resample(image, reference, transform,
+                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+def _on_scan_grid(array: np.ndarray, scan: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(scan)
+    return image
 
 
 def fused_to_labels(fused: np.ndarray, grid: Grid, scan: sitk.Image, transform: sitk.Transform,
                     refine_mm: Optional[float], non_brain: Optional[cleanup.NonBrain] = None,
                     st: Optional["_Stages"] = None
-                    ) -> Tuple[np.ndarray, sitk.Image, sitk.Image, cleanup.CleanupReport]:
+                    ) -> "Steps[Tuple[np.ndarray, sitk.Image, sitk.Image, cleanup.CleanupReport]]":
     """Every step after fusion, in one place for every mode (and for the evaluation's
     ensemble made from kept probabilities): clean-up (``fused`` is changed in place), the
     labels on the model grid, the optional refinement, both output layouts on the scan's
-    grid, and the clean-up at full resolution. Returns (model-grid labels, scan labels,
+    grid with the clean-up at full resolution. Returns (model-grid labels, scan labels,
     upright labels, what was removed)."""
     st = st or _Stages(None, None)
     with st.stage("clean-up"):
         if non_brain is None:
             non_brain = cleanup.find_non_brain(geometry.upright_resample(scan, transform, grid), grid.spacing)
-        labels, report = cleanup.clean_probabilities(fused, non_brain.mask)
+            yield
+        labels, report = yield from cleanup.clean_probabilities_steps(fused, non_brain.mask)
     st.report(0.93, "mapping labels back to the scan")
     with st.stage("to scan grid"):
         out_labels, out_grid = labels, grid
         if refine_mm and refine_mm < min(grid.spacing):
-            out_labels, out_grid = refine_labels(fused, grid, refine_mm)
-        labels_scan = geometry.labels_to_scan(out_labels, out_grid, scan, transform)
-        labels_upright = geometry.labels_to_upright_scan_grid(out_labels, out_grid, scan)
-    with st.stage("clean-up"):
-        labels_scan, labels_upright = strip_skull(labels_scan, labels_upright, scan, transform,
-                                                  grid, non_brain)
+            out_labels, out_grid = yield from refine_labels(fused, grid, refine_mm)
+        labels_scan, labels_upright = yield from scan_layouts(out_labels, out_grid, grid, scan,
+                                                              transform, non_brain)
     return labels, labels_scan, labels_upright, report
 
 
@@ -356,15 +419,29 @@ class Segmenter:
         folders = models.find_models(mode, model_dir)
         self.models = [models.load_model(f, self.device) for f in folders]
 
-    @torch.inference_mode()
     def segment(self, scan: sitk.Image, transform: sitk.Transform,
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                 keep_probabilities: bool = False) -> SegmentationResult:
-        """Segment one scan; ``transform`` is ``R`` (upright -> scan), identity if none."""
-        st = _Stages(progress, cancel)
+        """Segment one scan; ``transform`` is ``R`` (upright -> scan), identity if none.
+        The steps of :meth:`segment_steps` in a plain loop."""
+        return run_steps(self.segment_steps(scan, transform, progress, cancel, keep_probabilities))
+
+    def segment_steps(self, scan: sitk.Image, transform: sitk.Transform,
+                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                      keep_probabilities: bool = False) -> "Steps[SegmentationResult]":
+        """:meth:`segment` as a sequence of short steps (see :mod:`steps`): each ``next()``
+        does one piece (a network layer, a region's clean-up, a slab of scan slices) with
+        PyTorch's inference mode on, and returns. Progress and ``cancel`` are checked
+        within the steps; closing the generator abandons the run."""
+        return within(torch.inference_mode,
+                      self._segment_steps(scan, transform, _Stages(progress, cancel), keep_probabilities))
+
+    def _segment_steps(self, scan: sitk.Image, transform: sitk.Transform, st: _Stages,
+                       keep_probabilities: bool) -> "Steps[SegmentationResult]":
         st.report(0.0, "finding the head")
         with st.stage("crop"):
             head = geometry.head_box(scan, transform)
+        yield
         outputs: List[Tuple[Grid, np.ndarray]] = []
         member_labels: Dict[str, np.ndarray] = {}
         n = len(self.models)
@@ -375,14 +452,17 @@ class Segmenter:
             grid, volume, lateral = self._prepare(scan, transform, head, model, st, prepared,
                                                   non_brain_masks)
             st.report(span[0], f"running the {model.card.kind} model")
+            yield
             with st.stage("inference"):
                 if model.card.kind == "planar":
-                    probs, planes = predict_planar(model, volume, lateral, st, span, self.batch_size)
+                    probs, planes = yield from predict_planar(model, volume, lateral, st, span,
+                                                              self.batch_size)
                     member_labels.update(planes)
                 else:
-                    probs = predict_3d(model, volume, lateral, st, span)
+                    probs = yield from predict_3d(model, volume, lateral, st, span)
             member_labels.setdefault(model.card.name, labels_from_probabilities(probs))
             outputs.append((grid, probs))
+            yield
         st.report(0.9, "fusing")
         with st.stage("fusion"):
             grid = min((g for g, _ in outputs), key=lambda g: min(g.spacing))
@@ -390,9 +470,10 @@ class Segmenter:
             members = {k: v for k, v in member_labels.items()
                        if v.shape == grid.shape}
             fused = fuse_probabilities(probs, list(members.values()), self.fusion)
+        yield
         non_brain = non_brain_masks.get(grid)
         kept = fused.copy() if keep_probabilities else None   # before the clean-up
-        labels, labels_scan, labels_upright, report = fused_to_labels(
+        labels, labels_scan, labels_upright, report = yield from fused_to_labels(
             fused, grid, scan, transform, self.refine_mm, non_brain, st)
         st.report(1.0, "done")
         return SegmentationResult(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .steps import Steps, run_steps
 
 _NORMS = ("batch", "instance")
 
@@ -63,14 +64,32 @@ class UNet(nn.Module):
         return 2 ** (self.depth - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_steps(self.forward_steps(x))
+
+    def forward_steps(self, x: torch.Tensor) -> "Steps[torch.Tensor]":
+        """:meth:`forward` in steps of one convolution (with its norm and activation)
+        each, so a whole-head 3D pass never holds Slicer's main thread for long (see
+        :mod:`steps`). The same code path serves training and inference."""
         skips = []
         for enc in self.encoders:
-            x = enc(x)
+            x = yield from _block_steps(enc, x)
             skips.append(x)
         x = skips.pop()
         for up, dec in zip(self.ups, self.decoders):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+            x = torch.cat([up(x), skips.pop()], dim=1)
+            yield
+            x = yield from _block_steps(dec, x)
         return self.head(x)
+
+
+def _block_steps(block: ConvBlock, x: torch.Tensor) -> "Steps[torch.Tensor]":
+    """A :class:`ConvBlock`, yielding after each convolution + norm + activation."""
+    layers = list(block)
+    for i in range(0, len(layers), 3):
+        for layer in layers[i:i + 3]:
+            x = layer(x)
+        yield
+    return x
 
 
 def _unet2d(**kw: Any) -> UNet:
