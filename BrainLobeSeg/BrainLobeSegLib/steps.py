@@ -18,7 +18,8 @@ so every engine module can import this one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, TypeVar
+import time
+from typing import Any, Callable, Generator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -49,3 +50,48 @@ def within(context: Callable[[], Any], steps: "Steps[T]") -> "Steps[T]":
             yield
     finally:
         steps.close()   # cancelled between steps: the inner steps clean up too
+
+
+class SteppedRun:
+    """Drives a step generator from a GUI timer: :meth:`tick` runs steps until about
+    ``budget_s`` has passed, then returns so the GUI can repaint and take clicks.
+
+    Used by the Slicer panel (a ``QTimer`` calls :meth:`tick`; nothing here needs Qt),
+    so the run happens on the main thread, where the GIL is. The state is plain: ``done``
+    once finished, cancelled or failed; ``result`` or ``error`` then says which.
+    """
+
+    def __init__(self, steps: "Steps[Any]", budget_s: float = 0.1) -> None:
+        self._steps = steps
+        self.budget_s = budget_s
+        self.done = False
+        self.cancelled = False
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.steps_run = 0
+        self.longest_step_s = 0.0
+
+    def tick(self) -> bool:
+        """Run steps for about ``budget_s``; True while more remain."""
+        if self.done:
+            return False
+        start = time.perf_counter()
+        while True:
+            began = time.perf_counter()
+            try:
+                next(self._steps)
+            except StopIteration as finished:
+                self.result, self.done = finished.value, True
+            except Exception as exc:   # handed to the caller, who shows it
+                self.error, self.done = exc, True
+            now = time.perf_counter()
+            self.steps_run += 1
+            self.longest_step_s = max(self.longest_step_s, now - began)
+            if self.done or now - start >= self.budget_s:
+                return not self.done
+
+    def cancel(self) -> None:
+        """Abandon the run between steps (the generator's clean-up runs)."""
+        if not self.done:
+            self._steps.close()
+            self.done = self.cancelled = True
