@@ -40,9 +40,8 @@ Two steps, both on a coarse (3.5 mm) isotropic copy of the head:
 The rotation found is written about the head centre (``R(c) = c``), so the upright
 space overlaps the scan and the file's translation stays small and readable.
 
-Command line (added to ``brainlobeseg`` by :func:`register_cli`)::
-
-    brainlobeseg align SCAN -o T.txt [--template UPRIGHT_CT] [--spacing 3.5]
+The estimate is then checked against the regions a model finds (:mod:`region_pose`,
+which also holds the ``brainlobeseg align`` command).
 
 Accuracy on synthesised tilted head CTs: ``Testing/benchmarks/alignment_bench.py`` and
 ``Testing/benchmarks/ALIGNMENT_RESULTS.md``.
@@ -51,13 +50,11 @@ Only numpy and SimpleITK are used (the inference-path rule).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import itertools
 import math
 import os
-import shlex
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -66,6 +63,7 @@ import SimpleITK as sitk
 
 from . import geometry, reference, transforms
 from .errors import InputError
+from .steps import Steps, run_steps, timed
 
 #: Working resolution (mm). 3-4 mm keeps the skull and ventricles, and makes one cost
 #: evaluation a few milliseconds.
@@ -113,6 +111,10 @@ class PoseEstimate:
     match: float                      # correlation with the reference head (1: identical)
     scales: Tuple[float, float, float]  # head size against the reference's, per axis
     seconds: float
+    # the check against the regions a model found (:mod:`region_pose`): their remaining
+    # rotation in degrees (None: not checked), and whether the pose was corrected by it
+    region_residual_deg: Optional[float] = None
+    region_corrected: bool = False
 
     @property
     def angle_deg(self) -> float:
@@ -247,6 +249,12 @@ def symmetry_cost(sample: _Sampler, pts: np.ndarray, values: np.ndarray, normal:
 def nelder_mead(f: Callable[[np.ndarray], float], x0: Sequence[float], step: Sequence[float],
                 iterations: int = 120, tol: float = 1e-4) -> Tuple[np.ndarray, float]:
     """Minimise ``f`` from ``x0`` (plain Nelder-Mead; no scipy on the inference path)."""
+    return run_steps(nelder_mead_steps(f, x0, step, iterations, tol))
+
+
+def nelder_mead_steps(f: Callable[[np.ndarray], float], x0: Sequence[float], step: Sequence[float],
+                      iterations: int = 120, tol: float = 1e-4) -> "Steps[Tuple[np.ndarray, float]]":
+    """:func:`nelder_mead` in steps of one iteration (see :mod:`steps`)."""
     n = len(x0)
     pts = [np.asarray(x0, float)]
     for i in range(n):
@@ -255,6 +263,7 @@ def nelder_mead(f: Callable[[np.ndarray], float], x0: Sequence[float], step: Seq
         pts.append(p)
     vals = [f(p) for p in pts]
     for _ in range(iterations):
+        yield
         order = np.argsort(vals)
         pts, vals = [pts[i] for i in order], [vals[i] for i in order]
         if abs(vals[-1] - vals[0]) <= tol * (abs(vals[0]) + 1e-9):
@@ -289,6 +298,13 @@ def find_symmetry_plane(img: sitk.Image, mask: np.ndarray, fov: Optional[np.ndar
     (a symmetric head's centroid lies on its symmetry plane). Fine: Nelder-Mead over
     slopes and offset.
     """
+    return run_steps(symmetry_plane_steps(img, mask, fov, search_deg, step_deg))
+
+
+def symmetry_plane_steps(img: sitk.Image, mask: np.ndarray, fov: Optional[np.ndarray] = None,
+                         search_deg: float = SEARCH_DEG, step_deg: float = COARSE_STEP_DEG
+                         ) -> "Steps[Tuple[np.ndarray, float, np.ndarray, float]]":
+    """:func:`find_symmetry_plane` in steps (a row of the coarse grid, an iteration)."""
     pts = _index_points(img, mask)
     sample = _Sampler(img, outside=FEATURE_HU[0], fov=fov)
     values = sample(pts)
@@ -304,6 +320,7 @@ def find_symmetry_plane(img: sitk.Image, mask: np.ndarray, fov: Optional[np.ndar
             cost = symmetry_cost(sample, coarse, coarse_values, n, float(n @ centroid))
             if cost < best[0]:
                 best = (cost, u, v)
+        yield
 
     # Fine stage: the central brain only (ventricles, deep nuclei, insula). They carry
     # the roll; a nearly round skull outline and the thin cortical folds (whose partial
@@ -317,7 +334,7 @@ def find_symmetry_plane(img: sitk.Image, mask: np.ndarray, fov: Optional[np.ndar
         return symmetry_cost(sample, pts, values, n, float(n @ centroid) + x[2])
 
     step = math.tan(math.radians(step_deg / 2))
-    x, cost = nelder_mead(f, [best[1], best[2], 0.0], [step, step, img.GetSpacing()[0]])
+    x, cost = yield from nelder_mead_steps(f, [best[1], best[2], 0.0], [step, step, img.GetSpacing()[0]])
     n = _normal(x[0], x[1])
     offset = float(n @ centroid) + float(x[2])
     centre = centroid - (centroid @ n - offset) * n
@@ -385,7 +402,7 @@ def brain_centroid(hu: sitk.Image, head: np.ndarray, fov: np.ndarray) -> Tuple[n
     soft = sitk.And(sitk.And(hu > 0.0, hu < 100.0), _mask_image(fov, hu))
     radius = max(1, int(round(7.0 / hu.GetSpacing()[0])))
     soft = sitk.BinaryMorphologicalOpening(sitk.Cast(soft, sitk.sitkUInt8), [radius] * 3)
-    comps = sitk.GetArrayViewFromImage(
+    comps = sitk.GetArrayFromImage(
         sitk.RelabelComponent(sitk.ConnectedComponent(soft), sortByObjectSize=True))
     brain = comps == 1
     # a brain is at least 0.5 l; less means the opening found no brain (e.g. a phantom)
@@ -425,7 +442,7 @@ class Match:
 def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Reference,
                        plane_rotation: np.ndarray, centres: Sequence[np.ndarray],
                        starts: Sequence[float] = PITCH_STARTS_DEG,
-                       scales: Sequence[float] = (1.0,)) -> Match:
+                       scales: Sequence[float] = (1.0,)) -> "Steps[Match]":
     """Register the upright reference to the scan: rotation, shift and a linear map that
     absorbs head size and proportions (removed afterwards by :func:`nearest_rotation`).
 
@@ -437,7 +454,7 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
     (``centres``, in that order; the first is robust to neck in view, the second when no
     brain is found), and from each of ``scales`` (a head much larger or smaller than the
     reference can settle with the reference shrunk into its skull). The best is refined
-    at the working resolution.
+    at the working resolution. In steps of one registration each.
     """
     moving_mask = _mask_image(scan_fov, scan_img)
     best: Optional[Match] = None
@@ -453,6 +470,7 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
         match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
         if best is None or match.correlation > best.correlation:
             best = match
+        yield
     assert best is not None
     return _run_registration(ref, scan_img, moving_mask, best.transform, shrink=1)
 
@@ -502,22 +520,36 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
                   progress: Optional[ProgressFn] = None) -> PoseEstimate:
     """Estimate ``R`` (upright -> scan) for a head CT: symmetry plane, then the
     registration of the upright reference head (``template``, default the bundled one)."""
-    t0 = time.perf_counter()
-    report = progress or (lambda f, m: None)
+    return run_steps(estimate_pose_steps(scan, template, spacing, progress))
+
+
+def estimate_pose_steps(scan: sitk.Image, template: Optional[sitk.Image] = None,
+                        spacing: float = WORK_SPACING_MM,
+                        progress: Optional[ProgressFn] = None) -> "Steps[PoseEstimate]":
+    """:func:`estimate_pose` in steps (see :mod:`steps`); ``seconds`` counts only the
+    time spent in the steps."""
+    est, seconds = yield from timed(_estimate_steps(scan, template, spacing, progress or (lambda f, m: None)))
+    return dataclasses.replace(est, seconds=seconds)
+
+
+def _estimate_steps(scan: sitk.Image, template: Optional[sitk.Image], spacing: float,
+                    report: ProgressFn) -> "Steps[PoseEstimate]":
     report(0.0, "finding the head")
     img, mask, fov, hu = _working_image(scan, spacing)
     if mask.sum() < 100:
         raise InputError("no head found in the scan (too few voxels above "
                          f"{geometry.HEAD_THRESHOLD_HU:.0f} HU).", "Give a head CT in HU.")
     report(0.15, "mid-sagittal plane")
-    normal, offset, head_centre, rmse = find_symmetry_plane(img, mask, fov)
+    yield
+    normal, offset, head_centre, rmse = yield from symmetry_plane_steps(img, mask, fov)
     plane_rotation = rotation_taking(np.array([1.0, 0.0, 0.0]), normal)
     brain, brain_ml = brain_centroid(hu, mask, fov)
     brain = brain - (float(brain @ normal) - offset) * normal    # on the mid-sagittal plane
     report(0.45, "matching the reference head")
+    yield
     ref = _bundled_reference(float(spacing)) if template is None else prepare_reference(template, spacing)
-    match = register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre),
-                               scales=starting_scales(brain_ml, ref.brain_ml))
+    match = yield from register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre),
+                                          scales=starting_scales(brain_ml, ref.brain_ml))
     if match.correlation < MIN_MATCH:
         raise InputError(f"the scan does not match a head well enough to find its pose "
                          f"(correlation with the reference head {match.correlation:.2f}, below "
@@ -529,8 +561,7 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
     report(1.0, "done")
     scales = tuple(float(v) for v in np.linalg.svd(m, compute_uv=False))
     return PoseEstimate(pose_transform(rotation, head_centre), normal, head_centre,
-                        pitch_of(rotation), rmse, match.correlation, scales,
-                        time.perf_counter() - t0)
+                        pitch_of(rotation), rmse, match.correlation, scales, 0.0)
 
 
 def pitch_of(rotation: np.ndarray) -> float:
@@ -595,47 +626,11 @@ def scan_stem(path: str) -> str:
 
 def describe(est: PoseEstimate) -> str:
     """One line for the user: how far from upright, and how sure."""
+    regions = ""
+    if est.region_residual_deg is not None:
+        regions = (f", corrected by {est.region_residual_deg:.1f} degrees from the regions found"
+                   if est.region_corrected else
+                   f", regions found agree within {est.region_residual_deg:.1f} degrees")
     return (f"estimated head pose: {est.angle_deg:.1f} degrees from upright (pitch "
-            f"{est.pitch_deg:+.1f}), match with the reference head {est.match:.2f}, "
-            f"in {est.seconds:.1f} s")
-
-
-def cmd_align(args: argparse.Namespace) -> int:
-    from . import imageio
-    if os.path.isdir(args.output):
-        raise InputError(f"-o {args.output} is a folder.", "Give the transform file to write, e.g. -o case.txt.")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise InputError(f"{args.output} exists already (perhaps a transform made by hand).",
-                         "Choose another -o, or add --overwrite to replace it.")
-    scan = imageio.read_scan(args.scan)
-    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
-    template = None
-    if args.template:
-        template = imageio.read_scan(args.template)
-        imageio.check_ct(template, force=args.force, name=os.path.basename(args.template))
-    est = estimate_pose(scan, template, spacing=args.spacing)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    transforms.write_transform(args.output, est.transform)
-    print(describe(est))
-    seg_dir = os.path.join(os.path.dirname(args.output), f"{scan_stem(args.scan)}-brainlobeseg")
-    command = " ".join(shlex.quote(a) for a in ("brainlobeseg", "segment", args.scan, "--transform",
-                                                args.output, "-o", seg_dir))
-    print(f"wrote {args.output} (R: upright -> scan, ITK-SNAP format). Check it before use, e.g. "
-          f"`{command}`.")
-    return 0
-
-
-def register_cli(sub) -> None:
-    """Add ``align`` to the ``brainlobeseg`` command."""
-    a = sub.add_parser("align", help="estimate the upright head pose and write it as an ITK "
-                                     "transform file (check it before use)")
-    a.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd) or DICOM series folder")
-    a.add_argument("-o", "--output", required=True, help="transform file to write (e.g. case.txt)")
-    a.add_argument("--template", help="an upright head CT defining upright (default: the bundled "
-                                      "MNI-frame reference head, the models' own frame)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
-    a.add_argument("--spacing", type=float, default=WORK_SPACING_MM,
-                   help=f"working resolution in mm (default {WORK_SPACING_MM})")
-    a.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
-    a.set_defaults(func=cmd_align)
+            f"{est.pitch_deg:+.1f}), match with the reference head {est.match:.2f}"
+            f"{regions}, in {est.seconds:.1f} s")

@@ -103,7 +103,7 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
                  ) -> Tuple[sitk.Image, SegmentationResult, "alignment.PoseChoice"]:
     """Read and check one scan and its transform (estimated when there is none, see
     :func:`alignment.choose_pose`), then segment it."""
-    from . import alignment
+    from . import alignment, region_pose
     if transform_path:   # a broken transform file fails before the scan is read
         transforms.read_transform(transform_path, invert=invert)
     scan = imageio.read_scan(scan_path)
@@ -111,8 +111,8 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
     pose = alignment.choose_pose(scan, transform_path, invert, assume_upright,
                                  progress=lambda f, m: progress(0.1 * f, f"pose: {m}"))
     start = 0.1 if pose.estimate is not None else 0.0
-    result = segmenter.segment(scan, pose.transform,
-                               progress=lambda f, m: progress(start + (1.0 - start) * f, m))
+    result, pose = region_pose.segment_with_pose(
+        segmenter, scan, pose, progress=lambda f, m: progress(start + (1.0 - start) * f, m))
     return scan, result, pose
 
 
@@ -298,7 +298,7 @@ def _model_options(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_
 
 def _register_extensions(sub) -> None:
     """Subcommands of other modules (statistics, alignment, dataset tools), if present."""
-    for module in ("statistics", "alignment", "dataset"):
+    for module in ("statistics", "region_pose", "dataset"):
         try:
             mod = __import__(f"{__package__}.{module}", fromlist=["register_cli"])
         except ImportError:

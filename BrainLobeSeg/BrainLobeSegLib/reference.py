@@ -13,11 +13,14 @@ Only numpy and SimpleITK are used (the inference-path rule).
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import regions
 from .errors import InputError
 from .resources import bundled_dir
 
@@ -26,6 +29,8 @@ ATLAS_ENV = "BRAINLOBESEG_ATLAS"
 TEMPLATE_FILE = "rorden-ct-template-hu-2.5mm.nii.gz"
 LICENSE_FILE = "LICENSE-Clinical-BSD-2-Clause.txt"
 SOURCE_FILE = "SOURCE.md"
+CENTROIDS_FILE = "region-centroids.json"
+CENTROIDS_LICENSE_FILE = "LICENSE-aspects-on-cta-MIT.txt"
 
 
 def atlas_dir() -> Path:
@@ -57,3 +62,29 @@ def upright_template() -> sitk.Image:
         raise InputError(f"the reference head for the automatic alignment is missing ({path}).",
                          "Reinstall BrainLobeSeg, give a transform file, or pass --assume-upright.")
     return sitk.Image(_read_template(str(path)))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_centroids(path: str) -> Tuple[Tuple[int, Tuple[float, float, float]], ...]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)["centroids"]
+        pairs = tuple((int(k), tuple(float(v) for v in xyz)) for k, xyz in raw.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"the region centroids {path} cannot be read ({exc}).",
+                         "Reinstall BrainLobeSeg (or rebuild them: python -m training bundle_template).")
+    if (sorted(k for k, _ in pairs) != list(range(1, regions.NUM_LABELS + 1))
+            or any(len(p) != 3 or not np.isfinite(p).all() for _, p in pairs)):
+        raise InputError(f"the region centroids {path} do not hold one point per region.",
+                         "Reinstall BrainLobeSeg (or rebuild them: python -m training bundle_template).")
+    return pairs
+
+
+def region_centroids() -> Dict[int, np.ndarray]:
+    """Where each region's centroid lies in the upright frame (LPS mm), by label id: the
+    alignment's check of a pose against the regions a model found."""
+    path = atlas_dir() / CENTROIDS_FILE
+    if not path.is_file():
+        raise InputError(f"the region centroids for the automatic alignment are missing ({path}).",
+                         "Reinstall BrainLobeSeg, give a transform file, or pass --assume-upright.")
+    return {k: np.array(p) for k, p in _read_centroids(str(path))}

@@ -424,16 +424,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
             report.extra["labels"] = os.path.abspath(args.labels)
         else:
             from .alignment import ESTIMATED_SUFFIX, choose_pose
+            from .region_pose import segment_with_pose
             if args.auto_align and args.transform:
                 raise InputError("--auto-align and --transform exclude each other.",
                                  "Give the transform file, or leave it out to estimate the pose.")
             bar = cli.ProgressBar(case)
             pose = choose_pose(scan, args.transform, args.invert_transform, args.assume_upright,
                                progress=lambda f, m: bar(0.1 * f, f"pose: {m}"))
-            transform = pose.transform
             segmenter = cli.Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
-            result = segmenter.segment(scan, transform, progress=lambda f, m: bar(0.1 + 0.9 * f, m),
-                                       keep_probabilities=True)
+            result, pose = segment_with_pose(segmenter, scan, pose, keep_probabilities=True,
+                                             progress=lambda f, m: bar(0.1 + 0.9 * f, m))
+            transform = pose.transform
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))

@@ -19,7 +19,7 @@ so every engine module can import this one.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator, Optional, TypeVar
+from typing import Any, Callable, Generator, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -50,6 +50,23 @@ def within(context: Callable[[], Any], steps: "Steps[T]") -> "Steps[T]":
             yield
     finally:
         steps.close()   # cancelled between steps: the inner steps clean up too
+
+
+def timed(steps: "Steps[T]") -> "Steps[Tuple[T, float]]":
+    """``steps``, returning ``(result, seconds spent inside its steps)``: the time a run
+    took without the pauses a GUI made between steps."""
+    spent = 0.0
+    try:
+        while True:
+            start = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value, spent + time.perf_counter() - start
+            spent += time.perf_counter() - start
+            yield
+    finally:
+        steps.close()
 
 
 class SteppedRun:

@@ -1,0 +1,203 @@
+"""The second stage of the automatic alignment: correct the pose with the regions found.
+
+:func:`alignment.estimate_pose` registers a reference head to the scan. Where the scan
+shows little of the head's outline (a field of view that starts at the orbits, a cut
+vertex, 5 mm slices), the registration can leave several degrees of pitch. The model
+itself is a second, independent witness: it finds the 20 regions wherever the anatomy
+lies, so in the upright space of a slightly wrong pose their centroids are turned by
+exactly the remaining error against where the regions lie in the models' frame (the
+bundled ``region-centroids.json``, see :mod:`reference`).
+
+:func:`segment_with_pose` is the one data flow for a run whose pose was estimated (the
+CLI's ``segment``, ``stats`` and ``align``, and the Slicer panel): segment, fit the
+regions' centroids, and when the correction is worth it, segment again with the
+corrected pose. A pose from a transform file, or one the user states is upright, is
+used as given.
+
+Frames: ``R`` maps upright points to scan points (:mod:`transforms`). With the labels on
+the model grid of the upright space of ``R``, a region whose centroid is ``a`` in the
+models' frame is found at ``u = M a + t``; the rotation part ``E`` of ``M`` (polar
+decomposition; ``M`` also holds head size and proportions) is the remaining error, and
+the corrected pose turns by ``Q E`` about the same head centre, ``Q`` being ``R``'s
+rotation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shlex
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import alignment, reference, transforms
+from .errors import InputError
+from .steps import Steps, run_steps
+from .geometry import Grid
+
+#: A region counts for the fit with at least this many voxels on the model grid.
+MIN_REGION_VOXELS = 10
+#: Fewer regions than this (of 20) and the fit is not trusted: the pose is kept.
+MIN_REGIONS = 16
+#: A correction smaller than this (degrees) is within the fit's own noise, measured
+#: on the v2 held-out scans (Testing/benchmarks/ALIGNMENT_RESULTS.md): kept as is.
+MIN_CORRECTION_DEG = 1.0
+#: The reference head's estimate was never off by more than 4.5 degrees on the held-out
+#: scans; a larger "correction" means the regions found are not trustworthy (an untrained
+#: model, a head that is not there): the estimate is kept.
+MAX_CORRECTION_DEG = 8.0
+#: Likewise when the regions found do not fit the expected layout by an affine map
+#: within this RMS distance (mm).
+MAX_FIT_RMS_MM = 8.0
+#: ... or when the fit says the regions are spread much wider or narrower than in the
+#: models' frame (per axis; heads differ by about +-12 % in the synthesis).
+FIT_SCALE_RANGE = (0.7, 1.4)
+
+ProgressFn = Callable[[float, str], None]
+
+
+def region_centroids_found(labels: np.ndarray, grid: Grid) -> Dict[int, np.ndarray]:
+    """Centroid (upright LPS mm) of each region on a model grid (``labels`` is z, y, x)."""
+    out: Dict[int, np.ndarray] = {}
+    origin, spacing = np.asarray(grid.origin), np.asarray(grid.spacing)
+    for label in range(1, int(labels.max(initial=0)) + 1):
+        index = np.argwhere(labels == label)
+        if len(index) >= MIN_REGION_VOXELS:
+            out[label] = origin + spacing * index[:, ::-1].mean(axis=0)   # (x, y, z)
+    return out
+
+
+def remaining_rotation(labels: np.ndarray, grid: Grid) -> Optional[np.ndarray]:
+    """``E``: the rotation that takes the models' frame onto the regions found, or None
+    when too few regions were found, or they do not lie in the expected layout."""
+    expected = reference.region_centroids()
+    found = region_centroids_found(labels, grid)
+    common = sorted(set(expected) & set(found))
+    if len(common) < MIN_REGIONS:
+        return None
+    a = np.array([np.r_[expected[k], 1.0] for k in common])
+    b = np.array([found[k] for k in common])
+    solution, *_ = np.linalg.lstsq(a, b, rcond=None)    # b = a @ solution
+    rms = float(np.sqrt(np.mean(np.sum((a @ solution - b) ** 2, axis=1))))
+    linear = solution[:3].T
+    scales = np.linalg.svd(linear, compute_uv=False)
+    if rms > MAX_FIT_RMS_MM or scales.min() < FIT_SCALE_RANGE[0] or scales.max() > FIT_SCALE_RANGE[1]:
+        return None
+    return alignment.nearest_rotation(linear)
+
+
+def corrected_estimate(est: "alignment.PoseEstimate", rotation: np.ndarray
+                       ) -> "alignment.PoseEstimate":
+    """The estimate turned by ``rotation`` (``E``) in its upright space, about the same
+    head centre, with the size of the correction recorded."""
+    q = transforms.matrix_of(est.transform)[:3, :3] @ rotation
+    transform = alignment.pose_transform(q, est.centre)
+    return dataclasses.replace(est, transform=transform, pitch_deg=alignment.pitch_of(q),
+                               region_residual_deg=angle_of(rotation), region_corrected=True)
+
+
+def angle_of(rotation: np.ndarray) -> float:
+    """Rotation angle of a 3x3 rotation matrix (degrees)."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def segment_with_pose(segmenter: Any, scan, pose: "alignment.PoseChoice",
+                      progress: Optional[ProgressFn] = None, **segment_args: Any
+                      ) -> Tuple[Any, "alignment.PoseChoice"]:
+    """Segment with ``pose``; an estimated pose is then checked against the regions found
+    and, if off by :data:`MIN_CORRECTION_DEG` or more, corrected and the scan segmented
+    again. Returns the result and the pose it was made with.
+
+    ``segmenter`` is an :class:`inference.Segmenter` (its ``segment_steps`` is called
+    with ``progress`` and ``segment_args``).
+    """
+    return run_steps(segment_with_pose_steps(segmenter, scan, pose, progress, **segment_args))
+
+
+def segment_with_pose_steps(segmenter: Any, scan, pose: "alignment.PoseChoice",
+                            progress: Optional[ProgressFn] = None, **segment_args: Any
+                            ) -> "Steps[Tuple[Any, alignment.PoseChoice]]":
+    """:func:`segment_with_pose` in steps (see :mod:`steps`)."""
+    report = progress or (lambda f, m: None)
+    if pose.estimate is None:
+        result = yield from segmenter.segment_steps(scan, pose.transform, progress=report, **segment_args)
+        return result, pose
+    result = yield from segmenter.segment_steps(scan, pose.transform,
+                                                progress=lambda f, m: report(0.75 * f, m), **segment_args)
+    rotation = remaining_rotation(result.labels_grid, result.grid)
+    if rotation is None or angle_of(rotation) > MAX_CORRECTION_DEG:   # no trustworthy check
+        return result, pose
+    est = corrected_estimate(pose.estimate, rotation)
+    if est.region_residual_deg < MIN_CORRECTION_DEG:
+        kept = dataclasses.replace(pose.estimate, region_residual_deg=est.region_residual_deg)
+        return result, dataclasses.replace(pose, estimate=kept)
+    report(0.75, f"pose corrected by {est.region_residual_deg:.1f} degrees; segmenting again")
+    result = yield from segmenter.segment_steps(scan, est.transform,
+                                                progress=lambda f, m: report(0.75 + 0.25 * f, m),
+                                                **segment_args)
+    return result, alignment.PoseChoice(est.transform, pose.source, est)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from . import imageio
+    if os.path.isdir(args.output):
+        raise InputError(f"-o {args.output} is a folder.", "Give the transform file to write, e.g. -o case.txt.")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise InputError(f"{args.output} exists already (perhaps a transform made by hand).",
+                         "Choose another -o, or add --overwrite to replace it.")
+    scan = imageio.read_scan(args.scan)
+    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
+    template = None
+    if args.template:
+        template = imageio.read_scan(args.template)
+        imageio.check_ct(template, force=args.force, name=os.path.basename(args.template))
+    est = alignment.estimate_pose(scan, template, spacing=args.spacing)
+    if template is None and not args.skip_region_check:
+        est = _checked_against_regions(scan, est, args)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    transforms.write_transform(args.output, est.transform)
+    print(alignment.describe(est))
+    seg_dir = os.path.join(os.path.dirname(args.output), f"{alignment.scan_stem(args.scan)}-brainlobeseg")
+    command = " ".join(shlex.quote(a) for a in ("brainlobeseg", "segment", args.scan, "--transform",
+                                                args.output, "-o", seg_dir))
+    print(f"wrote {args.output} (R: upright -> scan, ITK-SNAP format). Check it before use, e.g. "
+          f"`{command}`.")
+    return 0
+
+
+def _checked_against_regions(scan, est: "alignment.PoseEstimate",
+                             args: argparse.Namespace) -> "alignment.PoseEstimate":
+    """The pose ``segment`` would use: checked (and corrected) against the regions the
+    default model finds (:mod:`region_pose`), so ``align`` and ``segment`` agree."""
+    from .inference import Segmenter
+    segmenter = Segmenter(model_dir=args.model, threads=args.threads)
+    _, pose = segment_with_pose(segmenter, scan, alignment.PoseChoice(est.transform, "estimated", est))
+    return pose.estimate
+
+
+def register_cli(sub) -> None:
+    """Add ``align`` to the ``brainlobeseg`` command."""
+    a = sub.add_parser("align", help="estimate the upright head pose and write it as an ITK "
+                                     "transform file (check it before use)")
+    a.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd) or DICOM series folder")
+    a.add_argument("-o", "--output", required=True, help="transform file to write (e.g. case.txt)")
+    a.add_argument("--template", help="an upright head CT defining upright (default: the bundled "
+                                      "MNI-frame reference head, the models' own frame)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    a.add_argument("--spacing", type=float, default=alignment.WORK_SPACING_MM,
+                   help=f"working resolution in mm (default {alignment.WORK_SPACING_MM})")
+    a.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
+    a.add_argument("--skip-region-check", action="store_true",
+                   help="keep the reference head's estimate as it is, without checking it "
+                        "against the regions the default model finds (faster; the check is "
+                        "skipped anyway with --template)")
+    a.add_argument("--model", type=pathlib.Path, default=None,
+                   help="model folder for the region check (default: the bundled 3D model)")
+    a.add_argument("--threads", type=int, default=None, help="CPU threads for the region check")
+    a.set_defaults(func=cmd_align)
