@@ -382,19 +382,24 @@ def register_atlas(fixed, moving, seed: int = 1):
     return sitk.CompositeTransform([affine, bspline]), times
 
 
-def worker_atlas(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """The atlas baseline end to end on the bench scan, then on held-out cases."""
-    import numpy as np
-    import SimpleITK as sitk
-    from BrainLobeSegLib import cli, geometry, imageio, inference, transforms
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(spec["threads"])
-    atlas_dir = Path(spec["atlas_dir"])
-    t = time.perf_counter()
-    template = cormack_to_hu(sitk.ReadImage(str(atlas_dir / "Clinical-scct" / "scct.nii.gz")))
-    atlas_labels, rule = atlas_label_map(atlas_dir)
-    load_s = time.perf_counter() - t
+class AtlasBaseline:
+    """Atlas registration as a segmenter: the Rorden template registered to the scan's
+    upright copy (affine + B-spline, :func:`register_atlas`), the aspects-on-cta labels
+    carried over at 1 mm. ``clip_to_brain`` clips the atlas labels to the template's
+    intracranial space, as ``training synth`` profile v2 clips its truth."""
 
-    def segment(scan, transform, stages: Dict[str, float]) -> inference.SegmentationResult:
+    def __init__(self, atlas_dir: Path, clip_to_brain: bool = False) -> None:
+        import SimpleITK as sitk
+        self.template = cormack_to_hu(sitk.ReadImage(str(atlas_dir / "Clinical-scct" / "scct.nii.gz")))
+        self.labels, self.rule = atlas_label_map(atlas_dir)
+        if clip_to_brain:
+            self.labels = _clipped_to_brain(self.labels, atlas_dir)
+            self.rule += "; clipped to the intracranial prior > 0.5"
+
+    def segment(self, scan, transform, stages: Optional[Dict[str, float]] = None):
+        import SimpleITK as sitk
+        from BrainLobeSegLib import geometry, inference
+        stages = {} if stages is None else stages
         t = time.perf_counter()
         head = geometry.head_box(scan, transform)
         stages["crop"] = time.perf_counter() - t
@@ -402,11 +407,11 @@ def worker_atlas(spec: Dict[str, Any]) -> Dict[str, Any]:
         grid = head.grid((ATLAS_SPACING_MM,) * 3)
         fixed = grid.image(geometry.upright_resample(scan, transform, grid))
         stages["upright resample"] = time.perf_counter() - t
-        tf, reg_times = register_atlas(fixed, template)
+        tf, reg_times = register_atlas(fixed, self.template)
         stages.update({f"registration ({k})": v for k, v in reg_times.items()})
         t = time.perf_counter()
         fine = head.grid((1.0, 1.0, 1.0))   # labels carried at 1 mm, like the engine's refine
-        lab = sitk.GetArrayFromImage(sitk.Resample(atlas_labels, fine.reference(), tf,
+        lab = sitk.GetArrayFromImage(sitk.Resample(self.labels, fine.reference(), tf,
                                                    sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
         labels_scan = geometry.labels_to_scan(lab, fine, scan, transform)
         labels_upright = geometry.labels_to_upright_scan_grid(lab, fine, scan)
@@ -415,22 +420,47 @@ def worker_atlas(spec: Dict[str, Any]) -> Dict[str, Any]:
                                             grid=fine, labels_grid=lab, member_labels={},
                                             mode="atlas")
 
+
+def _clipped_to_brain(labels, atlas_dir: Path):
+    """``labels`` without the voxels outside the template's grey + white + CSF prior > 0.5."""
+    import SimpleITK as sitk
+    from BrainLobeSegLib import transforms
+    prior = None
+    for name in ("scgrey", "scwhite", "sccsf"):
+        img = sitk.ReadImage(str(atlas_dir / "Clinical-scct" / f"{name}.nii.gz"), sitk.sitkFloat32)
+        prior = img if prior is None else prior + img
+    prior = sitk.Resample(prior, labels, transforms.identity(), sitk.sitkLinear, 0.0)
+    arr = sitk.GetArrayFromImage(labels)
+    arr[sitk.GetArrayFromImage(prior) <= 0.5] = 0
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(labels)
+    return out
+
+
+def worker_atlas(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The atlas baseline end to end on the bench scan, then on held-out cases."""
+    import SimpleITK as sitk
+    from BrainLobeSegLib import cli, imageio, transforms
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(spec["threads"])
+    t = time.perf_counter()
+    atlas = AtlasBaseline(Path(spec["atlas_dir"]))
+    load_s = time.perf_counter() - t
     stages: Dict[str, float] = {}
     t_start = time.perf_counter()
     transform = transforms.read_transform(spec["transform"])
     scan = imageio.read_scan(spec["scan"])
     imageio.check_ct(scan, name="bench scan")
     stages["read"] = time.perf_counter() - t_start
-    result = segment(scan, transform, stages)
+    result = atlas.segment(scan, transform, stages)
     t = time.perf_counter()
     cli.write_outputs(result, str(Path(spec["tmp"]) / "out-atlas"), "bench")
     stages["write"] = time.perf_counter() - t
     e2e = time.perf_counter() - t_start
     res: Dict[str, Any] = {"kind": "atlas", "load_s": load_s, "e2e_s": e2e, "stages": stages,
-                           "peak_rss": peak_rss_bytes(), "overlap_rule": rule}
+                           "peak_rss": peak_rss_bytes(), "overlap_rule": atlas.rule}
     del result, scan
     if spec.get("heldout"):
-        res["heldout"] = _heldout_dice(lambda s, tf: segment(s, tf, {}).labels_upright,
+        res["heldout"] = _heldout_dice(lambda s, tf: atlas.segment(s, tf).labels_upright,
                                        spec["heldout"])
     return res
 

@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from BrainLobeSegLib import dataset, geometry, inference, models, regions, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from Testing.benchmarks.bench import AtlasBaseline  # noqa: E402
 
 AIR_LIMIT_HU = -1000.0      # tissue above this; air is left alone by every change
 Case = Tuple[sitk.Image, sitk.Transform, sitk.Image]
@@ -141,7 +145,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="labelled held-out dataset folder")
     p.add_argument("--cases", type=int, default=20, help="first N labelled cases")
-    p.add_argument("--modes", nargs="+", default=["3d"], choices=["3d", "planar", "ensemble"])
+    p.add_argument("--modes", nargs="+", default=["3d"], choices=["3d", "planar", "ensemble", "atlas"],
+                   help="engine modes, and 'atlas' for the atlas-registration baseline (needs --atlas-dir)")
+    p.add_argument("--atlas-dir", type=Path, default=None,
+                   help="folder with Clinical-scct/ and aspects-on-cta/ (the atlas baseline)")
+    p.add_argument("--atlas-clip", action="store_true",
+                   help="clip the atlas labels to the intracranial space (as synth profile v2 does)")
     p.add_argument("--model", default=None, help="model folder(s) (default: bundled)")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     p.add_argument("--calibration", choices=("card", "on", "off"), default="card")
@@ -152,8 +161,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     table: Dict[Tuple[str, str], List[Tuple[float, float]]] = {}
     t0 = time.perf_counter()
     for mode in args.modes:
-        seg = inference.Segmenter(mode, args.model, "cpu")
-        with_calibration(seg, args.calibration)
+        if mode == "atlas":
+            if args.atlas_dir is None:
+                p.error("--modes atlas needs --atlas-dir")
+            seg = AtlasBaseline(args.atlas_dir, clip_to_brain=args.atlas_clip)
+        else:
+            seg = inference.Segmenter(mode, args.model, "cpu")
+            with_calibration(seg, args.calibration)
         for case in cases:
             base = dataset.read_case(case)
             for name in args.conditions:
