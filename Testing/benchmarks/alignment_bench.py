@@ -41,7 +41,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from BrainLobeSegLib import alignment, dataset, imageio, phantom, transforms
+from BrainLobeSegLib import alignment, dataset, imageio, phantom, region_pose, transforms
+
+#: The default segmenter, when the pose is checked against the regions it finds (--region-check).
+SEGMENTER = None
 
 TARGETS = {"median": 1.5, "p95": 3.0, "max": 5.0}
 REAL_TARGET_DEG = 2.0
@@ -81,16 +84,32 @@ def data_cases(folder: str) -> Iterable[Case]:
         yield f"{os.path.basename(os.path.normpath(folder))}/{case.name}", ct, truth, slice_group(ct)
 
 
+def final_pose(ct: sitk.Image, template: Optional[sitk.Image] = None
+               ) -> Tuple[alignment.PoseEstimate, alignment.PoseEstimate, float]:
+    """The reference head's estimate, the pose a run ends up with (checked against the
+    regions with --region-check, as ``segment`` does; else the same), and the seconds."""
+    t0 = time.perf_counter()
+    est = alignment.estimate_pose(ct, template)
+    if SEGMENTER is None or template is not None:
+        return est, est, time.perf_counter() - t0
+    _, pose = region_pose.segment_with_pose(SEGMENTER, ct, alignment.PoseChoice(est.transform, "estimated", est))
+    return est, pose.estimate, time.perf_counter() - t0
+
+
 def measure(cases: Iterable[Case], template_of) -> Dict[str, List[Tuple[str, float, float, float]]]:
     """Per group: (name, tilt, error, seconds) of every case, printed as they come."""
     groups: Dict[str, List[Tuple[str, float, float, float]]] = {}
     for name, ct, truth, group in cases:
-        est = alignment.estimate_pose(ct, template_of(group))
+        first, est, seconds = final_pose(ct, template_of(group))
         err = alignment.angle_error_deg(est.transform, truth)
         tilt = transforms.rotation_angle_deg(truth)
-        groups.setdefault(group, []).append((name, tilt, err, est.seconds))
-        print(f"{name:<22} {group:<16} tilt {tilt:5.1f} deg  error {err:5.2f} deg  match "
-              f"{est.match:.2f}  {est.seconds:4.1f} s", flush=True)
+        groups.setdefault(group, []).append((name, tilt, err, seconds))
+        check = ""
+        if est.region_residual_deg is not None:
+            check = (f"  (reference head {alignment.angle_error_deg(first.transform, truth):5.2f}, regions "
+                     f"{est.region_residual_deg:4.2f}{' applied' if est.region_corrected else ''})")
+        print(f"{name:<22} {group:<16} tilt {tilt:5.1f} deg  error {err:5.2f} deg{check}  match "
+              f"{est.match:.2f}  {seconds:4.1f} s", flush=True)
     return groups
 
 
@@ -119,7 +138,7 @@ def real_consistency(path: str, count: int = 6) -> bool:
     centre = np.array(scan.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in scan.GetSize()]))
     box.SetOrigin(tuple(centre - np.array([128.0, 128.0, 100.0])))
     upright_grid = sitk.Resample(scan, box, transforms.identity(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    base = alignment.estimate_pose(upright_grid)
+    base = final_pose(upright_grid)[1]
     print(f"real scan: unrotated estimate {alignment.describe(base)}")
     rng = np.random.default_rng(7)
     errors = []
@@ -127,7 +146,7 @@ def real_consistency(path: str, count: int = 6) -> bool:
         pitch = [-25.0, 25.0, -15.0, 15.0, 8.0, -8.0][k % 6]
         angles = (pitch, float(rng.uniform(-10, 10)), float(rng.uniform(-10, 10)))
         Q = transforms.rotation(angles, center=tuple(base.centre))
-        est = alignment.estimate_pose(rotated_about(upright_grid, Q))
+        est = final_pose(rotated_about(upright_grid, Q))[1]
         expected = transforms.affine_from_matrix(transforms.matrix_of(Q) @ transforms.matrix_of(base.transform))
         err = alignment.angle_error_deg(est.transform, expected)
         errors.append(err)
@@ -143,7 +162,7 @@ def segmentation_dice(folder: str, mode: str) -> bool:
     """Mean Dice of ``segment`` without a transform (the automatic pose) against the Dice
     with the true transform, per case, both on the scan grid (the truth ``N-seg`` mapped
     there through ``R_true``); the target is a difference of at most 0.01 on average."""
-    from BrainLobeSegLib import geometry, inference, regions
+    from BrainLobeSegLib import inference, regions
     seg = inference.Segmenter(mode, None, "cpu")
     rows = []
     for case in dataset.list_cases(folder):
@@ -153,9 +172,12 @@ def segmentation_dice(folder: str, mode: str) -> bool:
         inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(truth_R)))
         truth = sitk.GetArrayFromImage(sitk.Resample(upright, ct, inv, sitk.sitkNearestNeighbor, 0))
         est = alignment.estimate_pose(ct)
+        automatic, pose = region_pose.segment_with_pose(seg, ct, alignment.PoseChoice(est.transform, "estimated", est))
+        est = pose.estimate
         dice = []
-        for R in (truth_R, est.transform):
-            labels = sitk.GetArrayFromImage(seg.segment(ct, R).labels_scan)   # a copy: the image is temporary
+        for R in (truth_R, None):
+            result = automatic if R is None else seg.segment(ct, R)
+            labels = sitk.GetArrayFromImage(result.labels_scan)   # a copy: the image is temporary
             per = [2.0 * ((truth == r.label) & (labels == r.label)).sum()
                    / max(1, (truth == r.label).sum() + (labels == r.label).sum())
                    for r in regions.REGIONS if (truth == r.label).any()]
@@ -202,7 +224,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mode", default="3d", help="segmentation mode for --dice (default 3d)")
     p.add_argument("--threads", type=int, default=2, help="ITK threads (the target machine has 2 cores)")
     p.add_argument("--json", help="write the per-case errors here")
+    p.add_argument("--region-check", action="store_true",
+                   help="the pose segment ends with: checked against the regions the bundled 3D model finds")
     args = p.parse_args(argv)
+    global SEGMENTER
+    if args.region_check:
+        from BrainLobeSegLib import inference
+        SEGMENTER = inference.Segmenter("3d", None, "cpu")
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     upright_phantom = phantom.make_upright_phantom(spacing_mm=2.0)[0]
     template_of = lambda group: upright_phantom if group == "phantoms" else None  # noqa: E731
