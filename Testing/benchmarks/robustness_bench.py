@@ -101,12 +101,30 @@ def vertex_cut(mm: float) -> Callable[[Case], Case]:
     return change
 
 
+#: The regions an inserted infarct covers: a right MCA stroke (lentiform, insula, M2, M5).
+INFARCT_LABELS = tuple(regions.region(code, "right").label for code in ("L", "I", "M2", "M5"))
+
+
+def infarct(drop_hu: float) -> Callable[[Case], Case]:
+    """A hypodense infarct of ``drop_hu`` over the whole of :data:`INFARCT_LABELS` (the
+    truth mapped onto the scan); the region labels stay what they were."""
+    def change(c: Case) -> Case:
+        ct, R, seg = c
+        inside = np.isin(truth_on_scan(ct, R, seg), INFARCT_LABELS)
+        arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+        arr[inside] += drop_hu
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(ct)
+        return out, R, seg
+    return change
+
+
 CONDITIONS: Dict[str, Callable[[Case], Case]] = {
     "clean": lambda c: c,
     **{f"offset{h:+d}": offset(float(h)) for h in range(-40, 41, 10) if h},
     "gain0.9": gain(0.9), "gain1.1": gain(1.1), "noise5": noise(5.0), "noise15": noise(15.0),
     "slices5mm": thick_slices(5.0), "pitch15": pitch(15.0), "pitch30": pitch(30.0),
-    "vertexcut30": vertex_cut(30.0),
+    "vertexcut30": vertex_cut(30.0), "infarct-10": infarct(-10.0),
 }
 
 
@@ -116,10 +134,11 @@ def truth_on_scan(ct: sitk.Image, R: sitk.Transform, seg: sitk.Image) -> np.ndar
     return sitk.GetArrayFromImage(sitk.Resample(seg, ct, inv, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
 
 
-def score(truth: np.ndarray, pred: np.ndarray) -> float:
+def score(truth: np.ndarray, pred: np.ndarray, labels: Optional[Tuple[int, ...]] = None) -> float:
+    """Mean Dice over the regions present in the truth (only ``labels`` if given)."""
     per = [2.0 * ((truth == r.label) & (pred == r.label)).sum()
            / max(1, (truth == r.label).sum() + (pred == r.label).sum())
-           for r in regions.REGIONS if (truth == r.label).any()]
+           for r in regions.REGIONS if (truth == r.label).any() and (labels is None or r.label in labels)]
     return float(np.mean(per)) if per else float("nan")
 
 
@@ -173,18 +192,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name in args.conditions:
                 ct, R, up = CONDITIONS[name](base)
                 pred = sitk.GetArrayFromImage(seg.segment(ct, R).labels_scan)
-                d, b = score(truth_on_scan(ct, R, up), pred), bone_ml(ct, pred)
-                table.setdefault((mode, name), []).append((d, b))
-                print(f"{mode:<8} case {case.name:<4} {name:<12} Dice {d:.3f}  in bone {b:5.2f} ml", flush=True)
+                truth = truth_on_scan(ct, R, up)
+                d, b, a = score(truth, pred), bone_ml(ct, pred), score(truth, pred, INFARCT_LABELS)
+                table.setdefault((mode, name), []).append((d, b, a))
+                print(f"{mode:<8} case {case.name:<4} {name:<12} Dice {d:.3f}  in bone {b:5.2f} ml  "
+                      f"infarct regions {a:.3f}", flush=True)
     lines = [f"Data: {args.data}, {len(cases)} cases; calibration: {args.calibration}; "
              f"{time.perf_counter() - t0:.0f} s", "",
-             "| mode | condition | mean Dice | vs clean | bone ml/scan (max) |", "|---|---|---|---|---|"]
+             "| mode | condition | mean Dice | vs clean | bone ml/scan (max) | Dice of R L, I, M2, M5 | vs clean |",
+             "|---|---|---|---|---|---|---|"]
     for (mode, name), rows in table.items():
-        d = np.array([r[0] for r in rows])
-        b = np.array([r[1] for r in rows])
-        clean = np.mean([r[0] for r in table.get((mode, "clean"), rows)])
-        lines.append(f"| {mode} | {name} | {d.mean():.3f} | {d.mean() - clean:+.3f} | "
-                     f"{b.mean():.2f} ({b.max():.2f}) |")
+        d, b, a = (np.array([r[k] for r in rows]) for k in range(3))
+        clean = table.get((mode, "clean"), rows)
+        lines.append(f"| {mode} | {name} | {d.mean():.3f} | {d.mean() - np.mean([r[0] for r in clean]):+.3f} | "
+                     f"{b.mean():.2f} ({b.max():.2f}) | {np.nanmean(a):.3f} | "
+                     f"{np.nanmean(a) - np.nanmean([r[2] for r in clean]):+.3f} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
