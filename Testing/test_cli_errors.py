@@ -149,6 +149,17 @@ REFUSED: List[Case] = [
     Case("transform: empty Parameters (crashes ITK)", with_transform(
         "#Insight Transform File V1.0\n#Transform 0\nTransform: Euler3DTransform_double_3_3\n"
         "Parameters: \nFixedParameters: 0 0 0\n"), "needs 6 parameters"),
+    Case("transform: CenteredAffine, empty Parameters (crashed the process, issue 14)",
+         with_transform("#Insight Transform File V1.0\n#Transform 0\nTransform: "
+                        "CenteredAffineTransform_double_3_3\nParameters: \nFixedParameters: 0 0 0\n"),
+         "CenteredAffineTransform, which BrainLobeSeg cannot read"),
+    Case("transform: FixedCenterOfRotationAffine, empty Parameters (crashed the process)",
+         with_transform("#Insight Transform File V1.0\n#Transform 0\nTransform: "
+                        "FixedCenterOfRotationAffineTransform_double_3_3\nParameters: \n"
+                        "FixedParameters: 0 0 0\n"), "which BrainLobeSeg cannot read"),
+    Case("transform: two transforms without a composite header", with_transform(
+        itksnap_text(IDENTITY) + "#Transform 1\nTransform: TranslationTransform_double_3_3\n"
+        "Parameters: 5 0 0\nFixedParameters: \n"), "holds 2 transforms without a composite header"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
     Case("output path is a file", output_is_a_file, "not a folder", extra=["OUT_IS_FILE"]),
@@ -407,3 +418,15 @@ def test_dataset_folder_with_one_bad_case(tmp_path, tiny_models, capfd):
     assert sorted(p.name for p in outdir.iterdir()) == sorted(cli.output_names("1"))
     assert leftovers(outdir) == []
     assert tree_hashes(indir) == before
+
+
+def test_transform_with_byte_order_mark_reads_as_without(tmp_path):
+    """Issue 14: a file saved by a Windows editor (UTF-8 BOM) was refused; CRLF worked."""
+    text = itksnap_text(list(rotation_matrix((8.0, -6.0, 10.0)).ravel()) + [2.0, -3.0, 1.0])
+    plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    before = bom.read_bytes()
+    np.testing.assert_allclose(transforms.matrix_of(transforms.read_transform(str(bom))),
+                               transforms.matrix_of(transforms.read_transform(str(plain))))
+    assert bom.read_bytes() == before
