@@ -162,6 +162,10 @@ REFUSED: List[Case] = [
         "Parameters: 5 0 0\nFixedParameters: \n"), "holds 2 transforms without a composite header"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
+    Case("--threads 0", lambda f, mp: [scan(f), "--threads", "0"], "--threads 0 is outside 1.."),
+    Case("--threads -4", lambda f, mp: [scan(f), "--threads", "-4"], "--threads -4 is outside 1.."),
+    Case("--threads 100000 (segfaulted)", lambda f, mp: [scan(f), "--threads", "100000"],
+         "--threads 100000 is outside 1.."),
     Case("output path is a file", output_is_a_file, "not a folder", extra=["OUT_IS_FILE"]),
 ]
 
@@ -430,3 +434,14 @@ def test_transform_with_byte_order_mark_reads_as_without(tmp_path):
     np.testing.assert_allclose(transforms.matrix_of(transforms.read_transform(str(bom))),
                                transforms.matrix_of(transforms.read_transform(str(plain))))
     assert bom.read_bytes() == before
+
+
+def test_threads_bounds_in_the_engine(tiny_models):
+    """The panel and scripts construct a Segmenter directly: it checks --threads too."""
+    from BrainLobeSegLib import inference
+    from BrainLobeSegLib.errors import InputError
+    cores = os.cpu_count() or 1
+    assert inference.check_threads(cores) == cores and inference.check_threads(1) == 1
+    for bad in (0, -1, cores + 1, 5000, True):
+        with pytest.raises(InputError, match="is outside 1"):
+            inference.Segmenter("3d", tiny_models, "cpu", threads=bad)

@@ -201,6 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "`python -m training` (see training/README.md).", file=sys.stderr)
         return EXIT_NO_MODELS
     from . import phantom
+    segmenter = Segmenter(args.mode, args.model, args.device, threads=args.threads)
     out = Path(args.output)
     print(f"making a synthetic tilted head CT ({'x'.join(map(str, args.size))}, "
           f"tilt {args.angles} degrees)...")
@@ -210,7 +211,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scan_path, tf_path = str(in_dir / "demo.nii.gz"), str(in_dir / "demo.txt")
     imageio.write_image_atomic(case.ct, scan_path)
     transforms.write_transform(tf_path, case.transform)
-    segmenter = Segmenter(args.mode, args.model, args.device)
     t0 = time.perf_counter()
     scan, result, _ = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
     seconds = time.perf_counter() - t0

@@ -66,6 +66,21 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def check_threads(threads: int) -> int:
+    """``threads`` if it is 1..(CPU cores), else :class:`InputError`.
+
+    PyTorch takes any number: 100000 threads crash the process and 5000 try to allocate
+    tens of GB, while 0 and negative numbers fail deep inside; more threads than cores
+    never speed anything up.
+    """
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise InputError(f"--threads {threads} is outside 1..{cores} (this computer has "
+                         f"{cores} CPU cores).", f"Give a number from 1 to {cores}, or leave "
+                         "--threads out to use them all.")
+    return threads
+
+
 class _Stages:
     """Times named stages and maps stage progress onto the overall 0..1 range."""
 
@@ -350,9 +365,9 @@ class Segmenter:
             raise InputError(f"unknown fusion {fusion!r}.", f"Use one of {', '.join(FUSIONS)}.")
         self.mode, self.fusion, self.batch_size = mode, fusion, batch_size
         self.refine_mm = refine_mm   # None: labels go back from the model grid directly
+        if threads is not None:
+            torch.set_num_threads(check_threads(threads))
         self.device = resolve_device(device)
-        if threads:
-            torch.set_num_threads(threads)
         folders = models.find_models(mode, model_dir)
         self.models = [models.load_model(f, self.device) for f in folders]
 
