@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, geometry, imageio, models, output, regions, transforms
-from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning
+from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning, from_os_error
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
 
@@ -68,18 +68,13 @@ def write_outputs(result: SegmentationResult, outdir: str, case: str,
                   extra: Optional[Callable[[output.OutputSet], None]] = None) -> List[Path]:
     """Write a case's outputs all together (staged, then renamed)."""
     scan_name, upright_name, seg_name = output_names(case, labelmap_suffix(result.labels_scan))
-    try:
-        with output.OutputSet(outdir) as out:
-            output.write_labelmap(result.labels_scan, out.path(scan_name))
-            output.write_labelmap(result.labels_upright, out.path(upright_name))
-            output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
-            if extra is not None:
-                extra(out)
-            return out.commit()
-    except OSError as exc:   # disk full, no permission: the user's to fix, not a bug
-        raise InputError(f"cannot write the results of {case} to {outdir} "
-                         f"({exc.strerror or exc}); nothing was written.",
-                         "Free some space or choose another output folder with -o.") from None
+    with output.OutputSet(outdir) as out:   # a full disk or no permission: one InputError
+        output.write_labelmap(result.labels_scan, out.path(scan_name))
+        output.write_labelmap(result.labels_upright, out.path(upright_name))
+        output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
+        if extra is not None:
+            extra(out)
+        return out.commit()
 
 
 def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optional[str]]]:
@@ -316,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             code = args.func(args)
         except InputError as exc:
             print(f"brainlobeseg: error: {exc}", file=sys.stderr)
+            code = EXIT_INPUT_ERROR
+        except OSError as exc:   # disk full, no permission, a bad path: the user's to fix
+            print(f"brainlobeseg: error: {from_os_error(exc)}", file=sys.stderr)
             code = EXIT_INPUT_ERROR
         except (Cancelled, KeyboardInterrupt):
             print("brainlobeseg: cancelled; nothing was written.", file=sys.stderr)

@@ -9,6 +9,7 @@ otherwise end as a wrong segmentation rather than an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import re
@@ -403,11 +404,92 @@ def is_sheared(image: sitk.Image, tol: float = 1e-4) -> bool:
     return not np.allclose(d.T @ d, np.eye(n), atol=tol)
 
 
+class IncompleteWrite(OSError):
+    """A file came out shorter than its image: SimpleITK's NIfTI writer only prints
+    ``** ERROR: NWAD`` when the disk fills up, and returns as if it had succeeded."""
+
+
+_NIFTI1_DATA_OFFSET = 352       # where SimpleITK's NIfTI-1 writer puts the voxels
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _gunzip_length(fh) -> Optional[int]:
+    """Bytes in the gzip stream from ``fh``'s position to its end (CRC checked), or None
+    when the stream is cut or corrupt. Bounded memory: at most 16 MB decompressed at once."""
+    unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    n = 0
+    try:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            while chunk and not unzip.eof:
+                n += len(unzip.decompress(chunk, 1 << 24))
+                chunk = unzip.unconsumed_tail
+    except zlib.error:
+        return None
+    return n if unzip.eof else None
+
+
+def _written_voxel_bytes(path: str, suffix: str) -> Optional[int]:
+    """Voxel bytes a written NIfTI or NRRD file holds (None: cut or corrupt gzip)."""
+    with open(path, "rb") as fh:
+        header = 0
+        if suffix in (".nrrd", ".nhdr"):
+            lines = iter(fh.readline, b"")
+            header_lines = []
+            for line in lines:
+                header_lines.append(line)
+                if line in (b"\n", b"\r\n"):
+                    break
+            header = sum(map(len, header_lines))
+            if b"encoding: gzip\n" in header_lines:
+                return _gunzip_length(fh)
+        elif suffix == ".nii.gz":
+            got = _gunzip_length(fh)
+            return None if got is None else got - _NIFTI1_DATA_OFFSET
+        elif suffix == ".nii":
+            header = _NIFTI1_DATA_OFFSET
+        return os.fstat(fh.fileno()).st_size - header
+
+
+def verify_written(path: str, image: sitk.Image) -> None:
+    """Raise :class:`IncompleteWrite` unless ``path`` holds all of ``image``: the size of
+    the voxel data, and for gzip the whole stream read back (its CRC too). PNG must end
+    with its IEND chunk; other formats are read back with SimpleITK."""
+    suffix, name = image_suffix(path), os.path.basename(path)
+    if suffix == ".png":
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - len(_PNG_END)))
+            if fh.read() != _PNG_END:
+                raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete", path)
+        return
+    if suffix not in (".nii", ".nii.gz", ".nrrd"):
+        with quiet_itk():
+            if sitk.ReadImage(path).GetSize() != image.GetSize():
+                raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete", path)
+        return
+    expected = sitk.GetArrayViewFromImage(image).nbytes
+    got = _written_voxel_bytes(path, suffix)
+    if got is None or got < expected:
+        what = "a cut gzip stream" if got is None else f"{max(got, 0)} of {expected} voxel bytes"
+        raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete: {what}", path)
+
+
+def write_image_verified(image: sitk.Image, path: str, compress: bool = True) -> None:
+    """``sitk.WriteImage`` followed by :func:`verify_written`; a writer that raises (the
+    NRRD writer on a full disk) is reported the same way."""
+    try:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+    except RuntimeError as exc:
+        raise IncompleteWrite(errno.ENOSPC, f"{os.path.basename(path)} could not be written "
+                              f"({_itk_reason(exc)})", str(path)) from None
+    verify_written(str(path), image)
+
+
 def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> None:
     """Write an image so that ``path`` appears only when complete.
 
     The data goes to a temporary file in the same folder (same suffix, so SimpleITK
-    picks the same format) and is renamed over ``path`` at the end. A sheared grid is
+    picks the same format), is checked complete (:func:`verify_written`: a full disk
+    must not publish a cut file) and is renamed over ``path`` at the end. A sheared grid is
     refused for NIfTI, which cannot store it: ITK would straighten it with only a
     console warning, moving every voxel off its true position.
     """
@@ -420,7 +502,7 @@ def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> N
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=image_suffix(path), dir=folder)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=compress)
+        write_image_verified(image, tmp, compress)
         os.chmod(tmp, default_file_mode())   # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:

@@ -280,9 +280,14 @@ def write_transform(path: str, transform: sitk.Transform) -> None:
             "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
             "FixedParameters: 0 0 0\n")
     tmp = f"{path}.partial"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:   # a full disk or a signal: no .partial left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def slicer_to_parent_ras(transform: sitk.Transform) -> np.ndarray:
