@@ -129,3 +129,34 @@ def test_os_errors_get_their_own_advice(tmp_path):
     for code in (errno.EACCES, errno.EROFS, errno.ENOTDIR):
         err = str(from_os_error(OSError(code, os.strerror(code), target)))
         assert "Free some space" not in err and os.strerror(code) in err and "\n" not in err
+
+
+def _signal_while_writing(tmp_path, tiny_models, signum):
+    """Start ``segment`` and send ``signum`` as soon as its staging folder appears."""
+    indir, outdir = tmp_path / "in", tmp_path / "out"
+    indir.mkdir()
+    outdir.mkdir()
+    scan = write(head_image(size=(160, 160, 60), spacing=(1.4, 1.4, 2.0)), indir / "case.nii.gz")
+    proc = subprocess.Popen([sys.executable, "-m", "BrainLobeSegLib.cli", "segment", str(scan),
+                             "-o", str(outdir), "--model", str(tiny_models), "--device", "cpu",
+                             "--assume-upright"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 180
+    while not leftovers(outdir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    caught = bool(leftovers(outdir))
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err, outdir, caught
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_while_writing(signum, tmp_path, tiny_models):
+    """SIGTERM left a hidden .partial-* folder (exit 143, nothing printed); now each of
+    SIGTERM, SIGHUP and SIGINT ends like Ctrl+C: exit 130, one line, nothing published."""
+    code, out, err, outdir, caught = _signal_while_writing(tmp_path, tiny_models, signum)
+    assert caught, f"the run ended before its write phase: {err}"
+    assert code == CANCELLED, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["brainlobeseg: cancelled; nothing was written."], err
+    assert published(outdir) == [] and leftovers(outdir) == []
