@@ -17,8 +17,10 @@ prove that the installed entry point prints no traceback either.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -89,6 +91,18 @@ def non_finite(value: float, name: str) -> Callable[[Path, pytest.MonkeyPatch], 
     return make
 
 
+def patched_header(name: str, fmt: str, offset: int, *values) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A normal head scan whose NIfTI-1 header has ``values`` packed at byte ``offset``."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        data = bytearray(write(head_image(), folder / "plain.nii", compress=False).read_bytes())
+        (folder / "plain.nii").unlink()
+        struct.pack_into(fmt, data, offset, *values)
+        path = folder / name
+        path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+        return [str(path)]
+    return make
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -128,6 +142,15 @@ REFUSED: List[Case] = [
          "too large"),
     Case("NaN voxels (.nii.gz)", non_finite(np.nan, "nan.nii.gz"), "NaN or infinite"),
     Case("inf voxels (.nrrd)", non_finite(np.inf, "inf.nrrd"), "NaN or infinite"),
+    Case("NIfTI pixdim[3] 1e6 (all-background result)", patched_header("big.nii.gz", "<f", 88, 1e6),
+         "impossible voxel size in its header (4.5 x 4.5 x 1e+06 mm"),
+    Case("NIfTI pixdim[1] NaN", patched_header("nan.nii", "<f", 80, float("nan")),
+         "impossible voxel size"),
+    Case("NIfTI pixdim[2] 0", patched_header("zero.nii.gz", "<f", 84, 0.0), "impossible voxel size"),
+    Case("NIfTI pixdim[1] negative (mirrored)", patched_header("neg.nii.gz", "<f", 80, -4.5),
+         "impossible voxel size"),
+    Case("NIfTI vox_offset 1e12", patched_header("far.nii", "<f", 108, 1e12),
+         "beyond the end of the file"),
     Case("--invert-transform without a transform", lambda f, mp: [scan(f), "--invert-transform"],
          "needs a --transform file"),
     Case("no transform, not shaped like a head: the pose cannot be estimated",

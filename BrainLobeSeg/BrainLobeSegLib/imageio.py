@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import math
 import os
 import re
 import struct
@@ -83,6 +84,8 @@ def read_scan(path: str) -> sitk.Image:
     if os.path.getsize(path) == 0:
         raise InputError(f"scan file is empty: {path}.", "Export or copy the scan again.")
     gz = path.lower().endswith(".gz")
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_spacing(path)   # before ITK, which only warns about it
     # The header first: a file claiming a huge volume is refused before ITK allocates
     # it (ITK allocates the whole buffer before reading a single voxel).
     reader = sitk.ImageFileReader()
@@ -126,6 +129,43 @@ def _itk_reason(exc: Exception) -> str:
 # NIfTI datatype code -> numpy dtype of the stored voxels (those a CT can come in).
 _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
                  768: "u4", 1024: "i8", 1280: "u8"}
+
+
+MAX_SPACING_MM = 50.0        # a head CT voxel is below 10 mm; beyond this a header is broken
+
+
+def _nifti_pixdim(head: bytes) -> Optional[Tuple[int, Tuple[float, ...]]]:
+    """(number of dimensions, pixdim[1..3]) of a NIfTI-1/2 header, or None."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack_from(order + "i", head, 0)[0] == 348:
+            return struct.unpack_from(order + "h", head, 40)[0], struct.unpack_from(order + "3f", head, 80)
+        if len(head) >= 540 and struct.unpack_from(order + "i", head, 0)[0] == 540:
+            return struct.unpack_from(order + "q", head, 16)[0], struct.unpack_from(order + "3d", head, 112)
+    return None
+
+
+def check_nifti_spacing(path: str) -> None:
+    """Refuse a NIfTI header whose voxel size is not finite, zero, negative or absurd.
+
+    ITK reads such headers with only a console warning and gives a silently stretched or
+    mirrored grid (pixdim NaN, 0 or negative) or an all-background result (1e6 mm), so
+    the header is read here first.
+    """
+    try:
+        with (gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")) as fh:
+            found = _nifti_pixdim(fh.read(540))
+    except (EOFError, OSError, zlib.error):
+        return   # the data check that follows names a cut or corrupt file
+    if found is None:
+        return
+    ndim, pixdim = found
+    used = pixdim[: max(1, min(int(ndim), 3))]
+    if all(math.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in used):
+        return
+    shown = " x ".join(f"{v:.6g}" for v in used)
+    raise InputError(f"{os.path.basename(path)} has an impossible voxel size in its header "
+                     f"({shown} mm; each must be a finite number above 0 and at most "
+                     f"{MAX_SPACING_MM:g} mm).", "Fix the header's pixdim or export the scan again.")
 
 
 def _nifti_layout(head: bytes) -> Optional[Tuple[int, int, Optional[np.dtype]]]:
@@ -173,11 +213,14 @@ def check_nifti_data(path: str) -> None:
                     pass
                 return
             offset, expected, dtype = layout
+            if not gz and offset > os.fstat(fh.fileno()).st_size:
+                raise InputError(f"{path} is broken: its header puts the voxel data at byte "
+                                 f"{offset}, beyond the end of the file.", "Copy or export the file again.")
             if dtype is None and not gz:  # integer voxels on disk: the size tells
                 got, bad = os.path.getsize(path) - offset, 0
             else:
                 if offset > len(head):
-                    fh.read(offset - len(head))
+                    fh.seek(offset)   # in steps: a huge offset allocates nothing
                 pending, rest, got, bad = head[offset:], b"", 0, 0
                 while True:
                     chunk, pending = pending or fh.read(1 << 22), b""
