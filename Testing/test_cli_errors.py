@@ -103,6 +103,17 @@ def patched_header(name: str, fmt: str, offset: int, *values) -> Callable[[Path,
     return make
 
 
+def noise_nrrd(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+    """A detached NRRD header whose data file holds random bytes (as /dev/urandom would)."""
+    (folder / "noise.raw").write_bytes(np.random.default_rng(3).bytes(2 * int(np.prod(SIZE))))
+    (folder / "noise.nhdr").write_text(
+        "NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+        f"sizes: {' '.join(map(str, SIZE))}\nspace directions: (4.5,0,0) (0,4.5,0) (0,0,5)\n"
+        "endian: little\nencoding: raw\nspace origin: (0,0,0)\ndata file: noise.raw\n\n",
+        encoding="ascii")
+    return [str(folder / "noise.nhdr")]
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -151,6 +162,9 @@ REFUSED: List[Case] = [
          "impossible voxel size"),
     Case("NIfTI vox_offset 1e12", patched_header("far.nii", "<f", 108, 1e12),
          "beyond the end of the file"),
+    Case("random bytes behind a detached NRRD header", noise_nrrd, "looks like random noise"),
+    Case("random bytes, --force", lambda f, mp: noise_nrrd(f, mp) + ["--force"],
+         "looks like random noise"),
     Case("--invert-transform without a transform", lambda f, mp: [scan(f), "--invert-transform"],
          "needs a --transform file"),
     Case("no transform, not shaped like a head: the pose cannot be estimated",
@@ -468,3 +482,16 @@ def test_threads_bounds_in_the_engine(tiny_models):
     for bad in (0, -1, cores + 1, 5000, True):
         with pytest.raises(InputError, match="is outside 1"):
             inference.Segmenter("3d", tiny_models, "cpu", threads=bad)
+
+
+def test_align_refuses_noise(tmp_path, capfd, monkeypatch):
+    """``align`` on random values reported a head pose; now one line, no file written."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = noise_nrrd(indir, monkeypatch)[0]
+    before = tree_hashes(indir)
+    code = cli.main(["align", scan_path, "-o", str(tmp_path / "out" / "pose.txt")])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert "looks like random noise" in lines[0]
+    assert not (tmp_path / "out").exists() and tree_hashes(indir) == before

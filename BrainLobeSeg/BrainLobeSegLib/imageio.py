@@ -384,6 +384,32 @@ def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the
                          "slices first.")
 
 
+#: Below this correlation of neighbouring voxels an image has no structure. A CT's air,
+#: tissue and bone regions put it near 1 (0.9 and more on real scans); random bytes at 0.
+_MIN_NEIGHBOUR_CORRELATION = 0.2
+
+
+def neighbour_correlation(arr: np.ndarray) -> float:
+    """Correlation of each voxel with its neighbour along x, on up to 8 slices (1.0 for a
+    constant image, which other checks refuse)."""
+    slices = arr[:: max(1, arr.shape[0] // 8)].astype(np.float64)
+    a, b = slices[..., :-1].ravel(), slices[..., 1:].ravel()
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 1.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def check_not_noise(arr: np.ndarray, name: str = "the scan") -> None:
+    """Refuse an image of random values (a detached NRRD pointing at /dev/urandom, a
+    corrupt export): its percentiles can look like air and bone, and it would give an
+    empty segmentation or a made-up head pose. Applies with ``--force`` too."""
+    corr = neighbour_correlation(arr)
+    if corr < _MIN_NEIGHBOUR_CORRELATION:
+        raise InputError(f"{name} looks like random noise, not an image (neighbouring voxels "
+                         f"are unrelated: correlation {corr:.2f}).",
+                         "Check the file: it may be corrupt or point at the wrong data file.")
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
@@ -412,6 +438,7 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
         bad = int((~np.isfinite(arr)).sum())
         raise InputError(f"{name} contains {bad} NaN or infinite voxel values.",
                          "Fix or re-export the scan; a CT has finite HU everywhere.")
+    check_not_noise(arr, name)
     if force:
         return
     sample = arr[:: max(1, arr.shape[0] // 24)].ravel()[::7]
