@@ -75,6 +75,8 @@ def write_outputs(result: SegmentationResult, outdir: str, case: str,
         output.write_labelmap(result.labels_scan, out.path(scan_name))
         output.write_labelmap(result.labels_upright, out.path(upright_name))
         output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
+        if result.quality is not None and not result.quality.ok:
+            output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
         if extra is not None:
             extra(out)
         return out.commit()

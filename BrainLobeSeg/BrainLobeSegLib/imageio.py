@@ -581,6 +581,20 @@ def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> N
         raise
 
 
+def write_text_atomic(text: str, path: str) -> None:
+    """A small text file (a report, a transform) that appears only when complete; a full
+    disk or a signal leaves no ``.partial`` behind."""
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def strip_image_suffix(path: str) -> str:
     """``/a/b/12.nii.gz`` -> ``12``: the case name used for output files."""
     base = os.path.basename(os.path.normpath(path))

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import cleanup, geometry, models
+from . import cleanup, geometry, models, quality
 from .errors import Cancelled, InputError
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
@@ -52,6 +52,7 @@ class SegmentationResult:
     model_names: List[str] = field(default_factory=list)
     cleanup: Optional[cleanup.CleanupReport] = None   # what the post-processing removed
     non_brain: Optional[cleanup.NonBrain] = None      # skull and air on ``grid``
+    quality: Optional[quality.QualityReport] = None   # region volumes and what looks wrong
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -409,12 +410,14 @@ class Segmenter:
         kept = fused.copy() if keep_probabilities else None   # before the clean-up
         labels, labels_scan, labels_upright, report = fused_to_labels(
             fused, grid, scan, transform, self.refine_mm, non_brain, st)
+        report_q = quality.check_labels(labels_scan, quality.merge_ranges(
+            [m.card.quality for m in self.models]))   # no region at all: InputError
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,
             member_labels=members, probabilities=kept,
             timings=st.timings, mode=self.mode, model_names=[m.card.name for m in self.models],
-            cleanup=report, non_brain=non_brain_masks.get(grid))
+            cleanup=report, non_brain=non_brain_masks.get(grid), quality=report_q)
 
     @staticmethod
     def _prepare(scan: sitk.Image, transform: sitk.Transform, head: HeadBox,

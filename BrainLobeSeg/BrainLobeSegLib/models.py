@@ -64,6 +64,7 @@ class ModelCard:
     patch_size: Optional[List[int]] = None  # 3d: sliding-window patch (z, y, x); None = whole
     training: Dict[str, Any] = field(default_factory=dict)   # data provenance, settings
     metrics: Dict[str, Any] = field(default_factory=dict)    # held-out evaluation
+    quality: Dict[str, Any] = field(default_factory=dict)    # plausible result ranges (quality.py)
     description: str = ""
     format: int = CARD_FORMAT
 
@@ -76,7 +77,7 @@ class ModelCard:
         return {k: getattr(self, k) for k in (
             "format", "name", "version", "kind", "description", "architecture", "spacing_mm",
             "intensity", "context_slices", "coordinate_channel", "patch_size", "labels",
-            "networks", "training", "metrics")}
+            "networks", "training", "metrics", "quality")}
 
 
 @dataclass
@@ -189,6 +190,8 @@ def _check_card(card: ModelCard, path: Path) -> None:
             isinstance(p, int) and PATCH_BOUNDS[0] <= p <= PATCH_BOUNDS[1] for p in card.patch_size)):
         raise ModelError(f"{path}: patch_size must be null or three integers from {PATCH_BOUNDS[0]} "
                          f"to {PATCH_BOUNDS[1]}, not {card.patch_size!r}.", "Fix model.json.")
+    if not isinstance(card.quality, dict):
+        raise ModelError(f"{path}: quality must be an object of result ranges.", "Fix model.json.")
     expected = set(PLANES) if card.kind == "planar" else {"unet3d"}
     if set(card.networks) != expected:
         raise ModelError(f"{path}: a {card.kind} model needs networks {sorted(expected)}, "

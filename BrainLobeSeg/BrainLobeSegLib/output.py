@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from . import regions
 from .errors import from_os_error
-from .imageio import write_image_atomic
+from .imageio import write_image_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
 def segment_metadata(labels: sitk.Image) -> Dict[str, str]:

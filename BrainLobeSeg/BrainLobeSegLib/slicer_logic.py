@@ -520,6 +520,9 @@ class BrainLobeSegLogic:
         node.SetAttribute("BrainLobeSeg.models", ", ".join(getattr(result, "model_names", [])))
         node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
+        report = getattr(result, "quality", None)
+        node.SetAttribute("BrainLobeSeg.qualityProblems",
+                          "; ".join(report.problems) if report is not None else "")
         return node
 
     # -- after a run (main thread): what the Results section of the panel offers

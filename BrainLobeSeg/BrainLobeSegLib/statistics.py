@@ -394,13 +394,6 @@ def save_corrected_case(dataset_dir: str, scan: sitk.Image, labels: sitk.Image,
 
 # ----------------------------------------------------------------------------- command line
 
-def _write_text_atomic(text: str, path: str) -> None:
-    tmp = f"{path}.partial"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _pose(args: argparse.Namespace, scan: sitk.Image):
     """The transform R for ``save-case``: from the file, or identity (the dataset layout's
     "no N.txt"). Segmenting commands use :func:`alignment.choose_pose` instead."""
@@ -448,8 +441,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(args.scan)
-        _write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
-        _write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
+        output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
+        output.write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
         files = out.commit()
     print_summary(report)
     for f in files:

@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, InputWarning
+from .imageio import write_text_atomic
 
 #: LPS <-> RAS flip (x and y change sign); its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -279,15 +280,7 @@ def write_transform(path: str, transform: sitk.Transform) -> None:
             f"Transform: {_ITKSNAP_TYPE}\n"
             "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
             "FixedParameters: 0 0 0\n")
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:   # a full disk or a signal: no .partial left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(text, path)
 
 
 def slicer_to_parent_ras(transform: sitk.Transform) -> np.ndarray:
