@@ -495,3 +495,26 @@ def test_align_refuses_noise(tmp_path, capfd, monkeypatch):
     assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
     assert "looks like random noise" in lines[0]
     assert not (tmp_path / "out").exists() and tree_hashes(indir) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["stats", "SCAN", "-o", "OUT", "--threshold", "nan"], "--threshold and --window must be finite"),
+    (["stats", "SCAN", "-o", "OUT", "--window", "0", "inf"], "--threshold and --window must be finite"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "0"], "--spacing 0 is outside 0.5..10 mm"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "-2"], "--spacing -2 is outside"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "nan"], "--spacing nan is outside"),
+])
+def test_option_values_refused(args, message, tmp_path, capfd):
+    """Issue 14: stats --threshold nan wrote invalid JSON (bare NaN); align --spacing 0,
+    negative or NaN was an internal error. One line, exit 2, nothing written."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = scan(indir)
+    before = tree_hashes(indir)
+    out = tmp_path / "out"
+    code = cli.main([a.replace("SCAN", scan_path).replace("OUT", str(out)) for a in args])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith("brainlobeseg: error: ") and message in lines[0], lines[0]
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    assert tree_hashes(indir) == before

@@ -502,6 +502,9 @@ def estimate_pose(scan: sitk.Image, template: Optional[sitk.Image] = None,
                   progress: Optional[ProgressFn] = None) -> PoseEstimate:
     """Estimate ``R`` (upright -> scan) for a head CT: symmetry plane, then the
     registration of the upright reference head (``template``, default the bundled one)."""
+    if not (math.isfinite(spacing) and 0.5 <= spacing <= 10.0):
+        raise InputError(f"--spacing {spacing:g} is outside 0.5..10 mm.",
+                         f"Leave it out (default {WORK_SPACING_MM:g} mm) or give a value in that range.")
     t0 = time.perf_counter()
     report = progress or (lambda f, m: None)
     report(0.0, "finding the head")

@@ -35,6 +35,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -403,6 +404,9 @@ def _pose(args: argparse.Namespace, scan: sitk.Image):
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from . import cli, imageio, output, transforms
+    if not all(math.isfinite(v) for v in (args.threshold, *args.window)):   # JSON has no NaN
+        raise InputError("--threshold and --window must be finite numbers of HU.",
+                         "Leave them out for the defaults, or give plain numbers.")
     scan = imageio.read_scan(args.scan)
     imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
     case = imageio.strip_image_suffix(args.scan)
