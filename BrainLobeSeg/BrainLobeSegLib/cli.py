@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, geometry, imageio, models, output, regions, transforms
+from . import __version__, geometry, imageio, models, output, quality, regions, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning, from_os_error
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
@@ -113,6 +113,7 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
     start = 0.1 if pose.estimate is not None else 0.0
     result = segmenter.segment(scan, pose.transform,
                                progress=lambda f, m: progress(start + (1.0 - start) * f, m))
+    quality.require_regions(result.quality, os.path.basename(os.path.normpath(scan_path)))
     return scan, result, pose
 
 

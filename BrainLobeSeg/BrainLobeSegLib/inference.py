@@ -411,7 +411,7 @@ class Segmenter:
         labels, labels_scan, labels_upright, report = fused_to_labels(
             fused, grid, scan, transform, self.refine_mm, non_brain, st)
         report_q = quality.check_labels(labels_scan, quality.merge_ranges(
-            [m.card.quality for m in self.models]))   # no region at all: InputError
+            [m.card.quality for m in self.models]))   # front ends refuse an empty result
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,

@@ -3,7 +3,7 @@
 A network given a scan it cannot read (a half-blanked head, a wrong pose, damaged
 weights) still returns labels, and an empty or lopsided map would otherwise be written
 with exit 0. :func:`check_labels` measures the regions' volumes; no region at all is an
-:class:`InputError` (nothing is written), while a missing region, a total or regional
+:class:`InputError` for the front ends (:func:`require_regions`: nothing is written), while a missing region, a total or regional
 volume outside the range of the model card's ``quality`` section, or a strong left/right
 imbalance become one :class:`QualityWarning` and a ``N-qc.json`` next to the outputs.
 Without a ``quality`` section (a user's own model) only the empty result is checked.
@@ -41,6 +41,10 @@ class QualityReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def empty(self) -> bool:
+        return self.total_ml == 0
 
     def to_json(self) -> str:
         return json.dumps({"ok": self.ok, "problems": self.problems, "total_ml": round(self.total_ml, 2),
@@ -84,20 +88,30 @@ def _problems(vol: Dict[int, float], left: float, right: float, ranges: Dict[str
 
 def check_labels(labels: sitk.Image, ranges: Optional[Dict[str, Any]] = None,
                  name: str = "the scan") -> QualityReport:
-    """Measure a result; raise :class:`InputError` when no region was found, warn once
-    (:class:`QualityWarning`) when it is implausible for the card's ``ranges``."""
+    """Measure a result and warn once (:class:`QualityWarning`) when it is implausible for
+    the card's ``ranges``. An empty result is only marked: front ends refuse it with
+    :func:`require_regions`, while training's evaluation must be able to score an early,
+    still empty model."""
     ranges = dict(ranges or {})
     vol = region_volumes(labels)
     left = sum(v for k, v in vol.items() if k <= regions.SIDE_OFFSET)
     right = sum(v for k, v in vol.items() if k > regions.SIDE_OFFSET)
-    if left + right == 0:
-        raise InputError(f"no ASPECTS region was found in {name}; nothing was written.",
-                         "Check that it is a non-contrast head CT covering the brain, the head pose "
-                         "(transform), and the model folder.")
     report = QualityReport(volumes_ml={r.segment_name: round(vol[r.label], 3) for r in regions.REGIONS},
                            total_ml=left + right, left_ml=left, right_ml=right, ranges=ranges)
+    if report.empty:
+        report.problems = ["no region found"]
+        return report
     report.problems = _problems(vol, left, right, ranges)
     if report.problems:
         warnings.warn(f"the result of {name} looks implausible: {'; '.join(report.problems)}. "
                       "Check it before use (details in the -qc.json file).", QualityWarning, stacklevel=2)
     return report
+
+
+def require_regions(report: Optional[QualityReport], name: str = "the scan") -> None:
+    """The front ends' rule (CLI, panel): a result without any region is an error and is
+    not written. A wrong pose, a scan without brain or a broken model are the usual causes."""
+    if report is not None and report.empty:
+        raise InputError(f"no ASPECTS region was found in {name}; nothing was written.",
+                         "Check that it is a non-contrast head CT covering the brain, the head pose "
+                         "(transform), and the model folder.")

@@ -46,6 +46,7 @@ import SimpleITK as sitk
 
 from . import regions
 from .errors import InputError
+from .quality import require_regions
 from .transforms import matrix_of
 
 # ----------------------------------------------------------------------------- settings
@@ -431,6 +432,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             segmenter = cli.Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
             result = segmenter.segment(scan, transform, progress=lambda f, m: bar(0.1 + 0.9 * f, m),
                                        keep_probabilities=True)
+            require_regions(result.quality, case)
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
