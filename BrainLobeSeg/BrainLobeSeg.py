@@ -524,6 +524,11 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _(
                     "Done in {seconds:.1f} s: '{name}' has the 20 regions. Check every region and "
                     "correct it in the Segment Editor.").format(seconds=run.seconds, name=node.GetName())
+            problems = node.GetAttribute("BrainLobeSeg.qualityProblems")
+            if problems:   # the engine's quality check (quality.py): say it where it is seen
+                self.ui.statusLabel.text = _(
+                    "Done in {seconds:.1f} s, but the result looks implausible: {problems}. Check "
+                    "it carefully before use.").format(seconds=run.seconds, problems=problems)
         finally:
             self._updateGUI()
 

@@ -17,8 +17,10 @@ prove that the installed entry point prints no traceback either.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -89,6 +91,29 @@ def non_finite(value: float, name: str) -> Callable[[Path, pytest.MonkeyPatch], 
     return make
 
 
+def patched_header(name: str, fmt: str, offset: int, *values) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A normal head scan whose NIfTI-1 header has ``values`` packed at byte ``offset``."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        data = bytearray(write(head_image(), folder / "plain.nii", compress=False).read_bytes())
+        (folder / "plain.nii").unlink()
+        struct.pack_into(fmt, data, offset, *values)
+        path = folder / name
+        path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+        return [str(path)]
+    return make
+
+
+def noise_nrrd(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+    """A detached NRRD header whose data file holds random bytes (as /dev/urandom would)."""
+    (folder / "noise.raw").write_bytes(np.random.default_rng(3).bytes(2 * int(np.prod(SIZE))))
+    (folder / "noise.nhdr").write_text(
+        "NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+        f"sizes: {' '.join(map(str, SIZE))}\nspace directions: (4.5,0,0) (0,4.5,0) (0,0,5)\n"
+        "endian: little\nencoding: raw\nspace origin: (0,0,0)\ndata file: noise.raw\n\n",
+        encoding="ascii")
+    return [str(folder / "noise.nhdr")]
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -128,6 +153,18 @@ REFUSED: List[Case] = [
          "too large"),
     Case("NaN voxels (.nii.gz)", non_finite(np.nan, "nan.nii.gz"), "NaN or infinite"),
     Case("inf voxels (.nrrd)", non_finite(np.inf, "inf.nrrd"), "NaN or infinite"),
+    Case("NIfTI pixdim[3] 1e6 (all-background result)", patched_header("big.nii.gz", "<f", 88, 1e6),
+         "impossible voxel size in its header (4.5 x 4.5 x 1e+06 mm"),
+    Case("NIfTI pixdim[1] NaN", patched_header("nan.nii", "<f", 80, float("nan")),
+         "impossible voxel size"),
+    Case("NIfTI pixdim[2] 0", patched_header("zero.nii.gz", "<f", 84, 0.0), "impossible voxel size"),
+    Case("NIfTI pixdim[1] negative (mirrored)", patched_header("neg.nii.gz", "<f", 80, -4.5),
+         "impossible voxel size"),
+    Case("NIfTI vox_offset 1e12", patched_header("far.nii", "<f", 108, 1e12),
+         "beyond the end of the file"),
+    Case("random bytes behind a detached NRRD header", noise_nrrd, "looks like random noise"),
+    Case("random bytes, --force", lambda f, mp: noise_nrrd(f, mp) + ["--force"],
+         "looks like random noise"),
     Case("--invert-transform without a transform", lambda f, mp: [scan(f), "--invert-transform"],
          "needs a --transform file"),
     Case("no transform, not shaped like a head: the pose cannot be estimated",
@@ -149,8 +186,23 @@ REFUSED: List[Case] = [
     Case("transform: empty Parameters (crashes ITK)", with_transform(
         "#Insight Transform File V1.0\n#Transform 0\nTransform: Euler3DTransform_double_3_3\n"
         "Parameters: \nFixedParameters: 0 0 0\n"), "needs 6 parameters"),
+    Case("transform: CenteredAffine, empty Parameters (crashed the process, issue 14)",
+         with_transform("#Insight Transform File V1.0\n#Transform 0\nTransform: "
+                        "CenteredAffineTransform_double_3_3\nParameters: \nFixedParameters: 0 0 0\n"),
+         "CenteredAffineTransform, which BrainLobeSeg cannot read"),
+    Case("transform: FixedCenterOfRotationAffine, empty Parameters (crashed the process)",
+         with_transform("#Insight Transform File V1.0\n#Transform 0\nTransform: "
+                        "FixedCenterOfRotationAffineTransform_double_3_3\nParameters: \n"
+                        "FixedParameters: 0 0 0\n"), "which BrainLobeSeg cannot read"),
+    Case("transform: two transforms without a composite header", with_transform(
+        itksnap_text(IDENTITY) + "#Transform 1\nTransform: TranslationTransform_double_3_3\n"
+        "Parameters: 5 0 0\nFixedParameters: \n"), "holds 2 transforms without a composite header"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
+    Case("--threads 0", lambda f, mp: [scan(f), "--threads", "0"], "--threads 0 is outside 1.."),
+    Case("--threads -4", lambda f, mp: [scan(f), "--threads", "-4"], "--threads -4 is outside 1.."),
+    Case("--threads 100000 (segfaulted)", lambda f, mp: [scan(f), "--threads", "100000"],
+         "--threads 100000 is outside 1.."),
     Case("output path is a file", output_is_a_file, "not a folder", extra=["OUT_IS_FILE"]),
 ]
 
@@ -340,7 +392,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, tiny_models, c
     assert code == EXIT_INPUT_ERROR, err      # the user's to fix: not "please report this bug"
     assert "Traceback" not in err
     assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
-    assert "cannot write the results" in err and "No space left on device" in err
+    assert f"no space left on {outdir}" in err and "No space left on device" in err
     assert tree_hashes(outdir) == previous
     assert leftovers(outdir) == []
 
@@ -406,4 +458,63 @@ def test_dataset_folder_with_one_bad_case(tmp_path, tiny_models, capfd):
     assert "1 of 2 cases failed" in lines[1]
     assert sorted(p.name for p in outdir.iterdir()) == sorted(cli.output_names("1"))
     assert leftovers(outdir) == []
+    assert tree_hashes(indir) == before
+
+
+def test_transform_with_byte_order_mark_reads_as_without(tmp_path):
+    """Issue 14: a file saved by a Windows editor (UTF-8 BOM) was refused; CRLF worked."""
+    text = itksnap_text(list(rotation_matrix((8.0, -6.0, 10.0)).ravel()) + [2.0, -3.0, 1.0])
+    plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    before = bom.read_bytes()
+    np.testing.assert_allclose(transforms.matrix_of(transforms.read_transform(str(bom))),
+                               transforms.matrix_of(transforms.read_transform(str(plain))))
+    assert bom.read_bytes() == before
+
+
+def test_threads_bounds_in_the_engine(tiny_models):
+    """The panel and scripts construct a Segmenter directly: it checks --threads too."""
+    from BrainLobeSegLib import inference
+    from BrainLobeSegLib.errors import InputError
+    cores = os.cpu_count() or 1
+    assert inference.check_threads(cores) == cores and inference.check_threads(1) == 1
+    for bad in (0, -1, cores + 1, 5000, True):
+        with pytest.raises(InputError, match="is outside 1"):
+            inference.Segmenter("3d", tiny_models, "cpu", threads=bad)
+
+
+def test_align_refuses_noise(tmp_path, capfd, monkeypatch):
+    """``align`` on random values reported a head pose; now one line, no file written."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = noise_nrrd(indir, monkeypatch)[0]
+    before = tree_hashes(indir)
+    code = cli.main(["align", scan_path, "-o", str(tmp_path / "out" / "pose.txt")])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert "looks like random noise" in lines[0]
+    assert not (tmp_path / "out").exists() and tree_hashes(indir) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["stats", "SCAN", "-o", "OUT", "--threshold", "nan"], "--threshold and --window must be finite"),
+    (["stats", "SCAN", "-o", "OUT", "--window", "0", "inf"], "--threshold and --window must be finite"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "0"], "--spacing 0 is outside 0.5..10 mm"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "-2"], "--spacing -2 is outside"),
+    (["align", "SCAN", "-o", "OUT/t.txt", "--spacing", "nan"], "--spacing nan is outside"),
+])
+def test_option_values_refused(args, message, tmp_path, capfd):
+    """Issue 14: stats --threshold nan wrote invalid JSON (bare NaN); align --spacing 0,
+    negative or NaN was an internal error. One line, exit 2, nothing written."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = scan(indir)
+    before = tree_hashes(indir)
+    out = tmp_path / "out"
+    code = cli.main([a.replace("SCAN", scan_path).replace("OUT", str(out)) for a in args])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith("brainlobeseg: error: ") and message in lines[0], lines[0]
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
     assert tree_hashes(indir) == before

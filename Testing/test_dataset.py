@@ -244,7 +244,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, case, monkeypatch):
         return real(image, path, *args, **kwargs)
 
     monkeypatch.setattr(sitk, "WriteImage", failing)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError, match="No space left on device"):   # the CLI's "no space left"
         dataset.write_case(tmp_path, case.ct, case.labels_upright, transform=case.transform)
     assert list(tmp_path.iterdir()) == []
     assert all(Path(p).name.startswith(".partial-") for p in calls)

@@ -139,6 +139,108 @@ def test_fuzz_found_cases_stay_fixed(tmp_path):
                               + " ".join(params) + "\nFixedParameters: 0 0 0\n").encode(), False)
 
 
+# --------------------------------------------------------------------------- every ITK type, in a subprocess
+
+#: Every transform type ITK's reader in SimpleITK can create (its transform factory's
+#: ``CreateObjectFunction`` instantiations in ``_SimpleITK*.so``, SimpleITK 2.5), plus
+#: names that appear in ITK files elsewhere. :func:`test_type_list_covers_simpleitk`
+#: fails when a newer SimpleITK knows a name that is not here.
+ITK_TYPE_NAMES = (
+    "AffineTransform", "AzimuthElevationToCartesianTransform", "BSplineTransform",
+    "BSplineDeformableTransform", "BSplineSmoothingOnUpdateDisplacementFieldTransform",
+    "CenteredAffineTransform", "CenteredEuler3DTransform", "CenteredRigid2DTransform",
+    "CenteredSimilarity2DTransform", "ComposeScaleSkewVersor3DTransform", "CompositeTransform",
+    "ConstantVelocityFieldTransform", "DisplacementFieldTransform", "Euler2DTransform",
+    "Euler3DTransform", "FixedCenterOfRotationAffineTransform",
+    "GaussianExponentialDiffeomorphicTransform", "GaussianSmoothingOnUpdateDisplacementFieldTransform",
+    "GaussianSmoothingOnUpdateTimeVaryingVelocityFieldTransform", "IdentityTransform",
+    "KernelTransform", "MatrixOffsetTransformBase", "QuaternionRigidTransform", "Rigid2DTransform",
+    "Rigid3DPerspectiveTransform", "Rigid3DTransform", "ScalableAffineTransform",
+    "ScaleLogarithmicTransform", "ScaleSkewVersor3DTransform", "ScaleTransform",
+    "ScaleVersor3DTransform", "Similarity2DTransform", "Similarity3DTransform",
+    "ThinPlateSplineKernelTransform", "TimeVaryingBSplineVelocityFieldTransform",
+    "TimeVaryingVelocityFieldTransform", "TranslationTransform", "VelocityFieldTransform",
+    "VersorRigid3DTransform", "VersorTransform")
+
+
+def test_type_list_covers_simpleitk():
+    """The sweep below tests every transform type this SimpleITK's reader can create."""
+    import mmap
+    import re
+    import glob
+    import os
+    libs = glob.glob(os.path.join(os.path.dirname(sitk.__file__), "_SimpleITK*"))
+    assert libs, "SimpleITK's library not found"
+    with open(libs[0], "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        known = {m.decode() for m in re.findall(rb"CreateObjectFunctionINS_\d+(\w+?Transform)I[df]", data)}
+    assert len(known) > 25, known
+    assert known <= set(ITK_TYPE_NAMES), sorted(known - set(ITK_TYPE_NAMES))
+
+
+_SWEEP = """
+import sys, tempfile, os
+sys.path[:0] = {paths!r}
+import test_fuzz
+test_fuzz.sweep_types(sys.argv[1])
+"""
+
+
+def _sweep_files():
+    """(label, text): every type, double/float, 3D and 2D, 0..20 parameters and 0..20
+    fixed parameters, alone and inside a composite."""
+    for name in ITK_TYPE_NAMES:
+        for kind in (f"{name}_double_3_3", f"{name}_float_3_3", f"{name}_double_2_2"):
+            fixed_counts = range(21) if kind.endswith("double_3_3") else (0, 2, 3, 4)
+            for n in range(21):
+                for f in fixed_counts:
+                    body = (f"Transform: {kind}\nParameters: {' '.join(['0.5'] * n)}\n"
+                            f"FixedParameters: {' '.join(['0'] * f)}\n")
+                    yield f"{kind} {n}/{f}", "#Insight Transform File V1.0\n#Transform 0\n" + body
+                    if f in (0, 3, 4) and kind.endswith("double_3_3"):
+                        yield f"composite {kind} {n}/{f}", (
+                            "#Insight Transform File V1.0\n#Transform 0\n"
+                            "Transform: CompositeTransform_double_3_3\n#Transform 1\n" + body)
+
+
+def sweep_types(progress: str) -> None:
+    """Run in a subprocess: read every file of :func:`_sweep_files`; each must give a
+    valid affine or an InputError. The label of the file being read is written to
+    ``progress`` first, so a crash names its cause."""
+    import warnings
+    warnings.simplefilter("ignore")
+    outcomes = {"valid affine": 0}
+    with tempfile.TemporaryDirectory() as tmp, open(progress, "w") as log:
+        path = Path(tmp) / "t.txt"
+        for label, text in _sweep_files():
+            log.write(label + "\n")
+            log.flush()
+            path.write_text(text, encoding="utf-8")   # a new file: truncating one is slow
+            try:
+                transforms.read_transform(str(path))
+                outcomes["valid affine"] += 1
+            except InputError as exc:
+                assert str(exc).strip() and "\n" not in str(exc), (label, str(exc))
+                outcomes["refused"] = outcomes.get("refused", 0) + 1
+            path.unlink()
+    print(outcomes)
+
+
+def test_every_itk_type_and_count_never_crashes(tmp_path):
+    """Issue 14: a CenteredAffineTransform with an empty Parameters line crashed the
+    process (exit 139). Every type name, 0..20 parameters and fixed parameters, in a
+    subprocess: it must end normally, with each file read or refused in one line."""
+    import os
+    import subprocess
+    import sys
+    progress = tmp_path / "progress.txt"
+    here = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", _SWEEP.format(paths=[here] + sys.path), str(progress)],
+                          capture_output=True, text=True, timeout=600)
+    last = progress.read_text().splitlines()[-1:] if progress.exists() else []
+    assert proc.returncode == 0, f"crashed ({proc.returncode}) at {last}: {proc.stderr[-2000:]}"
+    assert "valid affine" in proc.stdout and "refused" in proc.stdout, proc.stdout
+
+
 # --------------------------------------------------------------------------- dataset reader
 
 _LABEL_DTYPES = [np.uint8, np.int16, np.int32, np.uint16, np.float32, np.float64]

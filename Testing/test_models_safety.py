@@ -199,7 +199,14 @@ CARD_CASES = [
     ("architecture args not a dict", mutate(["architecture", "args"], [1, 2]), "architecture"),
     ("unknown argument", mutate(["architecture", "args", "dropout"], 0.5), "has no argument"),
     ("argument of wrong type", mutate(["architecture", "args", "depth"], "3"), "should be int"),
-    ("depth out of range", mutate(["architecture", "args", "depth"], 1), "cannot build"),
+    ("depth out of range", mutate(["architecture", "args", "depth"], 1), "depth=1 is outside 2..8"),
+    ("depth 1000", mutate(["architecture", "args", "depth"], 1000), "depth=1000 is outside"),
+    ("negative features", mutate(["architecture", "args", "base_features"], -4), "base_features=-4"),
+    ("10^6 features", mutate(["architecture", "args", "base_features"], 10**6), "is outside 1..256"),
+    ("max_features 0", mutate(["architecture", "args", "max_features"], 0), "max_features=0"),
+    ("patch [1, 1, 1]", mutate(["patch_size"], [1, 1, 1]), "patch_size must be null or three integers from 8"),
+    ("spacing 10^6 mm", mutate(["spacing_mm"], [2.0, 2.0, 1e6]), "spacing_mm must be three numbers"),
+    ("spacing 0.01 mm", mutate(["spacing_mm"], [0.01, 2.0, 2.0]), "spacing_mm"),
     ("wrong input channels", mutate(["architecture", "args", "in_channels"], 5), "channels"),
     ("wrong output channels", mutate(["architecture", "args", "num_classes"], 3), "channels"),
     ("label table: 19 regions", mutate(["labels"], _LABELS[:-1]), "label table"),
@@ -266,3 +273,42 @@ def test_model_files_are_readable_by_others(tmp_path):
         os.umask(old)
     for f in folder.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, (f.name, oct(f.stat().st_mode))
+
+
+# --------------------------------------------------------------------------- issue 14: damaged weights
+
+def test_nan_weights_refused(tiny3d):
+    """NaN weights with a valid sha256 segmented nothing, silently."""
+    state = torch.load(tiny3d / "unet3d.pt", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key][0] = float("nan")
+    torch.save(state, tiny3d / "unet3d.pt")
+    update_sha(tiny3d)
+    err = refused(tiny3d, "holds NaN or infinite weights")
+    assert key in str(err)
+
+
+@pytest.mark.parametrize("data", [b"", b"PK\x03\x04 cut", b"\x80\x02garbage"])
+def test_corrupt_weights_are_not_called_pickled(tiny3d, data):
+    (tiny3d / "unet3d.pt").write_bytes(data)
+    update_sha(tiny3d)
+    err = refused(tiny3d, "is not a readable weights file")
+    assert "pickled" not in str(err) and "weights_only" not in str(err)
+
+
+def test_deeply_nested_card_refused(tiny3d):
+    (tiny3d / models.CARD_NAME).write_text("[" * 100000 + "]" * 100000, encoding="utf-8")
+    refused(tiny3d, "nested too deeply")
+
+
+def test_absurd_card_through_the_cli(tiny3d, tmp_path, capfd):
+    """Depth 1000 was an internal error; now one line, exit 2, nothing written."""
+    write_json(tiny3d, mutate(["architecture", "args", "depth"], 1000)(read_json(tiny3d)))
+    scan = write(head_image(), tmp_path / "case.nii.gz")
+    out = tmp_path / "out"
+    code = cli.main(["segment", str(scan), "-o", str(out), "--model", str(tiny3d), "--mode", "3d",
+                     "--device", "cpu"])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith("brainlobeseg: error: ") and "depth=1000 is outside" in lines[0]
+    assert not out.exists() or not any(out.iterdir())

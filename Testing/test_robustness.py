@@ -347,7 +347,7 @@ def test_write_image_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
         Path(args[1]).write_bytes(b"half a file")
         raise RuntimeError("disk full")
     monkeypatch.setattr(imageio.sitk, "WriteImage", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(imageio.IncompleteWrite, match="disk full"):   # an OSError: one CLI line
         imageio.write_image_atomic(head_image(), str(tmp_path / "out.nii.gz"))
     assert list(tmp_path.iterdir()) == []
 

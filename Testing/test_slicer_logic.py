@@ -335,6 +335,7 @@ def test_segment_phantom_matches_the_engine(scene, util_hook, tiny_models, ct_wi
     check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
     assert "Not a medical device" in node.GetAttribute("BrainLobeSeg.notice")
     assert node.GetAttribute("BrainLobeSeg.models") == "tiny-3d"
+    assert node.GetAttribute("BrainLobeSeg.qualityProblems") == ""   # tiny cards carry no ranges
     assert_unchanged(before, volume, transform)
 
     # The one-call API gives the same labels (CPU inference is deterministic).

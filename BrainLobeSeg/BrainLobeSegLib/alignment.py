@@ -528,6 +528,9 @@ def estimate_pose_steps(scan: sitk.Image, template: Optional[sitk.Image] = None,
                         progress: Optional[ProgressFn] = None) -> "Steps[PoseEstimate]":
     """:func:`estimate_pose` in steps (see :mod:`steps`); ``seconds`` counts only the
     time spent in the steps."""
+    if not (math.isfinite(spacing) and 0.5 <= spacing <= 10.0):
+        raise InputError(f"--spacing {spacing:g} is outside 0.5..10 mm.",
+                         f"Leave it out (default {WORK_SPACING_MM:g} mm) or give a value in that range.")
     est, seconds = yield from timed(_estimate_steps(scan, template, spacing, progress or (lambda f, m: None)))
     return dataclasses.replace(est, seconds=seconds)
 

@@ -8,19 +8,22 @@ A progress bar is drawn on a terminal and left out when output is piped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, geometry, imageio, models, output, regions, transforms
-from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning
+from . import __version__, geometry, imageio, models, output, quality, regions, transforms
+from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning, from_os_error
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
 
@@ -68,18 +71,15 @@ def write_outputs(result: SegmentationResult, outdir: str, case: str,
                   extra: Optional[Callable[[output.OutputSet], None]] = None) -> List[Path]:
     """Write a case's outputs all together (staged, then renamed)."""
     scan_name, upright_name, seg_name = output_names(case, labelmap_suffix(result.labels_scan))
-    try:
-        with output.OutputSet(outdir) as out:
-            output.write_labelmap(result.labels_scan, out.path(scan_name))
-            output.write_labelmap(result.labels_upright, out.path(upright_name))
-            output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
-            if extra is not None:
-                extra(out)
-            return out.commit()
-    except OSError as exc:   # disk full, no permission: the user's to fix, not a bug
-        raise InputError(f"cannot write the results of {case} to {outdir} "
-                         f"({exc.strerror or exc}); nothing was written.",
-                         "Free some space or choose another output folder with -o.") from None
+    with output.OutputSet(outdir) as out:   # a full disk or no permission: one InputError
+        output.write_labelmap(result.labels_scan, out.path(scan_name))
+        output.write_labelmap(result.labels_upright, out.path(upright_name))
+        output.write_seg_nrrd(result.labels_scan, out.path(seg_name))
+        if result.quality is not None and not result.quality.ok:
+            output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
+        if extra is not None:
+            extra(out)
+        return out.commit()
 
 
 def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optional[str]]]:
@@ -113,6 +113,7 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
     start = 0.1 if pose.estimate is not None else 0.0
     result, pose = region_pose.segment_with_pose(
         segmenter, scan, pose, progress=lambda f, m: progress(start + (1.0 - start) * f, m))
+    quality.require_regions(result.quality, os.path.basename(os.path.normpath(scan_path)))
     return scan, result, pose
 
 
@@ -201,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "`python -m training` (see training/README.md).", file=sys.stderr)
         return EXIT_NO_MODELS
     from . import phantom
+    segmenter = Segmenter(args.mode, args.model, args.device, threads=args.threads)
     out = Path(args.output)
     print(f"making a synthetic tilted head CT ({'x'.join(map(str, args.size))}, "
           f"tilt {args.angles} degrees)...")
@@ -210,7 +212,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scan_path, tf_path = str(in_dir / "demo.nii.gz"), str(in_dir / "demo.txt")
     imageio.write_image_atomic(case.ct, scan_path)
     transforms.write_transform(tf_path, case.transform)
-    segmenter = Segmenter(args.mode, args.model, args.device)
     t0 = time.perf_counter()
     scan, result, _ = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
     seconds = time.perf_counter() - t0
@@ -307,15 +308,39 @@ def _register_extensions(sub) -> None:
             mod.register_cli(sub)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler) and SIGHUP (a closed terminal) stop a run like
+    Ctrl+C: the staging folders are removed on the way out and one line is printed,
+    where the default action would kill the process mid-write and leave them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {s: signal.signal(s, _interrupt) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, signals_as_interrupt():
         warnings.simplefilter("always", InputWarning)
         try:
             code = args.func(args)
         except InputError as exc:
             print(f"brainlobeseg: error: {exc}", file=sys.stderr)
+            code = EXIT_INPUT_ERROR
+        except OSError as exc:   # disk full, no permission, a bad path: the user's to fix
+            print(f"brainlobeseg: error: {from_os_error(exc)}", file=sys.stderr)
             code = EXIT_INPUT_ERROR
         except (Cancelled, KeyboardInterrupt):
             print("brainlobeseg: cancelled; nothing was written.", file=sys.stderr)

@@ -33,7 +33,8 @@ from . import regions, transforms
 from .errors import InputError
 # One gzip check for the whole engine: it lives with the scan reader and is re-exported
 # here because dataset files are where a cut download usually shows up.
-from .imageio import check_gzip_complete, default_file_mode, read_scan, same_grid
+from .imageio import (check_gzip_complete, default_file_mode, read_scan, same_grid,
+                      write_image_verified)
 
 __all__ = ["Case", "list_cases", "read_case", "next_case_name", "write_case",
            "check_gzip_complete", "check_labels", "natural_key"]
@@ -300,14 +301,14 @@ def write_case(folder: PathLike, ct: sitk.Image, seg: Optional[sitk.Image],
         planned = []
         if labels is not None:
             temps.append(_temp_path(root, ".nii.gz"))
-            sitk.WriteImage(labels, str(temps[-1]), useCompression=compress)
+            write_image_verified(labels, str(temps[-1]), compress)
             planned.append((temps[-1], seg_path))
         if transform is not None:
             temps.append(_temp_path(root, TRANSFORM_SUFFIX))
             transforms.write_transform(str(temps[-1]), transform)
             planned.append((temps[-1], tf_path))
         temps.append(_temp_path(root, ".nii.gz"))
-        sitk.WriteImage(ct, str(temps[-1]), useCompression=compress)
+        write_image_verified(ct, str(temps[-1]), compress)
         planned.append((temps[-1], image_path))
         if overwrite:
             for stale in set(existing) - {image_path, seg_path, tf_path}:

@@ -9,7 +9,9 @@ otherwise end as a wrong segmentation rather than an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
+import math
 import os
 import re
 import struct
@@ -82,6 +84,8 @@ def read_scan(path: str) -> sitk.Image:
     if os.path.getsize(path) == 0:
         raise InputError(f"scan file is empty: {path}.", "Export or copy the scan again.")
     gz = path.lower().endswith(".gz")
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_spacing(path)   # before ITK, which only warns about it
     # The header first: a file claiming a huge volume is refused before ITK allocates
     # it (ITK allocates the whole buffer before reading a single voxel).
     reader = sitk.ImageFileReader()
@@ -125,6 +129,43 @@ def _itk_reason(exc: Exception) -> str:
 # NIfTI datatype code -> numpy dtype of the stored voxels (those a CT can come in).
 _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2",
                  768: "u4", 1024: "i8", 1280: "u8"}
+
+
+MAX_SPACING_MM = 50.0        # a head CT voxel is below 10 mm; beyond this a header is broken
+
+
+def _nifti_pixdim(head: bytes) -> Optional[Tuple[int, Tuple[float, ...]]]:
+    """(number of dimensions, pixdim[1..3]) of a NIfTI-1/2 header, or None."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack_from(order + "i", head, 0)[0] == 348:
+            return struct.unpack_from(order + "h", head, 40)[0], struct.unpack_from(order + "3f", head, 80)
+        if len(head) >= 540 and struct.unpack_from(order + "i", head, 0)[0] == 540:
+            return struct.unpack_from(order + "q", head, 16)[0], struct.unpack_from(order + "3d", head, 112)
+    return None
+
+
+def check_nifti_spacing(path: str) -> None:
+    """Refuse a NIfTI header whose voxel size is not finite, zero, negative or absurd.
+
+    ITK reads such headers with only a console warning and gives a silently stretched or
+    mirrored grid (pixdim NaN, 0 or negative) or an all-background result (1e6 mm), so
+    the header is read here first.
+    """
+    try:
+        with (gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")) as fh:
+            found = _nifti_pixdim(fh.read(540))
+    except (EOFError, OSError, zlib.error):
+        return   # the data check that follows names a cut or corrupt file
+    if found is None:
+        return
+    ndim, pixdim = found
+    used = pixdim[: max(1, min(int(ndim), 3))]
+    if all(math.isfinite(v) and 0 < v <= MAX_SPACING_MM for v in used):
+        return
+    shown = " x ".join(f"{v:.6g}" for v in used)
+    raise InputError(f"{os.path.basename(path)} has an impossible voxel size in its header "
+                     f"({shown} mm; each must be a finite number above 0 and at most "
+                     f"{MAX_SPACING_MM:g} mm).", "Fix the header's pixdim or export the scan again.")
 
 
 def _nifti_layout(head: bytes) -> Optional[Tuple[int, int, Optional[np.dtype]]]:
@@ -172,11 +213,14 @@ def check_nifti_data(path: str) -> None:
                     pass
                 return
             offset, expected, dtype = layout
+            if not gz and offset > os.fstat(fh.fileno()).st_size:
+                raise InputError(f"{path} is broken: its header puts the voxel data at byte "
+                                 f"{offset}, beyond the end of the file.", "Copy or export the file again.")
             if dtype is None and not gz:  # integer voxels on disk: the size tells
                 got, bad = os.path.getsize(path) - offset, 0
             else:
                 if offset > len(head):
-                    fh.read(offset - len(head))
+                    fh.seek(offset)   # in steps: a huge offset allocates nothing
                 pending, rest, got, bad = head[offset:], b"", 0, 0
                 while True:
                     chunk, pending = pending or fh.read(1 << 22), b""
@@ -340,6 +384,32 @@ def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the
                          "slices first.")
 
 
+#: Below this correlation of neighbouring voxels an image has no structure. A CT's air,
+#: tissue and bone regions put it near 1 (0.9 and more on real scans); random bytes at 0.
+_MIN_NEIGHBOUR_CORRELATION = 0.2
+
+
+def neighbour_correlation(arr: np.ndarray) -> float:
+    """Correlation of each voxel with its neighbour along x, on up to 8 slices (1.0 for a
+    constant image, which other checks refuse)."""
+    slices = arr[:: max(1, arr.shape[0] // 8)].astype(np.float64)
+    a, b = slices[..., :-1].ravel(), slices[..., 1:].ravel()
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 1.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def check_not_noise(arr: np.ndarray, name: str = "the scan") -> None:
+    """Refuse an image of random values (a detached NRRD pointing at /dev/urandom, a
+    corrupt export): its percentiles can look like air and bone, and it would give an
+    empty segmentation or a made-up head pose. Applies with ``--force`` too."""
+    corr = neighbour_correlation(arr)
+    if corr < _MIN_NEIGHBOUR_CORRELATION:
+        raise InputError(f"{name} looks like random noise, not an image (neighbouring voxels "
+                         f"are unrelated: correlation {corr:.2f}).",
+                         "Check the file: it may be corrupt or point at the wrong data file.")
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
@@ -368,6 +438,7 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
         bad = int((~np.isfinite(arr)).sum())
         raise InputError(f"{name} contains {bad} NaN or infinite voxel values.",
                          "Fix or re-export the scan; a CT has finite HU everywhere.")
+    check_not_noise(arr, name)
     if force:
         return
     sample = arr[:: max(1, arr.shape[0] // 24)].ravel()[::7]
@@ -403,11 +474,92 @@ def is_sheared(image: sitk.Image, tol: float = 1e-4) -> bool:
     return not np.allclose(d.T @ d, np.eye(n), atol=tol)
 
 
+class IncompleteWrite(OSError):
+    """A file came out shorter than its image: SimpleITK's NIfTI writer only prints
+    ``** ERROR: NWAD`` when the disk fills up, and returns as if it had succeeded."""
+
+
+_NIFTI1_DATA_OFFSET = 352       # where SimpleITK's NIfTI-1 writer puts the voxels
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _gunzip_length(fh) -> Optional[int]:
+    """Bytes in the gzip stream from ``fh``'s position to its end (CRC checked), or None
+    when the stream is cut or corrupt. Bounded memory: at most 16 MB decompressed at once."""
+    unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    n = 0
+    try:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            while chunk and not unzip.eof:
+                n += len(unzip.decompress(chunk, 1 << 24))
+                chunk = unzip.unconsumed_tail
+    except zlib.error:
+        return None
+    return n if unzip.eof else None
+
+
+def _written_voxel_bytes(path: str, suffix: str) -> Optional[int]:
+    """Voxel bytes a written NIfTI or NRRD file holds (None: cut or corrupt gzip)."""
+    with open(path, "rb") as fh:
+        header = 0
+        if suffix in (".nrrd", ".nhdr"):
+            lines = iter(fh.readline, b"")
+            header_lines = []
+            for line in lines:
+                header_lines.append(line)
+                if line in (b"\n", b"\r\n"):
+                    break
+            header = sum(map(len, header_lines))
+            if b"encoding: gzip\n" in header_lines:
+                return _gunzip_length(fh)
+        elif suffix == ".nii.gz":
+            got = _gunzip_length(fh)
+            return None if got is None else got - _NIFTI1_DATA_OFFSET
+        elif suffix == ".nii":
+            header = _NIFTI1_DATA_OFFSET
+        return os.fstat(fh.fileno()).st_size - header
+
+
+def verify_written(path: str, image: sitk.Image) -> None:
+    """Raise :class:`IncompleteWrite` unless ``path`` holds all of ``image``: the size of
+    the voxel data, and for gzip the whole stream read back (its CRC too). PNG must end
+    with its IEND chunk; other formats are read back with SimpleITK."""
+    suffix, name = image_suffix(path), os.path.basename(path)
+    if suffix == ".png":
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - len(_PNG_END)))
+            if fh.read() != _PNG_END:
+                raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete", path)
+        return
+    if suffix not in (".nii", ".nii.gz", ".nrrd"):
+        with quiet_itk():
+            if sitk.ReadImage(path).GetSize() != image.GetSize():
+                raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete", path)
+        return
+    expected = sitk.GetArrayViewFromImage(image).nbytes
+    got = _written_voxel_bytes(path, suffix)
+    if got is None or got < expected:
+        what = "a cut gzip stream" if got is None else f"{max(got, 0)} of {expected} voxel bytes"
+        raise IncompleteWrite(errno.ENOSPC, f"{name} came out incomplete: {what}", path)
+
+
+def write_image_verified(image: sitk.Image, path: str, compress: bool = True) -> None:
+    """``sitk.WriteImage`` followed by :func:`verify_written`; a writer that raises (the
+    NRRD writer on a full disk) is reported the same way."""
+    try:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+    except RuntimeError as exc:
+        raise IncompleteWrite(errno.ENOSPC, f"{os.path.basename(path)} could not be written "
+                              f"({_itk_reason(exc)})", str(path)) from None
+    verify_written(str(path), image)
+
+
 def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> None:
     """Write an image so that ``path`` appears only when complete.
 
     The data goes to a temporary file in the same folder (same suffix, so SimpleITK
-    picks the same format) and is renamed over ``path`` at the end. A sheared grid is
+    picks the same format), is checked complete (:func:`verify_written`: a full disk
+    must not publish a cut file) and is renamed over ``path`` at the end. A sheared grid is
     refused for NIfTI, which cannot store it: ITK would straighten it with only a
     console warning, moving every voxel off its true position.
     """
@@ -420,8 +572,22 @@ def write_image_atomic(image: sitk.Image, path: str, compress: bool = True) -> N
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=image_suffix(path), dir=folder)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=compress)
+        write_image_verified(image, tmp, compress)
         os.chmod(tmp, default_file_mode())   # mkstemp makes it private (0600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    """A small text file (a report, a transform) that appears only when complete; a full
+    disk or a signal leaves no ``.partial`` behind."""
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

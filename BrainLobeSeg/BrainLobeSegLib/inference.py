@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import cleanup, geometry, models, transforms
+from . import cleanup, geometry, models, quality, transforms
 from .steps import Steps, run_steps, within
 from .errors import Cancelled, InputError
 from .geometry import Grid, HeadBox
@@ -52,6 +53,7 @@ class SegmentationResult:
     model_names: List[str] = field(default_factory=list)
     cleanup: Optional[cleanup.CleanupReport] = None   # what the post-processing removed
     non_brain: Optional[cleanup.NonBrain] = None      # skull and air on ``grid``
+    quality: Optional[quality.QualityReport] = None   # region volumes and what looks wrong
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -64,6 +66,21 @@ def resolve_device(device: str = "auto") -> str:
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device {device!r}.", "Use auto, cpu or cuda.")
     return device
+
+
+def check_threads(threads: int) -> int:
+    """``threads`` if it is 1..(CPU cores), else :class:`InputError`.
+
+    PyTorch takes any number: 100000 threads crash the process and 5000 try to allocate
+    tens of GB, while 0 and negative numbers fail deep inside; more threads than cores
+    never speed anything up.
+    """
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise InputError(f"--threads {threads} is outside 1..{cores} (this computer has "
+                         f"{cores} CPU cores).", f"Give a number from 1 to {cores}, or leave "
+                         "--threads out to use them all.")
+    return threads
 
 
 class _Stages:
@@ -423,9 +440,9 @@ class Segmenter:
             raise InputError(f"unknown fusion {fusion!r}.", f"Use one of {', '.join(FUSIONS)}.")
         self.mode, self.fusion, self.batch_size = mode, fusion, batch_size
         self.refine_mm = refine_mm   # None: labels go back from the model grid directly
+        if threads is not None:
+            torch.set_num_threads(check_threads(threads))
         self.device = resolve_device(device)
-        if threads:
-            torch.set_num_threads(threads)
         folders = models.find_models(mode, model_dir)
         self.models = [models.load_model(f, self.device) for f in folders]
 
@@ -485,12 +502,15 @@ class Segmenter:
         kept = fused.copy() if keep_probabilities else None   # before the clean-up
         labels, labels_scan, labels_upright, report = yield from fused_to_labels(
             fused, grid, scan, transform, self.refine_mm, non_brain, st)
+        yield
+        report_q = quality.check_labels(labels_scan, quality.merge_ranges(
+            [m.card.quality for m in self.models]))   # front ends refuse an empty result
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,
             member_labels=members, probabilities=kept,
             timings=st.timings, mode=self.mode, model_names=[m.card.name for m in self.models],
-            cleanup=report, non_brain=non_brain_masks.get(grid))
+            cleanup=report, non_brain=non_brain_masks.get(grid), quality=report_q)
 
     @staticmethod
     def _prepare(scan: sitk.Image, transform: sitk.Transform, head: HeadBox,

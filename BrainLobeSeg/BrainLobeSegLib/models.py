@@ -38,6 +38,11 @@ KINDS = ("planar", "3d")
 PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
 MODELS_ENV = "BRAINLOBESEG_MODELS"
 
+#: Sane bounds of a card's grid: a head CT model works at about 0.5-5 mm, and a patch of
+#: [1, 1, 1] voxels would mean millions of windows (10^6 mm spacing: an empty grid).
+SPACING_BOUNDS_MM = (0.25, 20.0)
+PATCH_BOUNDS = (8, 512)
+
 _REQUIRED = {"format": int, "name": str, "version": str, "kind": str, "architecture": dict,
              "spacing_mm": list, "intensity": dict, "labels": list, "networks": dict}
 
@@ -59,6 +64,7 @@ class ModelCard:
     patch_size: Optional[List[int]] = None  # 3d: sliding-window patch (z, y, x); None = whole
     training: Dict[str, Any] = field(default_factory=dict)   # data provenance, settings
     metrics: Dict[str, Any] = field(default_factory=dict)    # held-out evaluation
+    quality: Dict[str, Any] = field(default_factory=dict)    # plausible result ranges (quality.py)
     description: str = ""
     format: int = CARD_FORMAT
 
@@ -71,7 +77,7 @@ class ModelCard:
         return {k: getattr(self, k) for k in (
             "format", "name", "version", "kind", "description", "architecture", "spacing_mm",
             "intensity", "context_slices", "coordinate_channel", "patch_size", "labels",
-            "networks", "training", "metrics")}
+            "networks", "training", "metrics", "quality")}
 
 
 @dataclass
@@ -123,6 +129,9 @@ def read_card(folder: Path) -> ModelCard:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}).", "Export the model again.") from None
+    except RecursionError:
+        raise ModelError(f"{path} is not a model card (JSON nested too deeply).",
+                         "Export the model again.") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path} does not hold a JSON object (a model card).", "Export the model again.")
     for key, typ in _REQUIRED.items():
@@ -160,8 +169,10 @@ def _check_card(card: ModelCard, path: Path) -> None:
     if theirs != ours:
         raise ModelError(f"{path}: the label table differs from BrainLobeSeg's 20 ASPECTS regions.",
                          "Train the model with this version's regions table.")
-    if not _numbers(card.spacing_mm, 3) or min(card.spacing_mm) <= 0:
-        raise ModelError(f"{path}: spacing_mm must be three positive numbers.", "Fix model.json.")
+    if not _numbers(card.spacing_mm, 3) or not all(
+            SPACING_BOUNDS_MM[0] <= s <= SPACING_BOUNDS_MM[1] for s in card.spacing_mm):
+        raise ModelError(f"{path}: spacing_mm must be three numbers from {SPACING_BOUNDS_MM[0]} to "
+                         f"{SPACING_BOUNDS_MM[1]} mm, not {card.spacing_mm!r}.", "Fix model.json.")
     calibration = card.intensity.get("calibration")
     if calibration not in (None, CALIBRATION_SOFT_TISSUE):
         raise ModelError(f"{path}: intensity calibration {calibration!r} is unknown to this engine "
@@ -175,10 +186,12 @@ def _check_card(card: ModelCard, path: Path) -> None:
         raise ModelError(f"{path}: context_slices must be an integer 0..16.", "Fix model.json.")
     if not isinstance(card.coordinate_channel, bool):
         raise ModelError(f"{path}: coordinate_channel must be true or false.", "Fix model.json.")
-    if card.patch_size is not None and not (
-            _numbers(card.patch_size, 3) and all(isinstance(p, int) and p > 0 for p in card.patch_size)):
-        raise ModelError(f"{path}: patch_size must be null or three positive integers.",
-                         "Fix model.json.")
+    if card.patch_size is not None and not (_numbers(card.patch_size, 3) and all(
+            isinstance(p, int) and PATCH_BOUNDS[0] <= p <= PATCH_BOUNDS[1] for p in card.patch_size)):
+        raise ModelError(f"{path}: patch_size must be null or three integers from {PATCH_BOUNDS[0]} "
+                         f"to {PATCH_BOUNDS[1]}, not {card.patch_size!r}.", "Fix model.json.")
+    if not isinstance(card.quality, dict):
+        raise ModelError(f"{path}: quality must be an object of result ranges.", "Fix model.json.")
     expected = set(PLANES) if card.kind == "planar" else {"unet3d"}
     if set(card.networks) != expected:
         raise ModelError(f"{path}: a {card.kind} model needs networks {sorted(expected)}, "
@@ -198,6 +211,29 @@ def _check_card(card: ModelCard, path: Path) -> None:
 def _one_line(text: str, limit: int = 200) -> str:
     """An exception text as one short line (no ANSI colours, tabs or newlines)."""
     return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())[:limit]
+
+
+def _unloadable(wpath: Path, exc: Exception) -> ModelError:
+    """Why ``torch.load(weights_only=True)`` refused a file: pickled code, or a file that
+    is not a weights file at all (empty, cut, another format)."""
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found is None and not re.search(r"\b(REDUCE|BUILD|GLOBAL|global)\b", text):
+        reason = _one_line(text.split("WeightsUnpickler error:")[-1], 80) or type(exc).__name__
+        return ModelError(f"{wpath} is not a readable weights file (empty, cut or another format: "
+                          f"{reason}).", "Restore the model folder from the release or export it again.")
+    return ModelError(f"{wpath} holds pickled objects, not just tensors"
+                      + (f" (it refers to {found.group(1)})" if found else "") + "; it was not loaded.",
+                      "Use a model folder exported by `python -m training export` from a source you trust.")
+
+
+def _check_finite(state: Dict[str, torch.Tensor], wpath: Path) -> None:
+    """NaN or infinite weights (a diverged training run, a damaged export) give no labels
+    at all; refused here, whatever the sha256 says."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelError(f"{wpath} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}).",
+                         "Restore the model folder from the release or export it again.")
 
 
 def load_model(folder: Path, device: str = "cpu") -> LoadedModel:
@@ -222,14 +258,10 @@ def load_model(folder: Path, device: str = "cpu") -> LoadedModel:
             # is refused by the unpickler before anything of it is run.
             state = torch.load(wpath, map_location="cpu", weights_only=True)
         except Exception as exc:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            raise ModelError(f"{wpath} holds pickled objects, not just tensors"
-                             + (f" (it refers to {found.group(1)})" if found else "")
-                             + "; it was not loaded.",
-                             "Use a model folder exported by `python -m training export` from a "
-                             "source you trust.") from None
+            raise _unloadable(wpath, exc) from None
         if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
             raise ModelError(f"{wpath} is not a state_dict of tensors.", "Export the model again.")
+        _check_finite(state, wpath)
         try:
             net.load_state_dict(state, strict=True)
         except Exception as exc:

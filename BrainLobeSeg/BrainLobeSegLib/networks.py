@@ -109,6 +109,12 @@ ARCHITECTURES: Dict[str, Any] = {
 }
 
 
+#: Sane bounds of the integer arguments (inclusive). A card beyond them (10^6 features,
+#: depth 1000) would exhaust memory or crash inside PyTorch before any check of ours.
+ARG_BOUNDS = {"in_channels": (1, 64), "num_classes": (2, 256), "base_features": (1, 256),
+              "depth": (2, 8), "max_features": (1, 1024)}
+
+
 def build_network(name: str, args: Dict[str, Any]) -> UNet:
     """Build an architecture from its card entry, refusing unknown names and arguments."""
     if name not in ARCHITECTURES:
@@ -121,6 +127,10 @@ def build_network(name: str, args: Dict[str, Any]) -> UNet:
                              "The model card does not match this engine version.")
         if not isinstance(value, schema[key]) or isinstance(value, bool):
             raise ModelError(f"architecture argument {key}={value!r} should be {schema[key].__name__}.",
+                             "Fix model.json or export the model again.")
+        lo, hi = ARG_BOUNDS.get(key, (value, value))
+        if not lo <= value <= hi:
+            raise ModelError(f"architecture argument {key}={value!r} is outside {lo}..{hi}.",
                              "Fix model.json or export the model again.")
     try:
         return ctor(**args)

@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import regions
-from .imageio import write_image_atomic
+from .errors import from_os_error
+from .imageio import write_image_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
 def segment_metadata(labels: sitk.Image) -> Dict[str, str]:
@@ -104,13 +105,18 @@ class OutputSet:
     """Files of one case, written to a hidden staging folder and moved into place together.
 
     If anything fails before :meth:`commit`, the staging folder is removed and no output
-    of the case appears: a crash never leaves half a result next to complete ones.
+    of the case appears: a crash never leaves half a result next to complete ones. A
+    failed file operation (full disk, read-only folder) becomes one :class:`InputError`
+    that names the output folder.
     """
 
     def __init__(self, outdir: str) -> None:
         self.outdir = Path(outdir)
-        self.outdir.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.outdir))
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.outdir))
+        except OSError as exc:
+            raise from_os_error(exc, str(self.outdir)) from None
         self.names: List[str] = []
 
     def path(self, name: str) -> str:
@@ -133,3 +139,5 @@ class OutputSet:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.discard()
+        if isinstance(exc, OSError):
+            raise from_os_error(exc, str(self.outdir)) from None

@@ -48,6 +48,7 @@ import vtk
 from vtk.util import numpy_support
 
 from . import regions, transforms
+from .quality import require_regions
 from .errors import InputError
 from .modes import DEFAULT_MODE
 
@@ -484,7 +485,9 @@ class BrainLobeSegLogic:
         if progress is not None:
             progress(0.0, "loading the models")
         segmenter = self.segmenter(job.mode, job.model_dir, job.device, job.fusion)
-        return segmenter.segment(job.scan, job.transform, progress=progress, cancel=cancel)
+        result = segmenter.segment(job.scan, job.transform, progress=progress, cancel=cancel)
+        require_regions(result.quality)   # an InputError: nothing is added to the scene
+        return result
 
     # -- step 3: main thread
     def create_output(self, job: SegmentationJob, result, output_node=None,
@@ -520,6 +523,9 @@ class BrainLobeSegLogic:
         node.SetAttribute("BrainLobeSeg.models", ", ".join(getattr(result, "model_names", [])))
         node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
+        report = getattr(result, "quality", None)
+        node.SetAttribute("BrainLobeSeg.qualityProblems",
+                          "; ".join(report.problems) if report is not None else "")
         return node
 
     # -- after a run (main thread): what the Results section of the panel offers

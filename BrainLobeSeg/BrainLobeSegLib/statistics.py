@@ -35,6 +35,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ import SimpleITK as sitk
 
 from . import regions
 from .errors import InputError
+from .quality import require_regions
 from .transforms import matrix_of
 
 # ----------------------------------------------------------------------------- settings
@@ -394,13 +396,6 @@ def save_corrected_case(dataset_dir: str, scan: sitk.Image, labels: sitk.Image,
 
 # ----------------------------------------------------------------------------- command line
 
-def _write_text_atomic(text: str, path: str) -> None:
-    tmp = f"{path}.partial"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _pose(args: argparse.Namespace, scan: sitk.Image):
     """The transform R for ``save-case``: from the file, or identity (the dataset layout's
     "no N.txt"). Segmenting commands use :func:`alignment.choose_pose` instead."""
@@ -410,6 +405,9 @@ def _pose(args: argparse.Namespace, scan: sitk.Image):
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from . import cli, imageio, output, transforms
+    if not all(math.isfinite(v) for v in (args.threshold, *args.window)):   # JSON has no NaN
+        raise InputError("--threshold and --window must be finite numbers of HU.",
+                         "Leave them out for the defaults, or give plain numbers.")
     scan = imageio.read_scan(args.scan)
     imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
     case = imageio.strip_image_suffix(args.scan)
@@ -435,6 +433,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             result, pose = segment_with_pose(segmenter, scan, pose, keep_probabilities=True,
                                              progress=lambda f, m: bar(0.1 + 0.9 * f, m))
             transform = pose.transform
+            require_regions(result.quality, case)
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
@@ -449,8 +448,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(args.scan)
-        _write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
-        _write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
+        output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
+        output.write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
         files = out.commit()
     print_summary(report)
     for f in files:

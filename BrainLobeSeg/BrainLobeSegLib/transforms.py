@@ -21,12 +21,14 @@ import math
 import os
 import warnings
 import re
+import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, InputWarning
+from .imageio import write_text_atomic
 
 #: LPS <-> RAS flip (x and y change sign); its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -135,32 +137,31 @@ def validate(transform: sitk.Transform, source: str = "the transform") -> sitk.A
     return affine_from_matrix(m)
 
 
-#: parameters each linear 3D ITK type stores (checked before ITK parses a text file)
-_PARAMETER_COUNTS = {
-    "AffineTransform": 12, "MatrixOffsetTransformBase": 12, "Rigid3DTransform": 12,
-    "ComposeScaleSkewVersor3DTransform": 12, "Euler3DTransform": 6, "VersorRigid3DTransform": 6,
-    "Similarity3DTransform": 7, "QuaternionRigidTransform": 7, "ScaleTransform": 3,
-    "ScaleLogarithmicTransform": 3, "ScaleVersor3DTransform": 9, "ScaleSkewVersor3DTransform": 15,
-    "TranslationTransform": 3, "VersorTransform": 3, "IdentityTransform": 0}
+#: The allow-list of ITK text transform types: type -> (parameter count, accepted fixed
+#: parameter counts). Exact counts, because ITK's text reader trusts the file: with no
+#: parameters it crashes the process (a segmentation fault: Slicer would close), with too
+#: few it reads past them. Types SimpleITK parses but cannot convert (CenteredAffine,
+#: FixedCenterOfRotationAffine, Rigid3D, CenteredEuler3D, ComposeScaleSkewVersor3D,
+#: ScalableAffine) are not listed: they are refused here, before ITK sees them. Measured
+#: on SimpleITK 2.5 with every type name it knows, 0..20 parameters (Testing/test_fuzz.py).
+_ITK_TEXT_TYPES = {
+    "MatrixOffsetTransformBase": (12, (3,)), "AffineTransform": (12, (3,)),
+    "Euler3DTransform": (6, (3, 4)), "VersorRigid3DTransform": (6, (3,)),
+    "Similarity3DTransform": (7, (3,)), "QuaternionRigidTransform": (7, (3,)),
+    "ScaleVersor3DTransform": (9, (3,)), "ScaleSkewVersor3DTransform": (15, (3,)),
+    "ScaleTransform": (3, (3,)), "ScaleLogarithmicTransform": (3, (3,)),
+    "VersorTransform": (3, (3,)), "TranslationTransform": (3, (0,)), "IdentityTransform": (0, (0,)),
+}
 _BINARY_TRANSFORM_SUFFIXES = (".mat", ".h5", ".hdf5")
+_GIVE_ITKSNAP = f"Give the .txt/.tfm file that ITK-SNAP saves (Transform: {_ITKSNAP_TYPE})."
 
 
-def check_itk_text(path: str) -> None:
-    """Check the structure of an ITK text transform file before ITK reads it.
-
-    ITK's text reader crashes the process (a segmentation fault: Slicer would close)
-    on some malformed files, e.g. an Euler3D, Similarity3D or Scale transform with an
-    empty ``Parameters:`` line. So each entry is checked here: a linear 3D type, and
-    the number of finite parameters that type stores. Binary formats (.mat, .h5) are
-    left to ITK.
-    """
-    if path.lower().endswith(_BINARY_TRANSFORM_SUFFIXES):
-        return
-    name = os.path.basename(path)
+def _text_entries(path: str) -> List[dict]:
+    """The ``Transform:`` entries of an ITK text file with their (fixed) parameters."""
     with open(path, "rb") as fh:
         text = fh.read(1 << 20).decode("utf-8", "replace")
     entries: List[dict] = []
-    for line in text.splitlines():
+    for line in text.lstrip("\ufeff").splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "Transform":
@@ -169,38 +170,76 @@ def check_itk_text(path: str) -> None:
             entries[-1][key] = value.split()
     if not entries:
         raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
-                         "(no 'Transform:' line).",
-                         f"Give the .txt/.tfm file that ITK-SNAP saves (Transform: {_ITKSNAP_TYPE}).")
-    for entry in entries:
-        found = re.fullmatch(r"(\w+?)_(?:double|float)_(\d)_(\d)", entry["type"])
-        if found is None:
-            raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
-                             f"(unknown type {entry['type'][:60]!r}).",
-                             f"Give the .txt/.tfm file that ITK-SNAP saves (Transform: {_ITKSNAP_TYPE}).")
-        kind, dim_in, dim_out = found.groups()
-        if kind == "CompositeTransform":
-            continue
-        if (dim_in, dim_out) != ("3", "3"):
-            raise InputError(f"transform file {name} is {dim_in}D, not 3D.",
-                             "Give the 3D transform saved with the scan.")
-        if kind not in _LINEAR_TYPES:
-            raise InputError(f"transform file {name} is of type {kind}, which is not a linear "
-                             "transform.", "Give a rigid or affine ITK transform, as ITK-SNAP saves it.")
-        params = entry.get("Parameters")
-        expected = _PARAMETER_COUNTS.get(kind)
-        if params is None or (expected is not None and len(params) != expected):
-            raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
-                             f"({kind} needs {expected if expected is not None else 'its'} "
-                             f"parameters, the file has {len(params or [])}).",
-                             "Save the transform again from ITK-SNAP.")
-        for token in params + entry.get("FixedParameters", []):
-            try:
-                ok = math.isfinite(float(token))
-            except ValueError:
-                ok = False
-            if not ok:
-                raise InputError(f"transform file {name} contains NaN, infinite or unreadable "
-                                 f"numbers ({token[:20]!r}).", "Save the transform again from ITK-SNAP.")
+                         "(no 'Transform:' line).", _GIVE_ITKSNAP)
+    return entries
+
+
+def check_itk_text(path: str) -> None:
+    """Check the structure of an ITK text transform file before ITK reads it.
+
+    ITK's text reader crashes the process on some malformed files (any type with an
+    empty ``Parameters:`` line), so every entry must be a type of the allow-list
+    :data:`_ITK_TEXT_TYPES` with exactly its number of finite parameters. Several
+    entries need a composite header: ITK would otherwise keep the first and silently
+    drop the rest. Binary formats (.mat, .h5) are left to ITK.
+    """
+    if path.lower().endswith(_BINARY_TRANSFORM_SUFFIXES):
+        return
+    entries = _text_entries(path)
+    if len(entries) > 1 and not entries[0]["type"].startswith("CompositeTransform_"):
+        raise InputError(f"transform file {os.path.basename(path)} holds {len(entries)} transforms "
+                         "without a composite header; only one of them would be used.",
+                         "Save the single head-pose transform, or compose them into one first.")
+    for i, entry in enumerate(entries):
+        if not (i == 0 and len(entries) > 1):   # the composite header has no parameters
+            _check_entry(path, entry)
+
+
+def _check_entry(path: str, entry: dict) -> None:
+    """One entry: an allowed 3D type, its exact parameter counts, finite numbers."""
+    name = os.path.basename(path)
+    found = re.fullmatch(r"(\w+?)_(?:double|float)_(\d)_(\d)", entry["type"])
+    if found is None:
+        raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                         f"(unknown type {entry['type'][:60]!r}).", _GIVE_ITKSNAP)
+    kind, dim_in, dim_out = found.groups()
+    if (dim_in, dim_out) != ("3", "3"):
+        raise InputError(f"transform file {name} is {dim_in}D, not 3D.",
+                         "Give the 3D transform saved with the scan.")
+    if kind not in _ITK_TEXT_TYPES:
+        what = "which is not a linear transform" if kind not in _LINEAR_TYPES else "which BrainLobeSeg cannot read"
+        raise InputError(f"transform file {name} is of type {kind}, {what}.",
+                         "Give a rigid or affine ITK transform, as ITK-SNAP saves it.")
+    count, fixed_counts = _ITK_TEXT_TYPES[kind]
+    params, fixed = entry.get("Parameters"), entry.get("FixedParameters", [])
+    if params is None or len(params) != count or (
+            "FixedParameters" in entry and len(fixed) not in fixed_counts):
+        raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
+                         f"({kind} needs {count} parameters and "
+                         f"{' or '.join(map(str, fixed_counts))} fixed parameters, the file has "
+                         f"{len(params or [])} and {len(fixed)}).", "Save the transform again from ITK-SNAP.")
+    for token in params + fixed:
+        try:
+            ok = math.isfinite(float(token))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"transform file {name} contains NaN, infinite or unreadable "
+                             f"numbers ({token[:20]!r}).", "Save the transform again from ITK-SNAP.")
+
+
+def _read_itk(path: str) -> sitk.Transform:
+    """``sitk.ReadTransform``, for a text file saved with a UTF-8 byte order mark too
+    (Windows editors add one; ITK then refuses the first line): a copy without it is read."""
+    with open(path, "rb") as fh:
+        bom = fh.read(3) == b"\xef\xbb\xbf"
+    if not bom:
+        return sitk.ReadTransform(str(path))
+    with tempfile.TemporaryDirectory(prefix="brainlobeseg-") as tmp:
+        copy = os.path.join(tmp, "transform" + os.path.splitext(path)[1])
+        with open(path, "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read()[3:])
+        return sitk.ReadTransform(copy)
 
 
 def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTransform:
@@ -217,7 +256,7 @@ def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTran
         raise InputError(f"transform file is empty: {path}.", "Save the transform again from ITK-SNAP.")
     check_itk_text(path)   # before ITK parses it: some malformed files crash ITK outright
     try:
-        raw = sitk.ReadTransform(str(path))
+        raw = _read_itk(path)
     except Exception as exc:  # SimpleITK raises RuntimeError with ITK's text
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
@@ -241,10 +280,7 @@ def write_transform(path: str, transform: sitk.Transform) -> None:
             f"Transform: {_ITKSNAP_TYPE}\n"
             "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
             "FixedParameters: 0 0 0\n")
-    tmp = f"{path}.partial"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
 
 
 def slicer_to_parent_ras(transform: sitk.Transform) -> np.ndarray:
