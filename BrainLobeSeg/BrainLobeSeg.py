@@ -386,7 +386,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         from BrainLobeSegLib.errors import InputError
-        from BrainLobeSegLib.slicer_logic import load_itksnap_transform
+        from BrainLobeSegLib.slicer_tools import load_itksnap_transform
         try:
             node = load_itksnap_transform(slicer.mrmlScene, path)
         except InputError as exc:
@@ -783,7 +783,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         """A 48x48x32 head-like CT at 4 mm (air, skull shell, brain), oblique-free."""
         import numpy as np
         import SimpleITK as sitk
-        from BrainLobeSegLib import slicer_logic
+        from BrainLobeSegLib import slicer_tools
         z, y, x = np.mgrid[0:32, 0:48, 0:48].astype(np.float32)
         r = np.sqrt(((x - 23.5) / 20) ** 2 + ((y - 23.5) / 22) ** 2 + ((z - 15.5) / 14) ** 2)
         hu = np.full(r.shape, -1024, np.int16)
@@ -794,7 +794,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         image.SetSpacing((4.0, 4.0, 4.0))
         image.SetOrigin((-94.0, -94.0, -62.0))
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        slicer_logic.update_volume_from_image(node, image)
+        slicer_tools.update_volume_from_image(node, image)
         node.CreateDefaultDisplayNodes()
         return node
 
@@ -803,18 +803,18 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
     def test_segment_phantom_with_itksnap_transform(self) -> None:
         import numpy as np
         import SimpleITK as sitk
-        from BrainLobeSegLib import regions, slicer_logic, transforms
+        from BrainLobeSegLib import regions, slicer_tools, transforms
 
         self.delayDisplay("Segmenting a phantom CT with an ITK-SNAP transform")
         volume = self._phantomVolume()
         R = transforms.rotation((10.0, -6.0, 8.0), center=(0.0, 0.0, 0.0))
         path = os.path.join(self._tmp.name, "pose.txt")
         transforms.write_transform(path, R)
-        transformNode = slicer_logic.load_itksnap_transform(slicer.mrmlScene, path)
+        transformNode = slicer_tools.load_itksnap_transform(slicer.mrmlScene, path)
         volume.SetAndObserveTransformNodeID(transformNode.GetID())
 
         voxelsBefore = slicer.util.arrayFromVolume(volume).copy()
-        ijkBefore = slicer_logic.ijk_to_ras(volume)
+        ijkBefore = slicer_tools.ijk_to_ras(volume)
         matrixBefore = slicer.util.arrayFromTransformMatrix(transformNode).copy()
 
         logic = BrainLobeSegLogic()
@@ -832,7 +832,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentation.GetTransformNodeID(), transformNode.GetID())
         tagName = slicer.vtkSegment.GetTerminologyEntryTagName()
         for r in regions.REGIONS:
-            segmentId = slicer_logic.SEGMENT_ID_FORMAT.format(label=r.label)
+            segmentId = slicer_tools.SEGMENT_ID_FORMAT.format(label=r.label)
             segment = segs.GetSegment(segmentId)
             self.assertIsNotNone(segment)
             self.assertEqual(segment.GetName(), r.segment_name)
@@ -844,7 +844,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
             np.testing.assert_array_equal(mask > 0, expected == r.label)
 
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), voxelsBefore)
-        np.testing.assert_allclose(slicer_logic.ijk_to_ras(volume), ijkBefore)
+        np.testing.assert_allclose(slicer_tools.ijk_to_ras(volume), ijkBefore)
         np.testing.assert_allclose(slicer.util.arrayFromTransformMatrix(transformNode), matrixBefore)
         self.assertEqual(volume.GetTransformNodeID(), transformNode.GetID())
         self.delayDisplay("Segmentation matches the engine voxel for voxel")
@@ -874,11 +874,11 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         """The panel's default for a CT without a transform: preparing a run adds one
         transform node holding the estimated pose (within 2 degrees of the known pose of
         the bundled reference head, posed here), and the CT is not moved under it."""
-        from BrainLobeSegLib import alignment, phantom, slicer_logic
+        from BrainLobeSegLib import alignment, phantom, slicer_logic, slicer_tools
         self.delayDisplay("Automatic upright estimate")
         ct, truth = phantom.make_reference_scan((18.0, -5.0, 7.0), seed=4)
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
-        slicer_logic.update_volume_from_image(volume, ct)
+        slicer_tools.update_volume_from_image(volume, ct)
         before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode")
         # prepare() loads no model, so this test needs none of runTest's fixtures
         job = slicer_logic.BrainLobeSegLogic().prepare(volume, "estimate", mode="3d", device="cpu")
@@ -905,7 +905,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
     def test_uncertainty_and_statistics(self) -> None:
         import numpy as np
         import SimpleITK as sitk
-        from BrainLobeSegLib import regions, slicer_logic
+        from BrainLobeSegLib import regions, slicer_tools
 
         self.delayDisplay("Uncertainty volume and region statistics")
         volume = self._phantomVolume()
@@ -928,7 +928,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(uncertainty)
         self.assertEqual(uncertainty.GetImageData().GetDimensions(),
                          volume.GetImageData().GetDimensions())
-        np.testing.assert_allclose(slicer_logic.ijk_to_ras(uncertainty), slicer_logic.ijk_to_ras(volume),
+        np.testing.assert_allclose(slicer_tools.ijk_to_ras(uncertainty), slicer_tools.ijk_to_ras(volume),
                                    atol=1e-9)
         values = slicer.util.arrayFromVolume(uncertainty)
         self.assertGreaterEqual(float(values.min()), 0.0)
