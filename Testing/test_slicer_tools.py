@@ -260,3 +260,37 @@ def test_slicer_tools_imports_nothing_from_slicer_logic():
             imported.add(node.module or "")
             imported.update(a.name for a in node.names)
     assert not {name for name in imported if "slicer_logic" in name}
+
+
+def add_colour_table(scene, file_name: str):
+    """A colour table node with the ID Slicer's colour logic gives the one it loads from
+    ``Base/Logic/Resources/ColorFiles/<file_name>`` (the wheel ships no colour files)."""
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetSingletonTag(f"File{file_name}")
+    scene.AddNode(node)
+    return node
+
+
+@pytest.mark.parametrize("available, expected", [
+    (("HotToColdRainbow.txt", "ColdToHotRainbow.txt", "Inferno.txt"), "Inferno.txt"),
+    (("HotToColdRainbow.txt", "ColdToHotRainbow.txt"), "ColdToHotRainbow.txt"),
+    (("HotToColdRainbow.txt",), None),
+])
+def test_uncertainty_is_shown_cold_to_hot_with_agreement_transparent(scene, case, available, expected):
+    """Agreement (0, all the air too) must not be drawn hot: the colour map runs cold to
+    hot (a hot-to-cold one is never chosen), and 0 is thresholded out so only voxels
+    where members disagree are drawn over the CT; the smallest disagreement a run can
+    give (1 of 4 members) stays visible."""
+    for file_name in available:
+        add_colour_table(scene, file_name)
+    ct_node = volume_node(scene, case.ct)
+    unc = sitk.Image(case.ct.GetSize(), sitk.sitkFloat32)
+    unc.CopyInformation(case.ct)
+    unc[10, 20, 5] = 0.25
+    display = slicer_tools.uncertainty_volume_node(scene, unc, ct_node).GetDisplayNode()
+    if expected is not None:
+        assert display.GetColorNodeID() == f"vtkMRMLColorTableNodeFile{expected}"
+    assert "HotToCold" not in (display.GetColorNodeID() or "")
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert 0.0 < display.GetLowerThreshold() < 0.25 and display.GetUpperThreshold() >= 1.0
+    assert (display.GetWindow(), display.GetLevel()) == (1.0, 0.5)

@@ -42,6 +42,13 @@ SEGMENT_ID_FORMAT = "Segment_{label}"
 #: RAS <-> LPS for 3-vectors and 3x3 matrices (x and y change sign).
 _FLIP = np.diag([-1.0, -1.0, 1.0])
 
+#: Colour maps for the uncertainty volume, in order of preference (IDs of the nodes
+#: Slicer's colour logic adds from Base/Logic/Resources/ColorFiles): cold to hot, with
+#: 0 ("all models agree") black. ``HotToColdRainbow`` would draw agreement, and so all
+#: the air, red.
+UNCERTAINTY_COLOR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt",
+                         "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+
 
 # ----------------------------------------------------------------------------- volumes
 
@@ -507,7 +514,10 @@ def uncertainty_volume_node(scene, uncertainty: sitk.Image, ct_node=None,
     """The uncertainty (float, 0-1, scan grid) as a scalar volume node.
 
     With ``ct_node`` the node takes the CT's exact geometry and parent transform (so
-    it overlays the CT, upright or not); the image must lie on the CT's grid.
+    it overlays the CT, upright or not); the image must lie on the CT's grid. It is
+    shown cold to hot (:data:`UNCERTAINTY_COLOR_IDS`, the first one the scene has) over
+    0-1, and voxels where all members agree (0) are thresholded out, so they are
+    transparent when the node is shown over the CT.
     """
     if ct_node is not None:
         diff = grid_difference(ct_node, uncertainty)
@@ -527,10 +537,12 @@ def uncertainty_volume_node(scene, uncertainty: sitk.Image, ct_node=None,
     if display is not None:
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(0.0, 1.0)
-        for color_id in ("vtkMRMLColorTableNodeFileHotToColdRainbow.txt", "vtkMRMLColorTableNodeRainbow"):
-            if scene.GetNodeByID(color_id) is not None:
-                display.SetAndObserveColorNodeID(color_id)
-                break
+        display.SetAutoThreshold(False)
+        display.SetThreshold(1e-6, 1.0)    # agreement (0) transparent
+        display.SetApplyThreshold(True)
+        color_id = next((c for c in UNCERTAINTY_COLOR_IDS if scene.GetNodeByID(c) is not None), None)
+        if color_id is not None:
+            display.SetAndObserveColorNodeID(color_id)
     node.SetAttribute("BrainLobeSeg.uncertainty", "fraction of planes/models disagreeing (0-1)")
     return node
 
