@@ -360,6 +360,26 @@ def test_output_node_is_refilled_only_when_given(scene, fast_logic, util_hook, t
     check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
 
 
+def test_output_node_deleted_during_the_run_gets_a_new_node(scene, fast_logic, util_hook, tiny_models):
+    """The chosen output node is deleted while the engine runs: the result goes into a
+    new node in the scene (with the deleted node's name), never into the removed node,
+    where it would be lost although the run reports success."""
+    volume = add_volume(scene, head_image())
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my corrections")
+    chosen.GetSegmentation().AddEmptySegment("old", "old")
+    job = fast_logic.prepare(volume, "none", device="cpu", model_dir=tiny_models)
+    result = fast_logic.run(job)
+    scene.RemoveNode(chosen)                      # the user deletes it meanwhile
+    assert chosen.GetScene() is None
+    node = fast_logic.create_output(job, result, output_node=chosen)
+    assert node is not chosen and node.GetScene() is scene
+    assert node.GetName() == "my corrections"
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == 1
+    check_regions(node)
+    check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
+    assert segment_ids(chosen) == ["old"]        # the deleted node was not touched
+
+
 def test_cancel_before_and_during_run_adds_no_node(scene, fast_logic, tiny_models):
     volume = add_volume(scene, head_image())
     logic = fast_logic

@@ -248,10 +248,18 @@ class BrainLobeSegLogic:
         The CT must be unchanged since :meth:`prepare` (same grid); otherwise the labels
         would not fit it and nothing is written. A refilled node gets its old content
         back if filling fails; a new node is removed.
+
+        An ``output_node`` that has left the scene (the user deleted it while the engine
+        ran) is not refilled, because a node outside the scene is lost with its content:
+        a new node with its name is added instead. Callers tell the user when the
+        returned node is not ``output_node``.
         """
         volume = job.volume_node
         scene = _scene_of_job(job)
         labels = sitk.GetArrayFromImage(result.labels_scan).astype(np.uint8, copy=False)
+        if output_node is not None and output_node.GetScene() is None:
+            name = name or output_node.GetName()
+            output_node = None
         if output_node is not None:
             backup = slicer.vtkSegmentation()
             backup.DeepCopy(output_node.GetSegmentation())
