@@ -68,6 +68,17 @@ class BrainLobeSeg(ScriptedLoadableModule):
             "alignment uses the CT template of Rorden et al. (2012), Clinical toolbox, BSD-2-Clause "
             "(Resources/Atlas)."
         )
+        # The Terminologies module's logic exists once every module is loaded.
+        slicer.app.connect("startupCompleted()", self.loadTerminology)
+
+    def loadTerminology(self) -> None:
+        """Register the segments' terminology context (Resources/Terminology) with Slicer,
+        so that their codes resolve in the Segment Editor and in DICOM export."""
+        from BrainLobeSegLib import terminology
+        try:
+            terminology.load(slicer.modules.terminologies.logic())
+        except Exception as exc:  # the module works without it; the codes just do not resolve
+            logging.warning("BrainLobeSeg: terminology not loaded: %s", exc)
 
 
 #

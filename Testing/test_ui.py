@@ -273,6 +273,9 @@ def test_cmake_files_name_existing_files():
     for rel in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert rel in module_cmake
         assert (MODULE_DIR / rel.replace("${MODULE_NAME}", "BrainLobeSeg")).is_file()
+    from BrainLobeSegLib import terminology
+    term = terminology.context_path().relative_to(MODULE_DIR).as_posix()
+    assert term in module_cmake and "${MODULE_TERMINOLOGY_RESOURCES}" in module_cmake
     ext_cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
                 "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
