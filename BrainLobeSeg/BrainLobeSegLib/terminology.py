@@ -20,6 +20,7 @@ Plain Python (json only): the module imports at Slicer start-up without numpy or
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -72,6 +73,17 @@ def load(terminologies_logic, path: Optional[Path] = None) -> str:
         raise RuntimeError(f"terminology file {path} was not loaded as "
                            f"{regions.TERMINOLOGY_CONTEXT!r} (got {name!r})")
     return name
+
+
+def load_into_slicer() -> None:
+    """Slot for Slicer's ``startupCompleted()``, when the Terminologies module's logic
+    exists: load the context into it. A failure is logged, not raised: the module works
+    without it, only the codes do not resolve."""
+    import slicer
+    try:
+        load(slicer.modules.terminologies.logic())
+    except Exception as exc:
+        logging.warning("BrainLobeSeg: terminology not loaded: %s", exc)
 
 
 if __name__ == "__main__":
