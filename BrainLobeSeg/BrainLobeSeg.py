@@ -309,6 +309,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         folder = os.path.join(cls._tmp.name, kind)
         if kind in ("3d", "planar") and not os.path.isdir(folder):
             make_tiny_model(folder, kind)
+        os.makedirs(folder, exist_ok=True)
         return folder
 
     @staticmethod
@@ -327,7 +328,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         import SimpleITK as sitk
         from BrainLobeSegLib import regions, slicer_tools, transforms
         volume, R = self._phantomVolume(), transforms.rotation((10.0, -6.0, 8.0), center=(0.0, 0.0, 0.0))
-        path = os.path.join(self._folder(), "pose.txt")
+        path = os.path.join(self._folder("files"), "pose.txt")
         transforms.write_transform(path, R)
         transformNode = slicer_tools.load_itksnap_transform(slicer.mrmlScene, path)
         volume.SetAndObserveTransformNodeID(transformNode.GetID())
