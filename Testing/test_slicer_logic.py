@@ -22,8 +22,8 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from BrainLobeSegLib import (alignment, dataset, phantom, regions, slicer_logic, statistics,
-                             torch_install, transforms)
+from BrainLobeSegLib import (alignment, dataset, phantom, regions, slicer_logic, slicer_tools,
+                             statistics, torch_install, transforms)
 from BrainLobeSegLib.errors import Cancelled, InputError
 from BrainLobeSegLib.slicer_logic import BackgroundRun, BrainLobeSegLogic
 
@@ -74,7 +74,7 @@ def fast_logic():
 
 def add_volume(scene, image: sitk.Image, name: str = "CT"):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer_logic.update_volume_from_image(node, image)
+    slicer_tools.update_volume_from_image(node, image)
     return node
 
 
@@ -95,12 +95,12 @@ def pose() -> sitk.AffineTransform:
 def snapshot(volume, transform_node=None) -> dict:
     """What must not change: the voxels, the geometry, the transform and its matrix."""
     state = {"voxels": slicer.util.arrayFromVolume(volume).copy(),
-             "ijk": slicer_logic.ijk_to_ras(volume),
+             "ijk": slicer_tools.ijk_to_ras(volume),
              "parent": volume.GetTransformNodeID()}
     if transform_node is not None:
         m = vtk.vtkMatrix4x4()
         transform_node.GetMatrixTransformToParent(m)
-        state["matrix"] = slicer_logic._numpy_matrix(m)
+        state["matrix"] = slicer.util.arrayFromVTKMatrix(m)
     return state
 
 
@@ -134,20 +134,20 @@ def test_volume_to_sitk_round_trip_with_oblique_direction(scene):
     image.SetSpacing((0.45, 0.7, 1.5))
     image.SetOrigin((12.5, -30.25, 81.0))
     node = add_volume(scene, image)
-    back = slicer_logic.image_from_volume_node(node)
+    back = slicer_tools.image_from_volume_node(node)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
     np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-12)
     np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-12)
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
     ijk = (3, 5, 2)
-    ras = slicer_logic.ijk_to_ras(node) @ np.array([*ijk, 1.0])
+    ras = slicer_tools.ijk_to_ras(node) @ np.array([*ijk, 1.0])
     np.testing.assert_allclose(FLIP @ ras[:3], image.TransformIndexToPhysicalPoint(ijk), atol=1e-9)
 
 
 def test_volume_copy_is_independent_of_the_node(scene):
     """The engine gets a copy: changing the node afterwards does not change it."""
     node = add_volume(scene, head_image())
-    image = slicer_logic.image_from_volume_node(node)
+    image = slicer_tools.image_from_volume_node(node)
     before = sitk.GetArrayFromImage(image).copy()
     slicer.util.arrayFromVolume(node)[:] = 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), before)
@@ -155,13 +155,13 @@ def test_volume_copy_is_independent_of_the_node(scene):
 
 def test_unusable_volumes_are_refused(scene):
     with pytest.raises(InputError, match="no CT volume"):
-        slicer_logic.image_from_volume_node(None)
+        slicer_tools.image_from_volume_node(None)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(InputError, match="no image data"):
-        slicer_logic.image_from_volume_node(empty)
+        slicer_tools.image_from_volume_node(empty)
     flat = add_volume(scene, sitk.GetImageFromArray(np.zeros((1, 8, 8), np.int16)), "flat")
     with pytest.raises(InputError, match="single slice"):
-        slicer_logic.image_from_volume_node(flat)
+        slicer_tools.image_from_volume_node(flat)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -173,20 +173,20 @@ def test_itksnap_file_to_node_to_R(scene, tmp_path):
     path = tmp_path / "pose.txt"
     transforms.write_transform(str(path), R)
     assert "MatrixOffsetTransformBase_double_3_3" in path.read_text(encoding="utf-8")
-    node = slicer_logic.load_itksnap_transform(scene, str(path))
+    node = slicer_tools.load_itksnap_transform(scene, str(path))
     assert node.IsA("vtkMRMLLinearTransformNode") and node.GetName() == "pose"
-    R_back = slicer_logic.transform_from_node(node)
+    R_back = slicer_tools.transform_from_node(node)
     np.testing.assert_allclose(transforms.matrix_of(R_back), transforms.matrix_of(R), atol=1e-9)
-    to_parent = slicer_logic.matrix_to_world(node)
+    to_parent = slicer_tools.matrix_to_world(node)
     for p_upright in ([0.0, 0.0, 0.0], [40.0, -25.0, 30.0], [-60.0, 10.0, -5.0]):
         p_scan = np.array(R.TransformPoint(p_upright))
         shown = to_parent @ np.array([*(FLIP @ p_scan), 1.0])
         np.testing.assert_allclose(shown[:3], FLIP @ np.array(p_upright), atol=1e-9)
-    inverted = slicer_logic.transform_from_node(node, invert=True)
+    inverted = slicer_tools.transform_from_node(node, invert=True)
     np.testing.assert_allclose(transforms.matrix_of(inverted),
                                np.linalg.inv(transforms.matrix_of(R)), atol=1e-9)
-    node_inv = slicer_logic.load_itksnap_transform(scene, str(path), invert=True, name="inv")
-    np.testing.assert_allclose(transforms.matrix_of(slicer_logic.transform_from_node(node_inv)),
+    node_inv = slicer_tools.load_itksnap_transform(scene, str(path), invert=True, name="inv")
+    np.testing.assert_allclose(transforms.matrix_of(slicer_tools.transform_from_node(node_inv)),
                                np.linalg.inv(transforms.matrix_of(R)), atol=1e-9)
 
 
@@ -197,7 +197,7 @@ def test_bad_transform_files_add_no_node(scene, tmp_path, content):
     path.write_text(content, encoding="utf-8")
     before = scene.GetNumberOfNodes()
     with pytest.raises(InputError):
-        slicer_logic.load_itksnap_transform(scene, str(path))
+        slicer_tools.load_itksnap_transform(scene, str(path))
     assert scene.GetNumberOfNodes() == before
 
 
@@ -218,7 +218,7 @@ def test_nonlinear_transform_nodes_are_refused(scene):
 def test_transform_choices(scene):
     volume = add_volume(scene, head_image())
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
-    node.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(transforms.slicer_to_parent_ras(pose())))
     identity = np.eye(4)
     R, text = slicer_logic.resolve_transform(volume, "parent")
     np.testing.assert_allclose(transforms.matrix_of(R), identity)
@@ -244,7 +244,7 @@ def test_transform_choices(scene):
 def test_mirroring_transform_is_reported_not_hidden(scene):
     volume = add_volume(scene, head_image())
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mirror")
-    node.SetMatrixTransformToParent(slicer_logic._vtk_matrix(np.diag([-1.0, 1.0, 1.0, 1.0])))
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.diag([-1.0, 1.0, 1.0, 1.0])))
     job = BrainLobeSegLogic().prepare(volume, "node", node)
     assert any("mirrors" in w for w in job.warnings)
 
@@ -275,7 +275,7 @@ def check_labels_match(node, volume, expected: np.ndarray) -> None:
     for r in regions.REGIONS:
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, f"Segment_{r.label}", volume)
         np.testing.assert_array_equal(mask > 0, expected == r.label, err_msg=r.segment_name)
-    np.testing.assert_array_equal(slicer_logic.labels_from_segmentation(node, volume), expected)
+    np.testing.assert_array_equal(slicer_tools.labels_from_segmentation(node, volume), expected)
 
 
 def test_fill_segmentation_every_region_voxel_for_voxel(scene, util_hook):
@@ -283,19 +283,19 @@ def test_fill_segmentation_every_region_voxel_for_voxel(scene, util_hook):
     labelmaps equal the label array exactly, with the CT under a transform."""
     volume = add_volume(scene, head_image())
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
-    transform.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(transforms.slicer_to_parent_ras(pose())))
     volume.SetAndObserveTransformNodeID(transform.GetID())
     before = snapshot(volume, transform)
     labels = block_labels(slicer.util.arrayFromVolume(volume).shape)
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    slicer_logic.fill_segmentation(node, labels, volume)
+    slicer_tools.fill_segmentation(node, labels, volume)
     check_regions(node)
     assert node.GetTransformNodeID() == transform.GetID()
     geometry = node.GetSegmentation().GetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
     reference = slicer.vtkOrientedImageData()
     reference.SetDimensions(volume.GetImageData().GetDimensions())
-    reference.SetImageToWorldMatrix(slicer_logic._vtk_matrix(slicer_logic.ijk_to_ras(volume)))
+    reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(slicer_tools.ijk_to_ras(volume)))
     assert geometry == slicer.vtkSegmentationConverter.SerializeImageGeometry(reference)
     check_labels_match(node, volume, labels)
     assert node.GetDisplayNode() is not None
@@ -309,7 +309,7 @@ def ct_with_itksnap_pose(scene, tmp_path):
     """A CT whose parent transform was loaded from an ITK-SNAP file."""
     path = tmp_path / "case.txt"
     transforms.write_transform(str(path), pose())
-    transform = slicer_logic.load_itksnap_transform(scene, str(path))
+    transform = slicer_tools.load_itksnap_transform(scene, str(path))
     volume = add_volume(scene, head_image())
     volume.SetAndObserveTransformNodeID(transform.GetID())
     return volume, transform
@@ -359,6 +359,26 @@ def test_output_node_is_refilled_only_when_given(scene, fast_logic, util_hook, t
     assert nodes_of(scene, "vtkMRMLSegmentationNode") == 1
     check_regions(node)
     check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
+
+
+def test_output_node_deleted_during_the_run_gets_a_new_node(scene, fast_logic, util_hook, tiny_models):
+    """The chosen output node is deleted while the engine runs: the result goes into a
+    new node in the scene (with the deleted node's name), never into the removed node,
+    where it would be lost although the run reports success."""
+    volume = add_volume(scene, head_image())
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my corrections")
+    chosen.GetSegmentation().AddEmptySegment("old", "old")
+    job = fast_logic.prepare(volume, "none", device="cpu", model_dir=tiny_models)
+    result = fast_logic.run(job)
+    scene.RemoveNode(chosen)                      # the user deletes it meanwhile
+    assert chosen.GetScene() is None
+    node = fast_logic.create_output(job, result, output_node=chosen)
+    assert node is not chosen and node.GetScene() is scene
+    assert node.GetName() == "my corrections"
+    assert nodes_of(scene, "vtkMRMLSegmentationNode") == 1
+    check_regions(node)
+    check_labels_match(node, volume, sitk.GetArrayFromImage(result.labels_scan))
+    assert segment_ids(chosen) == ["old"]        # the deleted node was not touched
 
 
 def test_cancel_before_and_during_run_adds_no_node(scene, fast_logic, tiny_models):
@@ -490,7 +510,7 @@ def test_uncertainty_node_lies_on_the_ct_grid(scene, fast_logic, tiny_models, ct
     assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == "CT ASPECTS uncertainty"
     assert node.GetTransformNodeID() == transform.GetID()
     assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
-    np.testing.assert_allclose(slicer_logic.ijk_to_ras(node), slicer_logic.ijk_to_ras(volume),
+    np.testing.assert_allclose(slicer_tools.ijk_to_ras(node), slicer_tools.ijk_to_ras(volume),
                                atol=1e-9)
     assert node.GetAttribute("BrainLobeSeg.members") == ", ".join(PLANE_NAMES)
 
@@ -530,12 +550,12 @@ def test_statistics_table_follows_corrections(scene):
     array and the CT voxels; after a correction the same table shows the new values."""
     volume = add_volume(scene, head_image())
     tnode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
-    tnode.SetMatrixTransformToParent(slicer_logic._vtk_matrix(transforms.slicer_to_parent_ras(pose())))
+    tnode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(transforms.slicer_to_parent_ras(pose())))
     volume.SetAndObserveTransformNodeID(tnode.GetID())
     hu = slicer.util.arrayFromVolume(volume).astype(np.float64)
     labels = block_labels(hu.shape)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
-    slicer_logic.fill_segmentation(segmentation, labels, volume)
+    slicer_tools.fill_segmentation(segmentation, labels, volume)
     before = snapshot(volume, tnode)
     logic = BrainLobeSegLogic()
     ml_per_voxel = 4.0 ** 3 / 1000.0
@@ -560,7 +580,7 @@ def test_statistics_table_follows_corrections(scene):
 
     corrected = labels.copy()
     corrected[labels == 1] = 2                       # region 1 merged into region 2
-    slicer_logic.fill_segmentation(segmentation, corrected, volume)
+    slicer_tools.fill_segmentation(segmentation, corrected, volume)
     again = logic.statistics_table(segmentation, volume, table_node=table)
     assert again is table and nodes_of(scene, "vtkMRMLTableNode") == 1
     check(table, corrected)
@@ -585,7 +605,7 @@ def test_estimated_upright_transform_node(scene):
     assert "check" in node.GetAttribute("BrainLobeSeg.estimated")
     assert node.GetParentTransformNode() is None
     assert seen and seen[-1] == 1.0
-    R = slicer_logic.transform_from_node(node)
+    R = slicer_tools.transform_from_node(node)
     assert alignment.angle_error_deg(R, truth) < 2.0
     truth_deg = transforms.rotation_angle_deg(truth)
     assert float(node.GetAttribute("BrainLobeSeg.angleDeg")) == pytest.approx(truth_deg, abs=2.0)

@@ -29,7 +29,7 @@ def scene():
 def volume_node(scene, image: sitk.Image, name: str = "CT"):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
-    slicer_tools.set_node_geometry(node, image)
+    slicer_tools.set_volume_geometry(node, image)
     return node
 
 
@@ -191,3 +191,106 @@ def test_statistics_from_edited_nodes(scene, case):
     report = slicer_tools.statistics_from_nodes(seg, ct_node)
     assert [r.region for r in report.flagged] == ["M2 left"]
     assert math.isfinite(report.by_label(m2).diff_to_mirror_hu)
+
+
+class NodeAdditions:
+    """Counts ``NodeAddedEvent`` on a scene: a temporary node that is added and removed
+    again leaves the node count unchanged, but not this count."""
+
+    def __init__(self, scene) -> None:
+        self.count = 0
+        self._scene = scene
+        self._tag = scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, self._added)
+
+    def _added(self, caller, event) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self._scene.RemoveObserver(self._tag)
+
+
+def test_statistics_and_saving_add_no_temporary_nodes(scene, case, tmp_path):
+    """Reading a segmentation back (statistics, Save case) goes through the segments'
+    labelmaps, not through twenty labelmap nodes added to and removed from the scene."""
+    ct_node = volume_node(scene, case.ct)
+    seg = segmentation_node(scene, case.labels_scan, ct_node)
+    additions = NodeAdditions(scene)
+    try:
+        report = slicer_tools.statistics_from_nodes(seg, ct_node)
+        slicer_tools.save_case_for_training(seg, ct_node, None, str(tmp_path))
+    finally:
+        additions.close()
+    assert additions.count == 0
+    assert len(report.regions) == regions.NUM_LABELS
+
+
+def test_segments_are_read_through_the_transform_between_the_nodes(scene, case):
+    """A segmentation that is not under the CT's transform (here: in world coordinates,
+    the CT under a rotation) is read onto the CT's grid through the transform between
+    them, as Slicer's own export does; ignoring it would misplace every label."""
+    ct_node = volume_node(scene, case.ct)
+    tnode = transform_node(scene, case.transform)
+    ct_node.SetAndObserveTransformNodeID(tnode.GetID())
+    to_world = vtk.vtkMatrix4x4()
+    tnode.GetMatrixTransformToWorld(to_world)
+    image_to_world = slicer.util.arrayFromVTKMatrix(to_world) @ slicer_tools.ijk_to_ras(ct_node)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "in world coordinates")
+    arr = sitk.GetArrayViewFromImage(case.labels_scan)
+    for label in (regions.region("C", "left").label, regions.region("M2", "right").label):
+        mask = slicer_tools.oriented_image_from_array(arr == label, ct_node)
+        mask.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(image_to_world))
+        seg.AddSegmentFromBinaryLabelmapRepresentation(mask, regions.REGION_BY_LABEL[label].segment_name)
+    assert seg.GetParentTransformNode() is None
+    back = sitk.GetArrayFromImage(slicer_tools.labelmap_from_segmentation(seg, ct_node))
+    expected = np.where(np.isin(arr, [regions.region("C", "left").label,
+                                      regions.region("M2", "right").label]), arr, 0)
+    assert expected.any()
+    np.testing.assert_array_equal(back, expected)
+
+
+def test_slicer_tools_imports_nothing_from_slicer_logic():
+    """One job each, imports one way: the workflow (slicer_logic) builds on the MRML
+    helpers (slicer_tools), which must not reach back, not even inside a function."""
+    import ast
+    from pathlib import Path
+    source = Path(slicer_tools.__file__).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(a.name for a in node.names)
+    assert not {name for name in imported if "slicer_logic" in name}
+
+
+def add_colour_table(scene, file_name: str):
+    """A colour table node with the ID Slicer's colour logic gives the one it loads from
+    ``Base/Logic/Resources/ColorFiles/<file_name>`` (the wheel ships no colour files)."""
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetSingletonTag(f"File{file_name}")
+    scene.AddNode(node)
+    return node
+
+
+@pytest.mark.parametrize("available, expected", [
+    (("HotToColdRainbow.txt", "ColdToHotRainbow.txt", "Inferno.txt"), "Inferno.txt"),
+    (("HotToColdRainbow.txt", "ColdToHotRainbow.txt"), "ColdToHotRainbow.txt"),
+    (("HotToColdRainbow.txt",), None),
+])
+def test_uncertainty_is_shown_cold_to_hot_with_agreement_transparent(scene, case, available, expected):
+    """Agreement (0, all the air too) must not be drawn hot: the colour map runs cold to
+    hot (a hot-to-cold one is never chosen), and 0 is thresholded out so only voxels
+    where members disagree are drawn over the CT; the smallest disagreement a run can
+    give (1 of 4 members) stays visible."""
+    for file_name in available:
+        add_colour_table(scene, file_name)
+    ct_node = volume_node(scene, case.ct)
+    unc = sitk.Image(case.ct.GetSize(), sitk.sitkFloat32)
+    unc.CopyInformation(case.ct)
+    unc[10, 20, 5] = 0.25
+    display = slicer_tools.uncertainty_volume_node(scene, unc, ct_node).GetDisplayNode()
+    if expected is not None:
+        assert display.GetColorNodeID() == f"vtkMRMLColorTableNodeFile{expected}"
+    assert "HotToCold" not in (display.GetColorNodeID() or "")
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert 0.0 < display.GetLowerThreshold() < 0.25 and display.GetUpperThreshold() >= 1.0
+    assert (display.GetWindow(), display.GetLevel()) == (1.0, 0.5)

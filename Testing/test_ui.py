@@ -4,9 +4,10 @@
   ``self.ui.<name>`` exists in it;
 - widgets bound to the parameter node name real parameters, and MRML combo boxes get
   the scene and know their node types;
-- ``BrainLobeSeg.py`` parses, has the Module/Widget/Logic/Test classes with the right
-  bases, does not import the engine at import time, and passes user-visible strings
-  through ``_()``;
+- ``BrainLobeSeg.py`` parses, stays under 400 lines with only the Module/Widget/Test
+  classes (the parameter node and Logic class are in ``BrainLobeSegLib/parameters.py``),
+  does not import the engine at import time, and passes user-visible strings through
+  ``_()``, as do the panel texts in ``BrainLobeSegLib/panel.py``;
 - the CMake files name files that exist.
 """
 
@@ -25,6 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "BrainLobeSeg"
 MODULE_PY = MODULE_DIR / "BrainLobeSeg.py"
+PARAMETERS_PY = MODULE_DIR / "BrainLobeSegLib" / "parameters.py"
+PANEL_PY = MODULE_DIR / "BrainLobeSegLib" / "panel.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "BrainLobeSeg.ui"
 
 BOUND_WIDGET_CLASSES = {"qMRMLNodeComboBox", "QComboBox", "QCheckBox", "ctkPathLineEdit"}
@@ -40,6 +43,16 @@ def ui_tree() -> ET.Element:
 @pytest.fixture(scope="module")
 def module_ast() -> ast.Module:
     return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
+
+
+@pytest.fixture(scope="module")
+def parameters_ast() -> ast.Module:
+    return ast.parse(PARAMETERS_PY.read_text(encoding="utf-8"), filename=str(PARAMETERS_PY))
+
+
+@pytest.fixture(scope="module")
+def panel_ast() -> ast.Module:
+    return ast.parse(PANEL_PY.read_text(encoding="utf-8"), filename=str(PANEL_PY))
 
 
 def ui_widgets(root: ET.Element) -> dict:
@@ -145,8 +158,8 @@ def test_mrml_combo_boxes_get_the_scene_and_node_types(ui_tree):
                         "outputSegmentationSelector": ["vtkMRMLSegmentationNode"]}
 
 
-def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, module_ast):
-    node_class = classes(module_ast)["BrainLobeSegParameterNode"]
+def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, parameters_ast):
+    node_class = classes(parameters_ast)["BrainLobeSegParameterNode"]
     parameters = {s.target.id for s in node_class.body if isinstance(s, ast.AnnAssign)}
     bound = {}
     for w in ui_tree.iter("widget"):
@@ -165,50 +178,66 @@ def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, module_ast
 
 # ----------------------------------------------------------------------------- module file
 
-def test_module_has_module_widget_logic_and_test_classes(module_ast):
+def test_module_has_only_module_widget_and_test_classes(module_ast, parameters_ast):
+    """A thin module file: three classes, under 400 lines; the parameter node and the
+    Logic class (scripts use ``BrainLobeSeg.BrainLobeSegLogic``) come from parameters.py."""
+    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) < 400
     found = classes(module_ast)
     bases = {name: [ast.unparse(b) for b in cls.bases] for name, cls in found.items()}
-    assert bases["BrainLobeSeg"] == ["ScriptedLoadableModule"]
-    assert bases["BrainLobeSegWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["BrainLobeSegLogic"] == ["ScriptedLoadableModuleLogic"]
-    assert bases["BrainLobeSegTest"] == ["ScriptedLoadableModuleTest"]
-    decorators = [ast.unparse(d) for d in found["BrainLobeSegParameterNode"].decorator_list]
+    assert bases == {"BrainLobeSeg": ["ScriptedLoadableModule"],
+                     "BrainLobeSegWidget": ["ScriptedLoadableModuleWidget", "VTKObservationMixin"],
+                     "BrainLobeSegTest": ["ScriptedLoadableModuleTest"]}
+    imported = {a.asname or a.name for n in module_ast.body if isinstance(n, ast.ImportFrom)
+                and n.module == "BrainLobeSegLib.parameters" for a in n.names}
+    assert {"BrainLobeSegLogic", "BrainLobeSegParameterNode", "TransformSource"} <= imported
+    logic = classes(parameters_ast)["BrainLobeSegLogic"]
+    assert [ast.unparse(b) for b in logic.bases] == ["ScriptedLoadableModuleLogic"]
+    decorators = [ast.unparse(d) for d in classes(parameters_ast)["BrainLobeSegParameterNode"].decorator_list]
     assert decorators == ["parameterNodeWrapper"]
     tests = [f.name for f in found["BrainLobeSegTest"].body
              if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
     assert len(tests) >= 3
     widget_methods = {f.name for f in found["BrainLobeSegWidget"].body if isinstance(f, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "onSegmentButton", "onLoadTransformButton",
-            "onOpenEditorButton", "initializeParameterNode", "setParameterNode",
+            "onOpenEditorButton", "initializeParameterNode", "setParameterNode", "onReload",
             "onEstimateTransformButton", "onStatisticsButton", "onSaveCaseButton"} <= widget_methods
 
 
-def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast):
-    """Slicer imports every module file at start-up: the engine (torch) must wait."""
-    top_level = []
+def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast, parameters_ast):
+    """Slicer imports every module file at start-up: the engine (torch) must wait, and
+    so should numpy and SimpleITK (the light modules it imports get them lazily)."""
+    light = {"BrainLobeSegLib", "BrainLobeSegLib.parameters"}
+    top_level = {}
     for node in module_ast.body:
         if isinstance(node, ast.Import):
-            top_level += [a.name for a in node.names]
+            top_level.update({a.name: [] for a in node.names})
         elif isinstance(node, ast.ImportFrom):
-            top_level.append(node.module or "")
-    torch_free = {"BrainLobeSegLib.modes"}
+            top_level.setdefault(node.module or "", []).extend(a.name for a in node.names)
     assert not [m for m in top_level if m.startswith(("BrainLobeSegLib", "torch", "SimpleITK",
-                                                       "numpy")) and m not in torch_free]
+                                                       "numpy")) and m not in light]
     source = MODULE_PY.read_text(encoding="utf-8")
     assert "sys.path.insert(0, _MODULE_DIR)" in source
-    # and the modules it may import really are light
-    code = ("import sys; import BrainLobeSegLib.modes; "
-            "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK') if m in sys.modules))")
+    # parameters.py needs Slicer's own modules; it may import nothing else heavy
+    imports = {n.module for n in parameters_ast.body if isinstance(n, ast.ImportFrom)}
+    imports |= {a.name for n in parameters_ast.body if isinstance(n, ast.Import) for a in n.names}
+    assert imports <= {"enum", "slicer", "slicer.i18n", "slicer.parameterNodeWrapper",
+                       "slicer.ScriptedLoadableModule", "modes"}
+    # and the package modules the file imports really are light (slicer and vtk are
+    # loaded in Slicer already; slicer_views needs the application)
+    names = [n for n in top_level["BrainLobeSegLib"] if n != "slicer_views"]
+    code = ("import sys, slicer; before = set(sys.modules)\n"
+            f"from BrainLobeSegLib import {', '.join(names)}\n"
+            "import BrainLobeSegLib.modes\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK') if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=MODULE_PY.parent)
     assert out.stdout.strip() == "[]"
 
 
-def test_panel_modes_are_the_engine_modes(module_ast):
+def test_panel_modes_are_the_engine_modes(parameters_ast):
     """The panel's mode enum offers exactly the engine's modes (one source: modes.py)."""
     from BrainLobeSegLib import modes
-    enum_class = next(n for n in module_ast.body
-                      if isinstance(n, ast.ClassDef) and n.name == "SegmentationMode")
+    enum_class = classes(parameters_ast)["SegmentationMode"]
     values = [n.value.value for n in enum_class.body
               if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
     assert sorted(values) == sorted(modes.MODES)
@@ -248,10 +277,11 @@ def test_user_visible_strings_go_through_tr(module_ast):
     assert not problems, problems
 
 
-def test_every_translated_string_is_a_literal(module_ast):
-    """``_()`` needs literal text for the translation tools to find it."""
-    calls = [n for n in ast.walk(module_ast) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Name) and n.func.id == "_"]
+def test_every_translated_string_is_a_literal(module_ast, parameters_ast, panel_ast):
+    """``_()`` needs literal text for the translation tools to find it (the module file,
+    the panel's texts and the parameter choices)."""
+    calls = [n for tree in (module_ast, parameters_ast, panel_ast) for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "_"]
     assert len(calls) > 40
     assert all(len(c.args) == 1 and isinstance(c.args[0], ast.Constant)
                and isinstance(c.args[0].value, str) for c in calls)
@@ -273,6 +303,9 @@ def test_cmake_files_name_existing_files():
     for rel in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert rel in module_cmake
         assert (MODULE_DIR / rel.replace("${MODULE_NAME}", "BrainLobeSeg")).is_file()
+    from BrainLobeSegLib import terminology
+    term = terminology.context_path().relative_to(MODULE_DIR).as_posix()
+    assert term in module_cmake and "${MODULE_TERMINOLOGY_RESOURCES}" in module_cmake
     ext_cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
                 "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",

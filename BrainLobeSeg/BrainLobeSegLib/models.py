@@ -291,6 +291,30 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
     return folder
 
 
+
+def make_tiny_model(folder: Path, kind: str, spacing: float = 4.0, seed: int = 0) -> Path:
+    """A real model folder holding a very small, randomly initialised network of ``kind``.
+
+    Plumbing checks (geometry, outputs, cancel, MRML) need a model that loads and runs
+    like a trained one but in milliseconds; the pytest suite, the Slicer self-test and
+    the benchmark's smoke run all make theirs here so that they test the same thing.
+    ``kind="planar"`` writes the three 2D networks, ``"3d"`` one 3D network.
+    """
+    torch.manual_seed(seed)
+    architecture = "UNet2D" if kind == "planar" else "UNet3D"
+    card = ModelCard(
+        name=f"tiny-{kind}", version="0.0.test", kind=kind,
+        architecture={"name": architecture, "args": {}}, spacing_mm=[spacing] * 3,
+        intensity={"window": [-20.0, 100.0]}, networks={}, context_slices=1,
+        coordinate_channel=True, description="random weights, for tests",
+        training={"data": "none (random initialisation)"})
+    card.architecture["args"] = {"in_channels": card.in_channels,
+                                 "num_classes": regions.NUM_LABELS + 1,
+                                 "base_features": 4, "depth": 3, "norm": "batch"}
+    names = list(PLANES) if kind == "planar" else ["unet3d"]
+    nets = {n: build_network(architecture, card.architecture["args"]).eval() for n in names}
+    return save_model(folder, card, nets)
+
 def bundled_models_dir() -> Path:
     """``$BRAINLOBESEG_MODELS``, else ``BrainLobeSeg/Resources/Models`` (or a wheel's
     ``bundled_models``; see :mod:`resources`)."""

@@ -24,6 +24,12 @@ SCT = "SCT"
 SCT_LEFT = ("SCT", "7771000", "Left")
 SCT_RIGHT = ("SCT", "24028007", "Right")
 
+#: The terminology context every segment's ``TerminologyEntry`` names; Slicer resolves
+#: the codes from the ``.term.json`` file :mod:`terminology` writes under this name.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - BrainLobeSeg ASPECTS"
+#: Category of every region: SNOMED CT "Anatomical structure" (as in Slicer's lists).
+CATEGORY_CODE = ("SCT", "123037004", "Anatomical Structure")
+
 
 @dataclass(frozen=True)
 class Region:
@@ -136,8 +142,8 @@ def terminology_entry(r: Region) -> str:
     Format: context~category~type~typeModifier~anatomicContext~anatomicRegion~regionModifier,
     each code as ``scheme^value^meaning``. Category is "Anatomical structure".
     """
-    category = "SCT^123037004^Anatomical Structure"
+    category = "^".join(CATEGORY_CODE)
     type_ = "^".join(r.type_code)
     modifier = "^".join(r.side_modifier)
-    return (f"Segmentation category and type - BrainLobeSeg ASPECTS~{category}~{type_}~{modifier}"
+    return (f"{TERMINOLOGY_CONTEXT}~{category}~{type_}~{modifier}"
             "~Anatomic codes - DICOM master list~^^~^^")

@@ -1,4 +1,8 @@
-"""The Slicer module's logic: MRML nodes in, a 20-segment segmentation node out.
+"""The Slicer module's workflow: MRML nodes in, a 20-segment segmentation node out.
+
+One job: the steps of a segmentation and what is done with its result, and the state
+they share (:class:`SegmentationJob`). The conversions and node builders it uses are in
+:mod:`slicer_tools`; the imports run one way (here -> ``slicer_tools``), never back.
 
 Everything here uses only what the ``slicer-core`` pip wheel also provides
 (``vtkMRMLScene`` and its nodes, ``vtkSegment``/``vtkOrientedImageData``,
@@ -25,8 +29,7 @@ After a run, on the main thread, the panel's Results section uses
 segmentation as corrected) and :meth:`~BrainLobeSegLogic.save_case` (the corrected case
 as training data, with the ``R`` of the run). Before a run,
 :meth:`~BrainLobeSegLogic.estimate_upright_transform` offers an automatic ``R`` as a
-transform node for the user to check. These build on :mod:`slicer_tools`, which uses this
-module's volume conversions.
+transform node for the user to check.
 
 The engine (torch) is imported inside :meth:`BrainLobeSegLogic.run` only, so this
 module imports without PyTorch and the Slicer module can offer to install it.
@@ -44,13 +47,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 import slicer
-import vtk
-from vtk.util import numpy_support
 
-from . import regions, transforms
+from . import slicer_tools, transforms
 from .quality import require_regions
 from .errors import InputError
 from .modes import DEFAULT_MODE
+from .slicer_tools import (add_upright_transform_node, check_volume, fill_segmentation, ijk_to_ras,
+                           image_from_volume_node, remove_node, transform_from_node,
+                           transform_name)
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -58,12 +62,6 @@ CancelFn = Callable[[], bool]
 #: Where ``R`` comes from: the volume's own parent transform, a chosen transform node,
 #: or nowhere (identity: the scan is taken as upright).
 TRANSFORM_SOURCES = ("parent", "node", "none", "estimate")
-
-#: Segment IDs, as in the ``.seg.nrrd`` files :mod:`output` writes.
-SEGMENT_ID_FORMAT = "Segment_{label}"
-
-#: RAS <-> LPS for 3-vectors and 3x3 matrices (x and y change sign).
-_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 NOTICE = ("BrainLobeSeg result: automatic ASPECTS region segmentation for research and "
           "decision support. Not a medical device; check and correct before use.")
@@ -73,160 +71,7 @@ ESTIMATE_NOTE = ("automatic estimate (mid-sagittal plane and the bundled referen
                  "that the head looks upright with it")
 
 
-# ----------------------------------------------------------------------------- volumes
-
-def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(array[r, c]))
-    return m
-
-
-def _numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def ijk_to_ras(volume_node) -> np.ndarray:
-    """The volume's own IJK -> RAS matrix (4x4), without any parent transform."""
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    return _numpy_matrix(m)
-
-
-def _check_volume(volume_node) -> None:
-    if volume_node is None:
-        raise InputError("no CT volume is selected.", "Load the head CT and select it as input.")
-    if not volume_node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError(f"'{volume_node.GetName()}' is not a scalar volume.",
-                         "Select the head CT (a scalar volume) as input.")
-    image = volume_node.GetImageData()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise InputError(f"the volume '{volume_node.GetName()}' holds no image data.",
-                         "Load the CT again.")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"the volume '{volume_node.GetName()}' has "
-                         f"{image.GetNumberOfScalarComponents()} components per voxel (colour or "
-                         "vector image), not CT numbers.", "Select the original head CT.")
-    if min(image.GetDimensions()) < 2:
-        raise InputError(f"the volume '{volume_node.GetName()}' is a single slice "
-                         f"({'x'.join(map(str, image.GetDimensions()))} voxels).",
-                         "Load the whole head CT series.")
-
-
-def image_from_volume_node(volume_node) -> sitk.Image:
-    """A copy of the volume's voxels as a SimpleITK image in LPS, with exact geometry.
-
-    Slicer stores a volume as voxels plus an IJK -> RAS matrix; ITK uses LPS origin,
-    spacing and direction. The columns of the matrix are the voxel axes scaled by the
-    spacing, so spacing is their length and direction their unit vectors, both with x and
-    y negated for LPS. The parent transform is *not* applied: this is the scan as
-    acquired, which is what ``R`` refers to. The voxels are copied, so the image stays
-    valid whatever happens to the node later (the engine reads it in another thread).
-    """
-    _check_volume(volume_node)
-    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
-    image = sitk.GetImageFromArray(array)
-    copy_volume_geometry(volume_node, image)
-    return image
-
-
-def copy_volume_geometry(volume_node, image: sitk.Image) -> None:
-    """Give ``image`` the volume node's geometry in LPS (spacing, origin, direction).
-
-    The geometry half of :func:`image_from_volume_node`, for images that are made on
-    the volume's grid without needing its voxels (an exported label map, say).
-    """
-    m = ijk_to_ras(volume_node)
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
-        raise InputError(f"the volume '{volume_node.GetName()}' has an invalid geometry "
-                         f"(voxel spacing {spacing.round(4).tolist()}).", "Load the CT again.")
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
-    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
-
-
-def set_volume_geometry(volume_node, image: sitk.Image) -> None:
-    """Give a volume node the geometry (origin, spacing, directions) of ``image``.
-
-    The inverse of the geometry part of :func:`image_from_volume_node`: one IJK -> RAS
-    matrix built from the LPS origin, spacing and direction, so that the two conversions
-    cannot drift apart. The voxels are left alone.
-    """
-    volume_node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras_of_image(image)))
-    volume_node.Modified()
-
-
-def _ijk_to_ras_of_image(image: sitk.Image) -> np.ndarray:
-    """The IJK -> RAS matrix of an LPS image (origin, spacing, direction)."""
-    spacing = np.asarray(image.GetSpacing(), float)
-    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    m = np.eye(4)
-    m[:3, :3] = _FLIP @ direction * spacing
-    m[:3, 3] = _FLIP @ np.asarray(image.GetOrigin(), float)
-    return m
-
-
-def grid_difference(volume_node, image: sitk.Image, tol: float = 1e-4) -> Optional[str]:
-    """None if ``image`` lies on the volume node's voxel grid, else what differs.
-
-    Compares the size and the IJK -> RAS matrices only, so a 512x512x110 CT is not
-    copied just to be compared (:func:`image_from_volume_node` copies the voxels). The
-    volume is checked as there (a node without image data is an InputError).
-    """
-    _check_volume(volume_node)
-    dims = tuple(volume_node.GetImageData().GetDimensions())
-    if dims != tuple(image.GetSize()):
-        return f"size {tuple(image.GetSize())} vs {dims}"
-    ours, theirs = _ijk_to_ras_of_image(image), ijk_to_ras(volume_node)
-    if not np.allclose(ours, theirs, atol=tol * max(1.0, float(np.abs(theirs).max()))):
-        return "voxel spacing, position or orientation differs"
-    return None
-
-
-def update_volume_from_image(volume_node, image: sitk.Image) -> None:
-    """Set a volume node's voxels and geometry from a SimpleITK image (inverse of
-    :func:`image_from_volume_node`); used to load phantoms and engine outputs."""
-    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
-    set_volume_geometry(volume_node, image)
-
-
 # ----------------------------------------------------------------------------- transforms
-
-def _transform_name(node) -> str:
-    return f"'{node.GetName()}'" if node.GetName() else "the transform"
-
-
-def matrix_to_world(transform_node) -> np.ndarray:
-    """A linear transform node's "to world" RAS matrix (its whole parent chain).
-
-    Non-linear nodes (grid, B-spline, thin plate) are refused: the convention needs
-    one linear map between the upright and the scan space.
-    """
-    if not transform_node.IsTransformToWorldLinear():
-        raise InputError(f"the transform {_transform_name(transform_node)} is not linear "
-                         "(it is, or depends on, a grid, B-spline or thin-plate transform).",
-                         "Use the linear transform that turns the head upright, e.g. the "
-                         "one ITK-SNAP saves, or choose no transform.")
-    m = vtk.vtkMatrix4x4()
-    transform_node.GetMatrixTransformToWorld(m)
-    return _numpy_matrix(m)
-
-
-def transform_from_node(transform_node, invert: bool = False) -> sitk.AffineTransform:
-    """``R`` (upright -> scan, LPS) from a Slicer linear transform node.
-
-    A node that shows the CT upright when applied to it has the "to parent" matrix
-    ``slicer_to_parent_ras(R)``; :func:`transforms.from_slicer_to_parent_ras` undoes
-    that. ``invert`` is the explicit switch for transforms made the other way round.
-    The result is checked like a transform file (singular, absurd, mirrored, scaled).
-    """
-    R = transforms.from_slicer_to_parent_ras(matrix_to_world(transform_node))
-    if invert:
-        R = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
-    return transforms.validate(R, source=f"the transform {_transform_name(transform_node)}")
-
 
 def resolve_transform(volume_node, source: str = "parent", transform_node=None,
                       invert: bool = False) -> Tuple[sitk.AffineTransform, str]:
@@ -258,99 +103,8 @@ def resolve_transform(volume_node, source: str = "parent", transform_node=None,
         return transforms.identity(), "no transform (the CT is taken as upright)"
     R = transform_from_node(transform_node, invert)
     angle = transforms.rotation_angle_deg(R)
-    return R, (f"transform {_transform_name(transform_node)}{' inverted' if invert else ''} "
+    return R, (f"transform {transform_name(transform_node)}{' inverted' if invert else ''} "
                f"(rotates by {angle:.1f} degrees)")
-
-
-def add_upright_transform_node(scene, R: sitk.Transform, name: str):
-    """A new ``vtkMRMLLinearTransformNode`` holding ``R`` (upright -> scan, LPS).
-
-    Its "to parent" matrix is ``slicer_to_parent_ras(R)``: applied to the CT it shows the
-    head upright, and :func:`transform_from_node` reads exactly ``R`` back. Every place
-    that turns an ``R`` into a node (a transform file, the automatic estimate) goes
-    through here so that they all follow the one convention.
-    """
-    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    node.SetMatrixTransformToParent(_vtk_matrix(transforms.slicer_to_parent_ras(R)))
-    return node
-
-
-def load_itksnap_transform(scene, path: str, invert: bool = False,
-                           name: Optional[str] = None):
-    """Read an ITK-SNAP transform file into a new ``vtkMRMLLinearTransformNode``.
-
-    Slicer's own reader refuses ``MatrixOffsetTransformBase_double_3_3``, so the file is
-    read with :func:`transforms.read_transform` (which also rejects non-linear, singular
-    and garbage files) and the node gets the "to parent" matrix
-    ``slicer_to_parent_ras(R)``: applied to the CT it shows the head upright. The file is
-    read before anything is added, so a bad file leaves the scene unchanged.
-    """
-    R = transforms.read_transform(str(path), invert=invert)
-    node = add_upright_transform_node(
-        scene, R, name or os.path.splitext(os.path.basename(str(path)))[0])
-    node.SetAttribute("BrainLobeSeg.sourceFile", str(path))
-    node.SetAttribute("BrainLobeSeg.inverted", "true" if invert else "false")
-    return node
-
-
-# ----------------------------------------------------------------------------- segmentation
-
-def labelmap_on_volume_grid(labels: np.ndarray, volume_node):
-    """A ``vtkOrientedImageData`` holding ``labels`` (uint8) on the volume's own grid.
-
-    The segmentation is put under the volume's parent transform, so the volume's own
-    IJK -> RAS matrix is the right image-to-"node" matrix: the labels stay voxel-aligned
-    with the CT whether or not a transform is applied to it. Used for the shared 20-label
-    layer and for single binary segments alike (a bool mask becomes 0/1).
-    """
-    dims = volume_node.GetImageData().GetDimensions()
-    if tuple(labels.shape) != (dims[2], dims[1], dims[0]):
-        raise InputError(f"the labels ({'x'.join(map(str, labels.shape[::-1]))}) are not on the "
-                         f"CT's grid ({'x'.join(map(str, dims))}).", "Segment this CT again.")
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*dims)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
-    flat = np.ascontiguousarray(labels, dtype=np.uint8).ravel()
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True,
-                                                               array_type=vtk.VTK_UNSIGNED_CHAR))
-    return image
-
-
-def fill_segmentation(segmentation_node, labels: np.ndarray, volume_node) -> None:
-    """Replace the node's segments with the 20 regions from a label array.
-
-    ``labels`` is the ``(k, j, i)`` uint8 array on the volume's grid (0 background,
-    1-20 regions). All 20 segments share one labelmap layer (as a ``.seg.nrrd`` does),
-    each with its label value, name, colour and terminology from :mod:`regions`; empty
-    regions are kept as empty segments so that every result has the same 20 segments.
-    The node goes under the volume's parent transform and takes the volume as
-    reference geometry.
-    """
-    labelmap = labelmap_on_volume_grid(labels, volume_node)
-    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
-    was_modifying = segmentation_node.StartModify()
-    try:
-        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        segmentation = segmentation_node.GetSegmentation()
-        segmentation.RemoveAllSegments()
-        segmentation.SetSourceRepresentationName(binary)
-        for r in regions.REGIONS:
-            segment = slicer.vtkSegment()
-            segment.SetName(r.segment_name)
-            segment.SetNameAutoGenerated(False)
-            segment.SetColor(*r.color_float)
-            segment.SetColorAutoGenerated(False)
-            segment.SetLabelValue(r.label)
-            segment.SetTag(tag, regions.terminology_entry(r))
-            segment.AddRepresentation(binary, labelmap)
-            segmentation.AddSegment(segment, SEGMENT_ID_FORMAT.format(label=r.label))
-    finally:
-        segmentation_node.EndModify(was_modifying)
-    if segmentation_node.GetDisplayNode() is None:
-        segmentation_node.CreateDefaultDisplayNodes()
 
 
 # ----------------------------------------------------------------------------- logic
@@ -431,7 +185,7 @@ class BrainLobeSegLogic:
         run used, and then uses that node; ``job.estimated_node`` is set. Nothing else in
         the scene changes, and the CT is not moved under the node.
         """
-        _check_volume(volume_node)
+        check_volume(volume_node)
         estimated_node = None
         if transform_source == "estimate":
             if invert:
@@ -449,7 +203,7 @@ class BrainLobeSegLogic:
                 estimated_node.GetScene().RemoveNode(estimated_node)
             raise
         if estimated_node is not None:
-            description = (f"the automatic estimate {_transform_name(estimated_node)} (turns the "
+            description = (f"the automatic estimate {transform_name(estimated_node)} (turns the "
                            f"head by {estimated_node.GetAttribute('BrainLobeSeg.angleDeg')} degrees; "
                            "check it)")
         return SegmentationJob(
@@ -497,10 +251,18 @@ class BrainLobeSegLogic:
         The CT must be unchanged since :meth:`prepare` (same grid); otherwise the labels
         would not fit it and nothing is written. A refilled node gets its old content
         back if filling fails; a new node is removed.
+
+        An ``output_node`` that has left the scene (the user deleted it while the engine
+        ran) is not refilled, because a node outside the scene is lost with its content:
+        a new node with its name is added instead. Callers tell the user when the
+        returned node is not ``output_node``.
         """
         volume = job.volume_node
         scene = _scene_of_job(job)
         labels = sitk.GetArrayFromImage(result.labels_scan).astype(np.uint8, copy=False)
+        if output_node is not None and output_node.GetScene() is None:
+            name = name or output_node.GetName()
+            output_node = None
         if output_node is not None:
             backup = slicer.vtkSegmentation()
             backup.DeepCopy(output_node.GetSegmentation())
@@ -516,7 +278,7 @@ class BrainLobeSegLogic:
             try:
                 fill_segmentation(node, labels, volume)
             except Exception:
-                _remove_node(scene, node)
+                remove_node(scene, node)
                 raise
         node.SetAttribute("BrainLobeSeg.notice", NOTICE)
         node.SetAttribute("BrainLobeSeg.mode", str(getattr(result, "mode", job.mode)))
@@ -543,7 +305,7 @@ class BrainLobeSegLogic:
         The node lies on the CT's own grid under the CT's parent transform, so it
         overlays the CT as displayed; the CT must be unchanged since :meth:`prepare`.
         """
-        from . import slicer_tools, statistics
+        from . import statistics
         segmenter = self.segmenter(job.mode, job.model_dir, job.device, job.fusion)
         names = statistics.planar_names(segmenter)
         members = statistics.independent_members(result, names)
@@ -572,10 +334,9 @@ class BrainLobeSegLogic:
         window, flag threshold). The flagged regions and the notice are node attributes
         (``BrainLobeSeg.flagged``, ``BrainLobeSeg.notice``) for the caller to show.
         """
-        from . import slicer_tools
         if segmentation_node is None or segmentation_node.GetScene() is None:
             raise InputError("there is no segmentation to measure.", "Segment the CT first.")
-        _check_volume(volume_node)
+        check_volume(volume_node)
         if uncertainty_node is not None and uncertainty_node.GetScene() is None:
             uncertainty_node = None    # deleted by the user: measure without it
         report = slicer_tools.statistics_from_nodes(segmentation_node, volume_node,
@@ -627,7 +388,6 @@ class BrainLobeSegLogic:
         taken as upright). An explicit ``transform`` also overrides a job's ``R``.
         A segmentation made from another CT is refused. Returns the case name.
         """
-        from . import slicer_tools
         if isinstance(job_or_volume_node, SegmentationJob):
             job = job_or_volume_node
             _scene_of_job(job)
@@ -635,7 +395,7 @@ class BrainLobeSegLogic:
             R = transform if transform is not None else job.transform
         else:
             volume = job_or_volume_node
-            _check_volume(volume)
+            check_volume(volume)
             R = transform
         if segmentation_node is None or segmentation_node.GetScene() is None:
             raise InputError("there is no segmentation to save.", "Segment the CT first.")
@@ -759,39 +519,3 @@ def describe_models(model_dir: Optional[os.PathLike] = None) -> List[str]:
         except (OSError, ValueError, AttributeError):
             lines.append(f"{folder.name} (unreadable model.json)")
     return lines
-
-
-def _remove_node(scene, node) -> None:
-    """Remove a node and the display/storage nodes it created."""
-    for i in range(node.GetNumberOfDisplayNodes() - 1, -1, -1):
-        display = node.GetNthDisplayNode(i)
-        if display is not None:
-            scene.RemoveNode(display)
-    scene.RemoveNode(node)
-
-
-def labels_from_segmentation(segmentation_node, volume_node) -> np.ndarray:
-    """The segmentation's region labels as a ``(k, j, i)`` uint8 array on the volume grid.
-
-    Read back segment by segment through ``vtkSegmentation`` (no temporary nodes), using
-    each segment's ID to find its region. Used by tests and the self-test to compare a
-    node with the engine's labels voxel for voxel.
-    """
-    dims = volume_node.GetImageData().GetDimensions()
-    out = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
-    segmentation = segmentation_node.GetSegmentation()
-    for r in regions.REGIONS:
-        sid = SEGMENT_ID_FORMAT.format(label=r.label)
-        if segmentation.GetSegment(sid) is None:
-            continue
-        mask = slicer.vtkOrientedImageData()
-        segmentation_node.GetBinaryLabelmapRepresentation(sid, mask)
-        if mask.IsEmpty():
-            continue
-        resampled = slicer.vtkOrientedImageData()
-        reference = labelmap_on_volume_grid(out, volume_node)
-        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            mask, reference, resampled)
-        arr = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(out.shape)
-        out[arr > 0] = r.label
-    return out

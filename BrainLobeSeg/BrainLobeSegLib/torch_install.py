@@ -13,6 +13,7 @@ without Slicer.
 from __future__ import annotations
 
 import importlib
+import logging
 import platform
 import shutil
 import subprocess
@@ -43,6 +44,30 @@ def nvidia_gpu_present(timeout_s: float = 5.0) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and "GPU" in out.stdout
+
+
+def pytorch_utils_logic():
+    """The PyTorch extension's ``PyTorchUtilsLogic`` (the preferred installer), or None
+    when that extension is not installed and pip is used instead."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        return None
+    return PyTorchUtils.PyTorchUtilsLogic()
+
+
+def install_without_asking() -> bool:
+    """Install torch with the PyTorch extension without asking (self-tests on CI
+    machines, as other extensions' tests do); True if torch imports afterwards. A
+    failure is logged; without the extension nothing is installed."""
+    installer = pytorch_utils_logic()
+    try:
+        if installer is not None:
+            installer.installTorch(askConfirmation=False)
+    except Exception as exc:
+        logging.warning("BrainLobeSeg: PyTorch could not be installed (%s)", exc)
+    importlib.invalidate_caches()
+    return torch_available()
 
 
 def pip_arguments(gpu: bool, system: Optional[str] = None) -> List[str]:

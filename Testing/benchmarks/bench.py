@@ -509,15 +509,11 @@ def make_bench_scan(folder: Path, size: Sequence[int], spacing: Optional[Sequenc
 
 
 def make_tiny_models(folder: Path, spacing_3d: float, spacing_planar: float) -> Path:
-    """Random tiny models (Testing/conftest.py's ``make_tiny_model``), for development and
-    the smoke test before the bundled models exist."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_bench_conftest", REPO / "Testing" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    mod.make_tiny_model(folder / "tiny-3d", "3d", spacing=spacing_3d)
-    mod.make_tiny_model(folder / "tiny-planar", "planar", spacing=spacing_planar)
+    """Random tiny models (the engine's ``models.make_tiny_model``, as the tests use), for
+    development and the smoke test before the bundled models exist."""
+    from BrainLobeSegLib.models import make_tiny_model
+    make_tiny_model(folder / "tiny-3d", "3d", spacing=spacing_3d)
+    make_tiny_model(folder / "tiny-planar", "planar", spacing=spacing_planar)
     return folder
 
 

@@ -1,0 +1,233 @@
+"""``BrainLobeSeg.py`` itself, run on real MRML: the self-test as ctest runs it, and the
+Widget's wiring.
+
+Slicer's application is not available here, so only what needs Qt or the application is
+stood in for, by small fakes installed in ``sys.modules`` for the test's duration:
+``qt``, ``slicer.i18n`` (translation needs the application), ``slicer.ScriptedLoadableModule``
+(Qt widgets), ``slicer.parameterNodeWrapper`` (its GUI connectors are Qt), ``slicer.app``
+and the Widget's ``ui`` widgets (mocks). The scene, volumes, transforms, segmentations,
+colour tables and the terminology logic are the real classes of the ``slicer-core``
+wheel, and the engine runs for real with tiny models.
+
+- ctest registers the module with ``slicer_add_python_unittest``, which loads the
+  ``test_`` methods with ``unittest.TestLoader`` (``setUp`` and each method, never
+  ``runTest``): the self-test must pass that way, and skip, not fail, without PyTorch.
+- Reload & Test calls ``runTest``: without PyTorch it logs and returns.
+- ``cleanup()`` disconnects the GUI from the parameter node; the transform line is
+  refreshed when a transform is applied to the CT.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import sys
+import types
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import slicer
+import vtk
+
+from BrainLobeSegLib import regions, torch_install, transforms
+
+MODULE_PY = Path(__file__).resolve().parent.parent / "BrainLobeSeg" / "BrainLobeSeg.py"
+
+
+class FakeScriptedLoadableModuleTest(unittest.TestCase):
+    """Slicer's ScriptedLoadableModuleTest without the Qt message boxes."""
+
+    def delayDisplay(self, message, *args, **kwargs) -> None:
+        logging.info(message)
+
+
+class FakeScriptedLoadableModuleWidget:
+    def __init__(self, parent=None) -> None:
+        self.parent = parent
+
+    def onReload(self) -> None:
+        pass
+
+
+class FakeScriptedLoadableModuleLogic:
+    def __init__(self, parent=None) -> None:
+        self.moduleName = type(self).__name__[:-len("Logic")]
+
+
+class FakeScriptedLoadableModule:
+    def __init__(self, parent) -> None:
+        self.parent = parent
+
+
+class FakeApp:
+    """What the module asks of ``slicer.app``: connecting to startupCompleted()."""
+
+    def __init__(self) -> None:
+        self.connections = []
+
+    def connect(self, signal: str, slot) -> None:
+        self.connections.append((signal, slot))
+
+    def testingEnabled(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def module(monkeypatch):
+    """BrainLobeSeg.py imported against a real scene, with the Qt side faked."""
+    scene = slicer.vtkMRMLScene()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    fakes = {
+        "qt": types.ModuleType("qt"),
+        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls),
+        "slicer.ScriptedLoadableModule": types.SimpleNamespace(
+            ScriptedLoadableModule=FakeScriptedLoadableModule,
+            ScriptedLoadableModuleWidget=FakeScriptedLoadableModuleWidget,
+            ScriptedLoadableModuleLogic=FakeScriptedLoadableModuleLogic,
+            ScriptedLoadableModuleTest=FakeScriptedLoadableModuleTest),
+    }
+    for name, fake in fakes.items():
+        monkeypatch.setitem(sys.modules, name, fake)
+    for name in ("BrainLobeSegLib.parameters", "BrainLobeSegLib.slicer_views", "BrainLobeSeg"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", FakeApp(), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
+        terminologies=types.SimpleNamespace(logic=lambda: terminologies)), raising=False)
+    # the colour table Slicer's colour logic loads from Inferno.txt (the wheel has no files)
+    inferno = slicer.vtkMRMLColorTableNode()
+    inferno.SetSingletonTag("FileInferno.txt")
+    scene.AddNode(inferno)
+    spec = importlib.util.spec_from_file_location("BrainLobeSeg", MODULE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "BrainLobeSeg", mod)
+    spec.loader.exec_module(mod)
+    yield mod
+    mod.BrainLobeSegTest.tearDownClass()
+    sys.modules.pop("BrainLobeSegLib.parameters", None)   # built against the fakes
+
+
+def start_slicer(module) -> None:
+    """What Slicer does at start-up: create the module, then emit startupCompleted()."""
+    module.BrainLobeSeg(types.SimpleNamespace())
+    for signal, slot in slicer.app.connections:
+        if signal == "startupCompleted()":
+            slot()
+
+
+def run_loader(module) -> unittest.TestResult:
+    suite = unittest.TestLoader().loadTestsFromTestCase(module.BrainLobeSegTest)
+    return unittest.TextTestRunner(stream=io.StringIO(), verbosity=2).run(suite)
+
+
+def test_self_test_passes_under_unittest_loader(module):
+    """ctest's way: every test_ method after setUp, no runTest; the fixtures (tiny models,
+    phantom) are made on demand and removed by tearDownClass. This also checks, through
+    the self-test, that start-up registered the terminology context."""
+    start_slicer(module)
+    result = run_loader(module)
+    problems = [f"{t}: {e}" for t, e in result.failures + result.errors]
+    assert result.wasSuccessful(), "\n".join(problems)
+    assert result.testsRun == 4 and not result.skipped
+    assert module.BrainLobeSegTest._tmp is None
+
+
+def test_without_torch_the_loader_skips_and_run_test_logs(module, monkeypatch, caplog):
+    """No PyTorch: under the loader the tests needing a model are skipped (the one that
+    needs none still runs); Reload & Test (runTest) logs and returns instead of failing."""
+    monkeypatch.setattr(torch_install, "torch_available", lambda: False)
+    monkeypatch.setattr(torch_install, "install_without_asking", lambda: False)
+    start_slicer(module)
+    result = run_loader(module)
+    assert result.wasSuccessful() and len(result.skipped) == 3 and result.testsRun == 4
+    with caplog.at_level(logging.WARNING):
+        assert module.BrainLobeSegTest().runTest() is None
+    assert "did not run" in caplog.text
+
+
+class FakeParameterNode:
+    """The parameter node as the Widget sees it (parameterNodeWrapper is Slicer-only):
+    attributes, connect/disconnectGui, and observers on a real scripted module node."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+        self.node = slicer.vtkMRMLScriptedModuleNode()
+        self.disconnected = None
+
+    def connectGui(self, ui):
+        return "gui-tag"
+
+    def disconnectGui(self, tag) -> None:
+        self.disconnected = tag
+
+    def AddObserver(self, event, callback, priority=0.0):
+        return self.node.AddObserver(event, callback, priority)
+
+    def RemoveObserver(self, tag) -> None:
+        self.node.RemoveObserver(tag)
+
+
+def make_widget(module, volume):
+    """A Widget as ``setup()`` leaves it, with mock Qt widgets, on the real scene."""
+    from BrainLobeSegLib import panel
+    widget = module.BrainLobeSegWidget()
+    widget.ui = mock.MagicMock()
+    widget.ui.modelPathLineEdit.currentPath = ""
+    widget.logic = module.BrainLobeSegLogic()
+    widget._session = panel.Session(widget.logic.core)
+    widget._watcher = panel.TransformWatcher(widget._updateGUI)
+    widget._timer = mock.MagicMock()
+    widget._parameterNode = FakeParameterNode(
+        inputVolume=volume, transformSource=module.TransformSource.PARENT, transformNode=None,
+        invertTransform=False, modelFolder="", outputSegmentation=None)
+    widget._parameterNodeGuiTag = "gui-tag"
+    widget.addObserver(widget._parameterNode, vtk.vtkCommand.ModifiedEvent, widget._updateGUI)
+    widget._sourceChosenFor = volume       # the user has chosen "the CT's own transform"
+    return widget
+
+
+def test_transform_line_follows_a_transform_applied_to_the_ct(module):
+    """The defect: applying a transform to the CT in the Data module does not modify the
+    parameter node, so the line kept saying "no transform". The Widget now observes the
+    CT; the line changes when the transform is applied and again when it is edited."""
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    widget = make_widget(module, volume)
+    widget._updateGUI()
+    assert "no parent transform" in widget.ui.transformInfoLabel.text
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "upright")
+    volume.SetAndObserveTransformNodeID(node.GetID())          # Data module: apply it
+    assert "'upright'" in widget.ui.transformInfoLabel.text
+    assert "0.0 degrees" in widget.ui.transformInfoLabel.text
+    R = transforms.rotation((0.0, 0.0, 12.0), center=(0.0, 0.0, 0.0))
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(transforms.slicer_to_parent_ras(R)))
+    assert "12.0 degrees" in widget.ui.transformInfoLabel.text
+
+
+def test_cleanup_disconnects_the_gui_and_observes_nothing(module):
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    widget = make_widget(module, volume)
+    widget._updateGUI()
+    parameters = widget._parameterNode
+    assert widget._watcher.Observations
+    widget.cleanup()
+    assert parameters.disconnected == "gui-tag"
+    assert widget._parameterNode is None and widget._parameterNodeGuiTag is None
+    assert not widget._watcher.Observations and not widget.Observations
+    text = widget.ui.transformInfoLabel.text
+    volume.SetAndObserveTransformNodeID(
+        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "later").GetID())
+    assert widget.ui.transformInfoLabel.text is text           # no longer updated
+
+
+def test_terminology_is_registered_when_slicer_has_started(module):
+    start_slicer(module)
+    names = vtk.vtkStringArray()
+    slicer.modules.terminologies.logic().GetLoadedTerminologyNames(names)
+    assert regions.TERMINOLOGY_CONTEXT in [names.GetValue(i) for i in range(names.GetNumberOfValues())]
