@@ -1,4 +1,5 @@
-# Developer shortcuts. `make bench ATLAS=../shared/data` adds the atlas baseline;
+# Developer shortcuts. `make bench ATLAS=atlas` adds the atlas baseline (the atlas folder
+# is laid out as docs/DESIGN.md section 5.2 describes);
 # BENCH_ARGS passes more options (see `python -m Testing.benchmarks.bench --help`),
 # e.g. BENCH_ARGS="--modes 3d --repeat 3" or BENCH_ARGS="--tiny-models".
 PYTHON ?= python

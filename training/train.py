@@ -47,7 +47,7 @@ DEFAULTS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True,
-                   help="dataset folder(s) in the DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
+                   help="dataset folder(s) in the docs/DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights)")
     p.add_argument("--kind", choices=("planar", "3d", "both"), default="both")
     p.add_argument("--iterations", type=int, default=None, help="per network (default per kind)")

@@ -87,7 +87,7 @@ def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optiona
     if os.path.isdir(scan) and not _is_dicom_folder(scan):
         if transform:
             raise InputError("--transform cannot be used with a folder of cases.",
-                             "Put each case's transform next to it as N.txt (DESIGN.md layout).")
+                             "Put each case's transform next to it as N.txt (docs/DESIGN.md layout).")
         from .dataset import list_cases
         return [(c.name, str(c.image_path), str(c.transform_path) if c.transform_path else None)
                 for c in list_cases(scan)]

@@ -1,4 +1,4 @@
-"""The dataset layout of DESIGN.md section 2, read and written in one place.
+"""The dataset layout of docs/DESIGN.md section 2, read and written in one place.
 
 A dataset is a folder of cases::
 

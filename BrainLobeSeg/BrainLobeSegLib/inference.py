@@ -1,4 +1,4 @@
-"""Prediction: one data flow from a scan to labels on the scan grid (DESIGN.md section 3).
+"""Prediction: one data flow from a scan to labels on the scan grid (docs/DESIGN.md section 3).
 
     head_box -> upright_resample -> normalise_intensity -> predict_planar / predict_3d
     -> fuse_probabilities -> clean_probabilities -> labels_from_probabilities -> labels_to_scan

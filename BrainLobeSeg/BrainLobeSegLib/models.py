@@ -44,7 +44,7 @@ _REQUIRED = {"format": int, "name": str, "version": str, "kind": str, "architect
 
 @dataclass
 class ModelCard:
-    """What ``model.json`` holds. See DESIGN.md section 4."""
+    """What ``model.json`` holds. See docs/DESIGN.md section 4."""
 
     name: str
     version: str

@@ -361,7 +361,7 @@ def labels_scan_to_upright(labels_scan: sitk.Image, scan: sitk.Image,
     """Scan-grid labels -> the ``N-seg`` layout (upright space, the scan's grid).
 
     Upright point p shows scan point R(p), so ``seg_upright = Resample(labels_scan, scan,
-    R, nearest)``, exactly how DESIGN.md resamples the CT into the upright space.
+    R, nearest)``, exactly how docs/DESIGN.md resamples the CT into the upright space.
     """
     _check_same_grid(scan, labels_scan, "label image")
     return sitk.Resample(sitk.Cast(labels_scan, sitk.sitkUInt8), scan, transform,

@@ -15,7 +15,7 @@ For each scan (a file or a DICOM folder; several may be given):
 The unturned scan is segmented without a transform too (the automatic pose), as a
 clinician without an ITK-SNAP file would. Printed numbers only; nothing is asserted.
 
-    python Testing/benchmarks/label_free_check.py ../shared/data/real-ct/dcm_qa_ct-GE \\
+    python Testing/benchmarks/label_free_check.py atlas/real-ct/dcm_qa_ct-GE \\
         --montage Testing/benchmarks/real-ct-overlay.png
 """
 

@@ -1,0 +1,64 @@
+"""The documentation stays inside the repository and matches the code.
+
+The design document lives in ``docs/DESIGN.md``; README.md, training/README.md and every
+``--help`` text refer to it by that path, and none refers to a folder outside the
+repository (the atlases are described, with their sources and licences, in
+docs/DESIGN.md section 5, and laid out by the user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+
+from BrainLobeSegLib import cli
+from training.__main__ import build_parser as training_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "training/README.md", "docs/DESIGN.md"]
+
+
+def subparsers(parser: argparse.ArgumentParser, prefix: str) -> Iterator[Tuple[str, argparse.ArgumentParser]]:
+    """(command line, parser) of a parser and each of its sub-commands."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+
+
+def all_parsers() -> List[Tuple[str, argparse.ArgumentParser]]:
+    return list(subparsers(cli.build_parser(), "brainlobeseg")) + \
+        list(subparsers(training_parser(), "python -m training"))
+
+
+def test_design_document_is_in_the_repository():
+    text = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    for heading in ("## 1. The 20 regions", "## 2. Dataset layout and the transform convention",
+                    "## 3. Architecture and data flow", "## 4. Models and the model card",
+                    "## 5. Atlases", "### 5.2 Laying out the `--atlas-dir` folder",
+                    "### 5.3 The bundled upright reference head", "## 6. Performance targets"):
+        assert heading in text, heading
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_docs_point_inside_the_repository(name):
+    text = (ROOT / name).read_text(encoding="utf-8")
+    assert "../shared" not in text and "INDEX.md" not in text
+    for match in re.finditer(r"[\w./-]*DESIGN\.md", text):
+        assert match.group(0) in ("docs/DESIGN.md", "../docs/DESIGN.md", "DESIGN.md") and (
+            name == "docs/DESIGN.md" or match.group(0) != "DESIGN.md"), (name, match.group(0))
+    for target in re.findall(r"\]\(([^)#]+)\)", text):      # relative markdown links resolve
+        if "://" not in target:
+            assert ((ROOT / name).parent / target).exists(), (name, target)
+
+
+@pytest.mark.parametrize("command,parser", all_parsers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_help_points_inside_the_repository(command, parser):
+    text = parser.format_help()
+    assert "../shared" not in text and "INDEX.md" not in text, command
+    assert not re.search(r"(?<!docs/)DESIGN\.md", text), command
