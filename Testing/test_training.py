@@ -99,3 +99,66 @@ def test_init_from_an_exported_model_starts_from_its_weights(phantom_dataset, tm
     planar = ["train", "--data", str(phantom_dataset), "--kind", "planar", "--device", "cpu", *TINY]
     assert training_main(planar + ["--out", str(tmp_path / "bad"), "--iterations", "1",
                                    "--init-from", str(out / "aspects-3d")]) == 2
+
+
+def _tree(folder: Path) -> dict:
+    """Every file of a folder with its bytes, to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_run_is_refused_unless_resume_or_overwrite(phantom_dataset, tmp_path, capsys):
+    """Training into a run folder again without --resume used to replace its weights and
+    config.json silently; now it is refused with one line naming both ways out, and the
+    folder is left byte for byte. --overwrite starts again: a fresh log, new weights."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(phantom_dataset), "--out", str(run), "--kind", "3d", "--device", "cpu",
+            "--iterations", "2", *TINY]
+    assert training_main(args) == 0
+    before = _tree(run)
+    capsys.readouterr()
+    assert training_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a training run" in err[0]
+    assert "--resume" in err[0] and "--overwrite" in err[0]
+    assert _tree(run) == before
+    assert training_main(args + ["--resume", "--overwrite"]) == 2
+    assert training_main(args + ["--overwrite", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "removed the earlier run's" in out
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len([e for e in log if e.get("event") == "start"]) == 1
+    assert (run / "unet3d.pt").read_bytes() != before["unet3d.pt"]
+
+
+def test_a_failed_run_leaves_no_run_folder(tmp_path, capsys):
+    """A dataset without labels stops the run with one line (exit 2) and the run folder
+    it had created is gone; a non-empty folder that is no run is refused untouched."""
+    unlabelled = tmp_path / "scans"
+    case = phantom.make_scan(size=(40, 40, 20), spacing=(5.0, 5.0, 8.0), seed=1)
+    from BrainLobeSegLib import dataset
+    dataset.write_case(unlabelled, case.ct, None, transform=case.transform, name="1")
+    run = tmp_path / "runs" / "new"
+    assert training_main(["train", "--data", str(unlabelled), "--out", str(run), "--kind", "3d",
+                          "--device", "cpu", "--iterations", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "no labelled cases to train on" in err and "Traceback" not in err
+    assert not run.exists()
+    assert training_main(["train", "--data", str(unlabelled), "--out", str(unlabelled), "--kind", "3d",
+                          "--device", "cpu", "--iterations", "1", *TINY]) == 2
+    assert "is not empty and holds no training run" in capsys.readouterr().err
+    assert sorted(p.name for p in unlabelled.iterdir()) == ["1.nii.gz", "1.txt"]
+
+
+def test_train_prints_human_progress_with_an_eta(phantom_dataset, tmp_path, capsys):
+    """stdout has one human line per logged step with the time left (the network's and the
+    run's) and a closing line with the next command; the JSON log stays in the run folder."""
+    run = tmp_path / "run"
+    assert training_main(["train", "--data", str(phantom_dataset), "--out", str(run), "--kind", "3d",
+                          "--device", "cpu", *TINY, "--iterations", "4", "--log-every", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    progress = [line for line in out if line.startswith("unet3d (1/1): iteration")]
+    assert len(progress) == 2 and all("ETA" in line and "for the run" in line for line in progress)
+    assert not [line for line in out if line.lstrip().startswith("{")]
+    assert out[-1].startswith("done in ") and f"python -m training export --run {run}" in out[-1]
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["iteration"] for e in logged if e.get("network") == "unet3d" and "loss" in e] == [2, 4]
