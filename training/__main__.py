@@ -15,6 +15,7 @@ import sys
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Union
 
+from BrainLobeSegLib.console import quiet_on_closed_pipe
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR, InputError
 
 #: command -> one-line help (the module is ``training.<command>``).
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m training``; quiet when the reader of its output goes away."""
+    return quiet_on_closed_pipe(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

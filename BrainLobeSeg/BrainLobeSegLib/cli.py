@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, geometry, imageio, models, output, regions, transforms
+from . import __version__, console, geometry, imageio, models, output, regions, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
@@ -229,14 +229,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     folders = models.list_model_folders(args.model)
+    if args.json:   # one JSON document (a list of cards with their folders), even if empty
+        print(json.dumps([{"folder": str(f), **models.read_card(f).to_json()} for f in folders], indent=2))
     if not folders:
-        print(f"no models in {args.model or models.bundled_models_dir()}")
+        print(f"no models in {args.model or models.bundled_models_dir()}", file=sys.stderr)
         return EXIT_NO_MODELS
-    for folder in folders:
+    for folder in folders if not args.json else []:
         card = models.read_card(folder)
-        if args.json:
-            print(json.dumps(card.to_json(), indent=2))
-            continue
         dice = card.metrics.get("mean_dice")
         print(f"{card.name} {card.version} [{card.kind}] at {folder}\n"
               f"  {card.description}\n"
@@ -279,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the bundled models and their cards")
     m.add_argument("--model", type=Path, default=None, help="folder of model folders")
-    m.add_argument("--json", action="store_true", help="print the full cards")
+    m.add_argument("--json", action="store_true",
+                   help="print the full cards as one JSON list (each card with its folder)")
     m.set_defaults(func=cmd_models)
     _register_extensions(sub)
     return p
@@ -308,6 +308,11 @@ def _register_extensions(sub) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``brainlobeseg`` command; quiet when the reader of its output goes away."""
+    return console.quiet_on_closed_pipe(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
@@ -320,6 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (Cancelled, KeyboardInterrupt):
             print("brainlobeseg: cancelled; nothing was written.", file=sys.stderr)
             code = EXIT_CANCELLED
+        except BrokenPipeError:   # the reader went away (| head): main() ends quietly
+            raise
         except Exception as exc:  # a bug, not bad input: one line unless --debug
             if args.debug:
                 raise
