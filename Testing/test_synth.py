@@ -196,12 +196,18 @@ def test_deterministic_from_seed_and_index(atlas_dir, made, tmp_path):
         sitk.GetArrayViewFromImage(other[0]), sitk.GetArrayViewFromImage(a[0]))
 
 
-def test_existing_cases_are_kept_unless_overwrite(atlas_dir, made, capsys):
-    before = (made / "1.nii.gz").read_bytes()
-    code = training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(made), "-n", "1",
-                          "--seed", "6", *ARGS])
-    assert code == 2 and "already exists" in capsys.readouterr().err
-    assert (made / "1.nii.gz").read_bytes() == before
+def test_existing_cases_are_kept_unless_overwrite(made, tmp_path, capsys):
+    """Taken case names are refused before the atlas is even looked at (here there is
+    none: the refusal still comes first), in one line that names the cases and both ways
+    on (--overwrite, or --first after the cases there)."""
+    before = {p.name: p.read_bytes() for p in made.iterdir()}
+    code = training_main(["synth", "--atlas-dir", str(tmp_path / "no-atlas"), "--out", str(made),
+                          "-n", "4", "--seed", "6", *ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "already holds cases 1, 2, 3 of the 4 this run would write" in err[0]
+    assert "--overwrite" in err[0] and "--first 3 to add cases 4-7" in err[0]
+    assert {p.name: p.read_bytes() for p in made.iterdir()} == before
 
 
 def test_overlaps_follow_the_documented_priority():

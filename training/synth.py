@@ -1511,12 +1511,29 @@ def _write_manifest(folder: Path, args: argparse.Namespace, prof: Profile, new: 
     os.replace(tmp, path)
 
 
+def check_free(out: Path, first: int, n: int, overwrite: bool) -> None:
+    """Refuse, before the atlas is read (seconds) and before anything is written, a run
+    whose case names are taken in ``out``, and say both ways on: ``--overwrite`` or a
+    ``--first`` after the cases that are there."""
+    if overwrite or not Path(out).is_dir():
+        return
+    taken = [str(i + 1) for i in range(first, first + n) if dataset.existing_case_files(out, str(i + 1))]
+    if taken:
+        shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+        after = int(dataset.next_case_name(out)) - 1
+        raise InputError(f"{out} already holds case{'s' if len(taken) > 1 else ''} {shown} of the "
+                         f"{n} this run would write; nothing was written.",
+                         f"Add --overwrite to replace them, or --first {after} to add cases "
+                         f"{after + 1}-{after + n} after them (or give another --out).")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.first < 0:
         raise InputError("-n must be at least 1 and --first not negative.", "Check the options.")
     if args.inplane < 16:
         raise InputError(f"--inplane {args.inplane} is too small.", "Use 16 or more (512 is clinical).")
     prof = profile_from_args(args)
+    check_free(args.out, args.first, args.n, args.overwrite)
     t0 = time.perf_counter()
     atlas = load_atlas(str(args.atlas_dir))
     args.out.mkdir(parents=True, exist_ok=True)
