@@ -62,3 +62,35 @@ def test_a_closed_pipe_ends_quietly(command, tiny_models):
     assert proc.stderr == "" and proc.returncode in (0, EXIT_CLOSED_PIPE), proc.stderr
     if "models" in command:
         assert proc.returncode == EXIT_CLOSED_PIPE
+
+
+# --------------------------------------------------------------------------- --force on a non-CT
+
+def test_force_on_a_non_ct_warns_and_records_it(tmp_path, tiny_models, capsys):
+    """`--force` keeps a non-CT segmentable, but no longer silently: one warning line on
+    stderr, and the warning travels with the results (`<case>-warnings.txt` for segment,
+    `warnings` in the stats JSON)."""
+    from test_robustness import mr_like, write
+    scan = write(mr_like(), tmp_path / "mr.nii.gz")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["segment", str(scan), "--assume-upright", "--force", "--model",
+                            str(tiny_models), "-o", str(out)], capsys)
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("brainlobeseg: warning: mr:")]
+    assert len(lines) == 1 and "does not look like a CT" in lines[0] and "--force" in lines[0]
+    recorded = (out / "mr-warnings.txt").read_text(encoding="utf-8")
+    assert "does not look like a CT" in recorded and "regions are likely meaningless" in recorded
+    code, _, err = run_cli(["stats", str(scan), "--assume-upright", "--force", "--mode", "3d",
+                            "--model", str(tiny_models), "-o", str(tmp_path / "stats")], capsys)
+    assert code == 0 and "does not look like a CT" in err
+    report = json.loads((tmp_path / "stats" / "mr-stats.json").read_text(encoding="utf-8"))
+    assert any("does not look like a CT" in w for w in report["warnings"])
+
+
+def test_a_ct_gets_no_warnings_file(tmp_path, tiny_models, capsys):
+    from test_robustness import head_image, write
+    scan = write(head_image(), tmp_path / "ct.nii.gz")
+    code, _, err = run_cli(["segment", str(scan), "--assume-upright", "--mode", "3d", "--model",
+                            str(tiny_models), "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and "warning" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(cli.output_names("ct"))

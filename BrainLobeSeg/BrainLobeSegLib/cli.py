@@ -132,23 +132,41 @@ def check_output_folder(path: str) -> None:
                          "Give a folder for -o (it is created if missing).")
 
 
+def warnings_name(case: str) -> str:
+    """The file that records a case's warnings next to its results (only when it has any)."""
+    return f"{case}-warnings.txt"
+
+
+def write_warnings(messages: Sequence[str], path: str) -> None:
+    """The warnings of a case as text, one per line: a result made from doubtful input
+    (``--force`` on a non-CT, an untrustworthy model) carries that with it."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("".join(f"warning: {m}\n" for m in messages))
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from . import alignment
     check_output_folder(args.output)
     cases = _inputs(args.scan, args.transform)
-    segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
+    with console.case_warnings() as model_warnings:
+        segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
     failed = 0
     for name, scan_path, tf_path in cases:
         bar = ProgressBar(name)
         try:
             t0 = time.perf_counter()
-            _, result, pose = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
-                                           args.force, bar, args.assume_upright)
-            estimated = name + alignment.ESTIMATED_SUFFIX
-            extra = None
-            if pose.estimate is not None:
-                extra = lambda o: transforms.write_transform(o.path(estimated), pose.transform)  # noqa: E731
-            files = write_outputs(result, args.output, name, extra=extra)
+            with console.case_warnings(name) as case_warnings:
+                _, result, pose = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
+                                               args.force, bar, args.assume_upright)
+                estimated = name + alignment.ESTIMATED_SUFFIX
+                noted = model_warnings.messages + case_warnings.messages
+
+                def extra(o: output.OutputSet) -> None:
+                    if pose.estimate is not None:
+                        transforms.write_transform(o.path(estimated), pose.transform)
+                    if noted:
+                        write_warnings(noted, o.path(warnings_name(name)))
+                files = write_outputs(result, args.output, name, extra=extra)
         except InputError as exc:
             if len(cases) == 1:
                 raise

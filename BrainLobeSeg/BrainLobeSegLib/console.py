@@ -1,8 +1,9 @@
 """What the command-line front ends share: help texts that show defaults, quiet exit on
-a closed pipe, and how much they print (``--quiet`` / ``--verbose``).
+a closed pipe, how much they print (``--quiet`` / ``--verbose``), and warnings that are
+both printed and kept for the results they concern.
 
 Used by ``brainlobeseg`` (:mod:`cli`) and ``python -m training``, so both behave alike.
-Only the standard library is imported.
+Only the standard library (and :mod:`errors`) is imported.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import contextlib
 import io
 import os
 import sys
-from typing import Callable, Iterator
+import warnings
+from typing import Callable, Iterator, List
+
+from .errors import InputWarning
 
 #: Exit status after the reader of stdout went away (``brainlobeseg models | head -1``):
 #: 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe.
@@ -69,3 +73,37 @@ def quiet_stdout(enabled: bool) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+class CaseWarnings:
+    """The :class:`InputWarning` messages raised while one case (or one model load) was
+    processed; ``messages`` grows while the block runs, so results written inside it can
+    record them."""
+
+    def __init__(self, caught: list) -> None:
+        self._caught = caught
+
+    @property
+    def messages(self) -> List[str]:
+        return [str(w.message) for w in self._caught if issubclass(w.category, InputWarning)]
+
+
+@contextlib.contextmanager
+def case_warnings(label: str = "", prog: str = "brainlobeseg") -> Iterator[CaseWarnings]:
+    """Collect the input warnings of a block and print each as one line on stderr when the
+    block ends (``prog: warning: label: message``), whether it succeeded or not.
+
+    Other warnings are passed on unchanged. Used per case so that a batch run says which
+    case a warning is about, and so that the case's outputs can record it.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        log = CaseWarnings(caught)
+        try:
+            yield log
+        finally:
+            others = [w for w in caught if not issubclass(w.category, InputWarning)]
+    for message in log.messages:
+        print(f"{prog}: warning: {label + ': ' if label else ''}{message}", file=sys.stderr)
+    for w in others:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)

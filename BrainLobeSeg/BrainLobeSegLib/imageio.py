@@ -340,11 +340,16 @@ def check_voxel_count(size: Sequence[int], components: int = 1, name: str = "the
                          "slices first.")
 
 
+class NotCTWarning(InputWarning):
+    """``--force`` let through an image whose intensities are not those of a CT in HU."""
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
-    ``force`` skips only the intensity check (for a CT stored with an unusual offset);
-    the structural checks (dimension, components, size, NaN) always apply.
+    ``force`` turns the intensity check into a :class:`NotCTWarning` (for a CT stored with
+    an unusual offset); the structural checks (dimension, components, size, NaN) always
+    apply. Front ends print the warning and record it with the results.
     """
     dim = image.GetDimension()
     if dim != 3:
@@ -368,14 +373,17 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
         bad = int((~np.isfinite(arr)).sum())
         raise InputError(f"{name} contains {bad} NaN or infinite voxel values.",
                          "Fix or re-export the scan; a CT has finite HU everywhere.")
-    if force:
-        return
     sample = arr[:: max(1, arr.shape[0] // 24)].ravel()[::7]
     lo, hi = np.percentile(sample, [1, 99.9])
     if lo > _AIR_HU_MAX or hi < _BONE_HU_MIN:
-        raise InputError(f"{name} does not look like a CT in Hounsfield units (1st percentile "
-                         f"{lo:.0f}, 99.9th {hi:.0f}; a head CT has air near -1000 and bone above "
-                         f"{_BONE_HU_MIN:.0f}).",
+        problem = (f"{name} does not look like a CT in Hounsfield units (1st percentile "
+                   f"{lo:.0f}, 99.9th {hi:.0f}; a head CT has air near -1000 and bone above "
+                   f"{_BONE_HU_MIN:.0f})")
+        if force:   # kept possible, but never silent: the regions are likely meaningless
+            warnings.warn(NotCTWarning(f"{problem}; segmented anyway because of --force, so the "
+                                       "regions are likely meaningless."), stacklevel=2)
+            return
+        raise InputError(problem + ".",
                          "Give a non-contrast head CT in HU (not MR, not a display-scaled image), "
                          "or pass --force if you are sure it is one.")
 

@@ -409,10 +409,18 @@ def _pose(args: argparse.Namespace, scan: sitk.Image):
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .console import case_warnings
+    from . import imageio
+    case = imageio.strip_image_suffix(args.scan)
+    with case_warnings(case) as noted:
+        return _stats_case(args, case, noted)
+
+
+def _stats_case(args: argparse.Namespace, case: str, noted) -> int:
+    """``stats`` of one scan; ``noted`` collects its warnings, which the JSON records."""
     from . import cli, imageio, output, transforms
     scan = imageio.read_scan(args.scan)
     imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
-    case = imageio.strip_image_suffix(args.scan)
     settings = dict(window_hu=tuple(args.window), threshold_hu=args.threshold)
     with output.OutputSet(args.output) as out:
         if args.labels:
@@ -448,6 +456,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(args.scan)
+        report.extra["warnings"] = noted.messages
         _write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
         _write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
         files = out.commit()
