@@ -62,3 +62,19 @@ def test_help_points_inside_the_repository(command, parser):
     text = parser.format_help()
     assert "../shared" not in text and "INDEX.md" not in text, command
     assert not re.search(r"(?<!docs/)DESIGN\.md", text), command
+
+
+def options(parser: argparse.ArgumentParser) -> List[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
+
+
+@pytest.mark.parametrize("command,parser", all_parsers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_option_has_help_with_its_default(command, parser):
+    """Every option says what it does, and the help shows the default of each option that
+    has one (argparse's defaults formatter, or the help text's own words)."""
+    for action in options(parser):
+        assert action.help, f"{command} {action.option_strings[0]} has no help text"
+        if action.default not in (None, False):
+            formatted = parser.formatter_class(prog="x")._get_help_string(action)
+            assert "default" in formatted.lower(), (command, action.option_strings[0])
+    assert "(default: None)" not in parser.format_help()

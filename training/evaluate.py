@@ -669,10 +669,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a model folder or a folder of model folders (default: the bundled models)")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: training/reports/<data folder name>)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when PyTorch sees a GPU, else cpu")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N labelled cases only")
     p.add_argument("--overlays", type=int, default=3, help="cases that get overlay pictures")
-    p.add_argument("--fusion", choices=inference.FUSIONS, default="mean")
+    p.add_argument("--fusion", choices=inference.FUSIONS, default="mean",
+                   help="how the planar networks are fused: mean probability or majority vote")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--refine-mm", type=float, default=DEFAULT_REFINE_MM,
                    help="spacing the fused labels are refined to (0: none), as in the extension")

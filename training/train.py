@@ -50,20 +50,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help="dataset folder(s) in the docs/DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights)")
-    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both")
-    p.add_argument("--iterations", type=int, default=None, help="per network (default per kind)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm")
-    p.add_argument("--base-features", type=int, default=None)
-    p.add_argument("--loss", choices=LOSSES, default="dicece")
+    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both",
+                   help="planar: three 2D networks (axial, coronal, sagittal); 3d: one 3D network "
+                        "(the default mode of the extension); both")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"training iterations per network (default: planar "
+                        f"{DEFAULTS['planar']['iterations']}, 3d {DEFAULTS['3d']['iterations']})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per iteration (default: planar {DEFAULTS['planar']['batch']} "
+                        f"slices, 3d {DEFAULTS['3d']['batch']} patches)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate, cosine decay (default {DEFAULTS['3d']['lr']:g})")
+    p.add_argument("--spacing", type=float, default=None,
+                   help=f"model grid spacing in mm (default {DEFAULTS['3d']['spacing']:g})")
+    p.add_argument("--base-features", type=int, default=None,
+                   help=f"feature maps of the first U-Net level (default: planar "
+                        f"{DEFAULTS['planar']['base']}, 3d {DEFAULTS['3d']['base']})")
+    p.add_argument("--loss", choices=LOSSES, default="dicece",
+                   help="dicece: Dice + cross-entropy; tversky / tverskyce weigh false positives "
+                        "and negatives with --alpha/--beta")
     p.add_argument("--alpha", type=float, default=0.85, help="Tversky false-positive weight")
     p.add_argument("--beta", type=float, default=0.15, help="Tversky false-negative weight")
     p.add_argument("--folds", type=int, default=1, help="k for k-fold cross-validation (1: none)")
     p.add_argument("--fold", type=int, default=0, help="which fold is held out (0..k-1)")
     p.add_argument("--phantoms", type=int, default=0, help="code phantoms mixed into training")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when PyTorch sees a GPU (mixed precision), else cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the sampling and the fold split (a run is repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in a folder that holds an earlier run (its weights, checkpoints, "
@@ -71,13 +85,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL_DIR",
                    help="start from the weights of an exported model folder of the same kind and "
                         "architecture (e.g. a bundled model) instead of random ones (fine-tuning)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="iterations between checkpoints (what --resume continues from)")
+    p.add_argument("--log-every", type=int, default=25,
+                   help="iterations between progress lines and log.jsonl entries")
     p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="3D training crop in voxels")
+                   help=f"3D training crop in voxels (default {' '.join(map(str, DEFAULTS['3d']['patch']))})")
     p.add_argument("--canvas", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="planar training slice size in voxels")
-    p.add_argument("--threads", type=int, default=None)
+                   help=f"planar training slice size in voxels "
+                        f"(default {' '.join(map(str, DEFAULTS['planar']['canvas']))})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice, all cores)")
 
 
 # ----------------------------------------------------------------------------- sampling

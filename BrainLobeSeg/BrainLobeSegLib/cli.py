@@ -287,10 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="segment a built-in synthetic head CT (no data needed)")
     d.add_argument("-o", "--output", default="brainlobeseg-demo", help="output folder")
-    d.add_argument("--size", type=int, nargs=3, default=[512, 512, 110], metavar=("X", "Y", "Z"))
+    d.add_argument("--size", type=int, nargs=3, default=[512, 512, 110], metavar=("X", "Y", "Z"),
+                   help="voxels of the synthetic scan (a clinical 512 x 512 matrix by default; "
+                        "smaller sizes run faster)")
     d.add_argument("--angles", type=float, nargs=3, default=[8.0, -6.0, 10.0],
                    metavar=("RX", "RY", "RZ"), help="head tilt in degrees")
-    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None,
+                   help="a seed varies the head's size, shape and tissue densities "
+                        "(default: the canonical phantom)")
     _model_options(d)
     d.set_defaults(func=cmd_demo)
 
@@ -300,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the full cards as one JSON list (each card with its folder)")
     m.set_defaults(func=cmd_models)
     _register_extensions(sub)
-    return p
+    return console.use_help_formatter(p)
 
 
 def _model_options(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_MODE) -> None:
@@ -308,10 +312,12 @@ def _model_options(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_
                         help=f"model: planar (3 planes fused), 3d, or ensemble (default {default_mode})")
     parser.add_argument("--fusion", choices=FUSIONS, default="mean",
                         help="how the planar networks are fused: mean probability or majority vote")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when PyTorch sees a GPU, else cpu")
     parser.add_argument("--model", type=Path, default=None,
                         help="a model folder, or a folder of them (default: bundled models)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's choice, all cores)")
 
 
 def _register_extensions(sub) -> None:

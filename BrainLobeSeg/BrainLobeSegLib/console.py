@@ -36,6 +36,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def use_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and all its sub-commands :class:`HelpFormatter` (argparse does not
+    pass a parser's formatter on to the sub-parsers it makes)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_help_formatter(sub)
+    return parser
+
+
 def quiet_on_closed_pipe(main: Callable[[], int]) -> int:
     """Run a command's ``main``; if stdout (or stderr) was closed by the reader, stop
     without a traceback or an "internal error" line and return :data:`EXIT_CLOSED_PIPE`.
