@@ -82,24 +82,8 @@ def write_outputs(result: SegmentationResult, outdir: str, case: str,
                          "Free some space or choose another output folder with -o.") from None
 
 
-def _inputs(scan: str, transform: Optional[str]) -> List[Tuple[str, str, Optional[str]]]:
-    """(case name, scan path, transform path) for a file, a DICOM folder or a dataset folder."""
-    if os.path.isdir(scan) and not _is_dicom_folder(scan):
-        if transform:
-            raise InputError("--transform cannot be used with a folder of cases.",
-                             "Put each case's transform next to it as N.txt (docs/DESIGN.md layout).")
-        from .dataset import list_cases
-        return [(c.name, str(c.image_path), str(c.transform_path) if c.transform_path else None)
-                for c in list_cases(scan)]
-    return [(imageio.strip_image_suffix(scan), scan, transform)]
-
-
-def _is_dicom_folder(folder: str) -> bool:
-    return bool(imageio.dicom_series_ids(folder))
-
-
 def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[str], invert: bool,
-                 force: bool, progress, assume_upright: bool = False
+                 force: bool, progress, assume_upright: bool = False, keep_probabilities: bool = False
                  ) -> Tuple[sitk.Image, SegmentationResult, "alignment.PoseChoice"]:
     """Read and check one scan and its transform (estimated when there is none, see
     :func:`alignment.choose_pose`), then segment it."""
@@ -112,7 +96,8 @@ def segment_file(segmenter: Segmenter, scan_path: str, transform_path: Optional[
                                  progress=lambda f, m: progress(0.1 * f, f"pose: {m}"))
     start = 0.1 if pose.estimate is not None else 0.0
     result = segmenter.segment(scan, pose.transform,
-                               progress=lambda f, m: progress(start + (1.0 - start) * f, m))
+                               progress=lambda f, m: progress(start + (1.0 - start) * f, m),
+                               keep_probabilities=keep_probabilities)
     return scan, result, pose
 
 
@@ -144,40 +129,81 @@ def write_warnings(messages: Sequence[str], path: str) -> None:
         fh.write("".join(f"warning: {m}\n" for m in messages))
 
 
+def _case_outputs(name: str, outdir: str) -> List[str]:
+    """The result files of a case that mark it as done (either label-map suffix)."""
+    scan_names = [output_names(name, suffix)[0] for suffix in (".nii.gz", ".nrrd")]
+    done = [n for n in scan_names if os.path.exists(os.path.join(outdir, n))]
+    return done + [n for n in output_names(name)[1:] if os.path.exists(os.path.join(outdir, n))]
+
+
+def _segment_one(args: argparse.Namespace, segmenter: Segmenter, job, bar,
+                 model_warnings: console.CaseWarnings) -> Tuple[SegmentationResult, "alignment.PoseChoice", List[Path]]:
+    """Segment one case and write its files (with the preview, the uncertainty and the
+    warnings file when asked for or due) all together."""
+    from . import alignment, preview, statistics
+    with console.case_warnings(job.name) as case_warnings:
+        scan, result, pose = segment_file(segmenter, job.scan, job.transform, args.invert_transform,
+                                          args.force, bar, args.assume_upright,
+                                          keep_probabilities=args.uncertainty)
+        noted = model_warnings.messages + case_warnings.messages
+
+        def extra(o: output.OutputSet) -> None:
+            if pose.estimate is not None:
+                transforms.write_transform(o.path(job.name + alignment.ESTIMATED_SUFFIX), pose.transform)
+            if args.preview:
+                preview.write_preview(result, scan, pose.transform, o.path(f"{job.name}-overlay.png"))
+            if args.uncertainty:
+                unc, _ = statistics.uncertainty_volume(result, scan, pose.transform,
+                                                       statistics.planar_names(segmenter))
+                imageio.write_image_atomic(unc, o.path(f"{job.name}-uncertainty.nii.gz"))
+            if noted:
+                write_warnings(noted, o.path(warnings_name(job.name)))
+        stale = os.path.join(args.output, warnings_name(job.name))
+        files = write_outputs(result, args.output, job.name, extra=extra)
+        if not noted and os.path.exists(stale):   # an earlier run's warnings are not this one's
+            os.remove(stale)
+    return result, pose, files
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from . import alignment
+    from . import alignment, batch
     check_output_folder(args.output)
-    cases = _inputs(args.scan, args.transform)
+    jobs = batch.expand_inputs(args.scan, args.transform)
     with console.case_warnings() as model_warnings:
         segmenter = Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
-    failed = 0
-    for name, scan_path, tf_path in cases:
-        bar = ProgressBar(name)
+    if args.verbose:
+        for model in segmenter.models:
+            print(f"model: {model.card.name} {model.card.version} [{model.card.kind}] from {model.folder}")
+    failed = skipped = 0
+    for job in jobs:
+        done = _case_outputs(job.name, args.output)
+        if done and args.skip_existing:
+            skipped += 1
+            print(f"{job.name}: skipped, its results are in {args.output} (--skip-existing)")
+            continue
+        if done:
+            print(f"{job.name}: replacing its earlier results in {args.output}")
+        bar = ProgressBar(job.name, enabled=False if args.quiet else None)
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            with console.case_warnings(name) as case_warnings:
-                _, result, pose = segment_file(segmenter, scan_path, tf_path, args.invert_transform,
-                                               args.force, bar, args.assume_upright)
-                estimated = name + alignment.ESTIMATED_SUFFIX
-                noted = model_warnings.messages + case_warnings.messages
-
-                def extra(o: output.OutputSet) -> None:
-                    if pose.estimate is not None:
-                        transforms.write_transform(o.path(estimated), pose.transform)
-                    if noted:
-                        write_warnings(noted, o.path(warnings_name(name)))
-                files = write_outputs(result, args.output, name, extra=extra)
+            result, pose, files = _segment_one(args, segmenter, job, bar, model_warnings)
         except InputError as exc:
-            if len(cases) == 1:
+            if len(jobs) == 1:
                 raise
             failed += 1
-            print(f"brainlobeseg: {name}: {exc}", file=sys.stderr)
+            print(f"brainlobeseg: {job.name}: {exc}", file=sys.stderr)
             continue
-        print(pose_line(name, pose, os.path.join(args.output, estimated) if pose.estimate else None))
-        print(f"{name}: {result.mode} segmentation in {time.perf_counter() - t0:.1f} s -> "
+        estimated = os.path.join(args.output, job.name + alignment.ESTIMATED_SUFFIX)
+        print(pose_line(job.name, pose, estimated if pose.estimate else None))
+        print(f"{job.name}: {result.mode} segmentation in {time.perf_counter() - t0:.1f} s -> "
               + ", ".join(str(f) for f in files))
+        if args.verbose:
+            print(f"{job.name}: steps " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    if len(jobs) > 1:
+        print(f"{len(jobs) - failed - skipped} of {len(jobs)} cases segmented"
+              + (f", {skipped} skipped" if skipped else "") + (f", {failed} failed" if failed else ""))
     if failed:
-        print(f"brainlobeseg: {failed} of {len(cases)} cases failed (see above).", file=sys.stderr)
+        print(f"brainlobeseg: {failed} of {len(jobs)} cases failed (see above).", file=sys.stderr)
         return EXIT_INPUT_ERROR
     return 0
 
@@ -193,22 +219,14 @@ def dice_per_label(truth: np.ndarray, pred: np.ndarray) -> dict:
     return out
 
 
-def demo_overlay(result: SegmentationResult, scan: sitk.Image, transform, path: str) -> None:
-    """Two axial slices of the upright head (ganglionic and supraganglionic level) with
-    the labels over the CT, side by side."""
-    hu = geometry.upright_resample(scan, transform, result.grid)
-    lab = result.labels_grid
-    ganglionic = [r.label for r in regions.REGIONS if r.level == "ganglionic"]
-    supra = [r.label for r in regions.REGIONS if r.level == "supraganglionic"]
-    panels = []
-    for group in (ganglionic, supra):
-        counts = np.isin(lab, group).sum(axis=(1, 2))
-        z = int(np.argmax(counts)) if counts.any() else lab.shape[0] // 2
-        # rows run anterior->posterior, columns patient right->left: radiological view as is
-        panels.append(output.overlay_slice(hu[z], lab[z]))
-    picture = np.concatenate(panels, axis=1)
-    zoom = max(1, int(round(max(result.grid.spacing[:2]) / 0.5)))   # about 0.5 mm a pixel
-    output.write_png(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1), path)
+#: The demo scan: a clinical 512 x 512 x 110 matrix at 0.45 x 0.45 x 1.5 mm.
+DEMO_SIZE, DEMO_SPACING_MM = (512, 512, 110), (0.45, 0.45, 1.5)
+
+
+def demo_spacing(size: Sequence[int]) -> Tuple[float, float, float]:
+    """Spacing that keeps the demo's field of view (the whole head) at any ``--size``:
+    a smaller matrix is a coarser scan of the same head, not a crop of it."""
+    return tuple(s * n0 / n for s, n0, n in zip(DEMO_SPACING_MM, DEMO_SIZE, size))  # type: ignore[return-value]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,7 +240,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     print(f"making a synthetic tilted head CT ({'x'.join(map(str, args.size))}, "
           f"tilt {args.angles} degrees)...")
-    case = phantom.make_scan(size=tuple(args.size), angles_deg=tuple(args.angles), seed=args.seed)
+    case = phantom.make_scan(size=tuple(args.size), spacing=demo_spacing(args.size),
+                             angles_deg=tuple(args.angles), seed=args.seed)
     in_dir = out / "input"
     in_dir.mkdir(parents=True, exist_ok=True)
     scan_path, tf_path = str(in_dir / "demo.nii.gz"), str(in_dir / "demo.txt")
@@ -230,10 +249,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     transforms.write_transform(tf_path, case.transform)
     segmenter = Segmenter(args.mode, args.model, args.device)
     t0 = time.perf_counter()
-    scan, result, _ = segment_file(segmenter, scan_path, tf_path, False, False, ProgressBar("demo"))
+    scan, result, _ = segment_file(segmenter, scan_path, tf_path, False, False,
+                                   ProgressBar("demo", enabled=False if args.quiet else None))
     seconds = time.perf_counter() - t0
     transform = transforms.read_transform(tf_path)
-    files = write_outputs(result, str(out), "demo", extra=lambda o: demo_overlay(
+    from .preview import write_preview
+    files = write_outputs(result, str(out), "demo", extra=lambda o: write_preview(
         result, scan, transform, o.path("demo-overlay.png")))
     dice = dice_per_label(sitk.GetArrayViewFromImage(case.labels_scan),
                           sitk.GetArrayViewFromImage(result.labels_scan))
@@ -260,7 +281,8 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"  spacing {card.spacing_mm} mm, window {card.intensity.get('window')} HU, "
               f"networks {', '.join(card.networks)}\n"
               f"  trained on: {card.training.get('data', 'unknown')}\n"
-              f"  held-out mean Dice: {dice if dice is not None else 'not recorded'}")
+              f"  held-out mean Dice: {dice if dice is not None else 'not recorded'}"
+              + (f" (low: below {models.LOW_DICE})" if models.quality_warning(card) else ""))
     return 0
 
 
@@ -271,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment a scan, or a folder of cases (N.nii.gz + N.txt)")
-    s.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd), DICOM series folder, or dataset folder")
+    s = sub.add_parser("segment", help="segment scans: files, DICOM folders, dataset folders, globs")
+    s.add_argument("scan", nargs="+", metavar="SCAN",
+                   help="CT file (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, MetaImage .mha/.mhd), DICOM "
+                        "series folder, dataset folder of cases N.nii.gz (+ N.txt), or a glob "
+                        "pattern of these; several may be given")
     s.add_argument("--transform", help="ITK transform file that turns the head upright (ITK-SNAP); "
                                        "without one the head pose is estimated and written as "
                                        "<case>" + "-upright-estimated.txt")
@@ -282,16 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no transform and no estimate: the head is upright in the scan as it is")
     s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="leave cases whose results are already in the output folder (batch reruns); "
+                        "without it they are replaced, and each replacement is announced")
+    s.add_argument("--preview", action="store_true",
+                   help="also write <case>-overlay.png: the regions on two upright axial slices, "
+                        "with orientation and legend")
+    s.add_argument("--uncertainty", action="store_true",
+                   help="also write <case>-uncertainty.nii.gz (0-1): where the planes / models "
+                        "disagree (planar, ensemble), or 1 - top probability (3d)")
+    console.add_verbosity(s)
     _model_options(s)
     s.set_defaults(func=cmd_segment)
 
     d = sub.add_parser("demo", help="segment a built-in synthetic head CT (no data needed)")
     d.add_argument("-o", "--output", default="brainlobeseg-demo", help="output folder")
-    d.add_argument("--size", type=int, nargs=3, default=[512, 512, 110], metavar=("X", "Y", "Z"),
-                   help="voxels of the synthetic scan (a clinical 512 x 512 matrix by default; "
-                        "smaller sizes run faster)")
+    d.add_argument("--size", type=int, nargs=3, default=list(DEMO_SIZE), metavar=("X", "Y", "Z"),
+                   help="voxels of the synthetic scan, over the same whole head (default "
+                        f"{' '.join(map(str, DEMO_SIZE))} at {' x '.join(map(str, DEMO_SPACING_MM))} mm; "
+                        "smaller sizes are coarser and faster)")
     d.add_argument("--angles", type=float, nargs=3, default=[8.0, -6.0, 10.0],
                    metavar=("RX", "RY", "RZ"), help="head tilt in degrees")
+    console.add_verbosity(d)
     d.add_argument("--seed", type=int, default=None,
                    help="a seed varies the head's size, shape and tissue densities "
                         "(default: the canonical phantom)")
@@ -342,7 +379,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InputWarning)
         try:
-            code = args.func(args)
+            with console.quiet_stdout(getattr(args, "quiet", False)):
+                code = args.func(args)
         except InputError as exc:
             print(f"brainlobeseg: error: {exc}", file=sys.stderr)
             code = EXIT_INPUT_ERROR

@@ -32,6 +32,8 @@ MIN_SIZE_VOXELS = 8          # per axis
 MIN_EXTENT_MM = 40.0         # per axis; smaller is not a head
 MAX_VOXELS = 400_000_000     # ~0.8 GB as int16, more than any head CT (guard for RAM)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: File suffixes read as scans (NIfTI, NRRD, MetaImage); DICOM comes as a folder.
+IMAGE_SUFFIXES = _IMAGE_SUFFIXES
 
 
 def check_gzip_complete(path: str) -> None:

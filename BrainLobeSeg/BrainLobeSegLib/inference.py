@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cleanup, geometry, models
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, InputWarning
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
 from .regions import NUM_LABELS
@@ -355,6 +356,10 @@ class Segmenter:
             torch.set_num_threads(threads)
         folders = models.find_models(mode, model_dir)
         self.models = [models.load_model(f, self.device) for f in folders]
+        for model in self.models:   # a weak model says so wherever it is used (CLI, Slicer)
+            message = models.quality_warning(model.card)
+            if message:
+                warnings.warn(InputWarning(message), stacklevel=2)
 
     @torch.inference_mode()
     def segment(self, scan: sitk.Image, transform: sitk.Transform,

@@ -409,18 +409,41 @@ def _pose(args: argparse.Namespace, scan: sitk.Image):
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats`` of every case of the inputs (files, DICOM or dataset folders, globs), one
+    after the other; the models are loaded once, at the first case that needs them."""
+    from . import batch
     from .console import case_warnings
-    from . import imageio
-    case = imageio.strip_image_suffix(args.scan)
-    with case_warnings(case) as noted:
-        return _stats_case(args, case, noted)
+    jobs = batch.expand_inputs(args.scan, args.transform)
+    if args.labels and len(jobs) != 1:
+        raise InputError(f"--labels goes with one scan; {len(jobs)} cases were given.",
+                         "Run stats --labels once per scan.")
+    segmenters: list = []
+    failed = 0
+    for job in jobs:
+        if len(jobs) > 1:
+            print(f"== {job.name} ==")
+        try:
+            with case_warnings(job.name) as noted:
+                _stats_case(args, job, noted, segmenters)
+        except InputError as exc:
+            if len(jobs) == 1:
+                raise
+            failed += 1
+            print(f"brainlobeseg: {job.name}: {exc}", file=sys.stderr)
+    if failed:
+        print(f"brainlobeseg: {failed} of {len(jobs)} cases failed (see above).", file=sys.stderr)
+        return 2
+    return 0
 
 
-def _stats_case(args: argparse.Namespace, case: str, noted) -> int:
-    """``stats`` of one scan; ``noted`` collects its warnings, which the JSON records."""
+def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
+    """``stats`` of one case; ``noted`` collects its warnings (the JSON records them),
+    ``segmenters`` holds the one Segmenter of the run once made (with its warnings)."""
     from . import cli, imageio, output, transforms
-    scan = imageio.read_scan(args.scan)
-    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
+    from .console import case_warnings
+    case = job.name
+    scan = imageio.read_scan(job.scan)
+    imageio.check_ct(scan, force=args.force, name=os.path.basename(job.scan))
     settings = dict(window_hu=tuple(args.window), threshold_hu=args.threshold)
     with output.OutputSet(args.output) as out:
         if args.labels:
@@ -435,11 +458,15 @@ def _stats_case(args: argparse.Namespace, case: str, noted) -> int:
             if args.auto_align and args.transform:
                 raise InputError("--auto-align and --transform exclude each other.",
                                  "Give the transform file, or leave it out to estimate the pose.")
-            bar = cli.ProgressBar(case)
-            pose = choose_pose(scan, args.transform, args.invert_transform, args.assume_upright,
+            bar = cli.ProgressBar(case, enabled=False if args.quiet else None)
+            pose = choose_pose(scan, job.transform, args.invert_transform, args.assume_upright,
                                progress=lambda f, m: bar(0.1 * f, f"pose: {m}"))
             transform = pose.transform
-            segmenter = cli.Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
+            if not segmenters:
+                with case_warnings() as model_warnings:
+                    segmenters.append((cli.Segmenter(args.mode, args.model, args.device, args.fusion,
+                                                     args.threads), model_warnings.messages))
+            segmenter = segmenters[0][0]
             result = segmenter.segment(scan, transform, progress=lambda f, m: bar(0.1 + 0.9 * f, m),
                                        keep_probabilities=True)
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
@@ -455,15 +482,14 @@ def _stats_case(args: argparse.Namespace, case: str, noted) -> int:
                                                   "pitch_deg": round(pose.estimate.pitch_deg, 2),
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
-        report.extra["scan"] = os.path.abspath(args.scan)
-        report.extra["warnings"] = noted.messages
+        report.extra["scan"] = os.path.abspath(job.scan)
+        report.extra["warnings"] = (segmenters[0][1] if segmenters else []) + noted.messages
         _write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
         _write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
         files = out.commit()
     print_summary(report)
     for f in files:
         print(f"output: {f}")
-    return 0
 
 
 def print_summary(report: StatisticsReport, stream=None) -> None:
@@ -497,10 +523,13 @@ def cmd_save_case(args: argparse.Namespace) -> int:
 def register_cli(sub) -> None:
     """Add ``stats`` and ``save-case`` to the ``brainlobeseg`` command."""
     from .cli import _model_options
+    from .console import add_verbosity
 
     s = sub.add_parser("stats", help="per-region volume, HU, left-right difference and "
                                      "uncertainty (decision support, not a diagnosis)")
-    s.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd) or DICOM series folder")
+    s.add_argument("scan", nargs="+", metavar="SCAN",
+                   help="CT file (NIfTI, NRRD, MetaImage), DICOM series folder, dataset folder of "
+                        "cases N.nii.gz (+ N.txt), or a glob pattern of these; several may be given")
     s.add_argument("--transform", help="ITK transform file R (upright -> scan), as ITK-SNAP saves it")
     s.add_argument("--invert-transform", action="store_true",
                    help="the transform file maps scan -> upright (the other way round)")
@@ -517,6 +546,7 @@ def register_cli(sub) -> None:
                         f"(default {BRAIN_WINDOW_HU[0]:g} {BRAIN_WINDOW_HU[1]:g}: no CSF, no calcification)")
     s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     s.add_argument("-o", "--output", required=True, help="output folder")
+    add_verbosity(s)
     _model_options(s, default_mode="ensemble")
     s.set_defaults(func=cmd_stats)
 
