@@ -6,7 +6,7 @@ PYTHON ?= python
 ATLAS ?=
 BENCH_ARGS ?=
 
-.PHONY: bench test demo
+.PHONY: bench test demo walkthrough
 
 bench:
 	BENCH_COMMAND="make bench$(if $(ATLAS), ATLAS=$(ATLAS))$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
@@ -17,3 +17,9 @@ test:
 
 demo:
 	$(PYTHON) -m BrainLobeSegLib.cli demo -o demo-output
+
+# Every shell block of README.md and training/README.md, in order, with tiny sizes, in a
+# fresh copy of the repository and its own venv (a few minutes); ATLAS=DIR uses a real
+# atlas folder for `synth`, otherwise a small fake one. See Testing/walkthrough.py.
+walkthrough:
+	$(PYTHON) -m Testing.walkthrough $(if $(ATLAS),--atlas $(ATLAS))

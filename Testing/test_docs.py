@@ -78,3 +78,53 @@ def test_every_option_has_help_with_its_default(command, parser):
             formatted = parser.formatter_class(prog="x")._get_help_string(action)
             assert "default" in formatted.lower(), (command, action.option_strings[0])
     assert "(default: None)" not in parser.format_help()
+
+
+def _mentioned(option: argparse.Action, text: str) -> bool:
+    return any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text) for o in option.option_strings)
+
+
+def test_readme_synopsis_lists_every_option_and_format():
+    """README's command-line synopsis names every option of every brainlobeseg command
+    (so `--force` and `--threads` cannot go missing again) and every accepted format."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Command line"):readme.index("## For clinicians")]
+    missing = [f"{command} {a.option_strings[-1]}" for command, parser in all_parsers()
+               if command.startswith("brainlobeseg") for a in options(parser) if not _mentioned(a, section)]
+    assert missing == []
+    for fmt in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", "DICOM", "glob"):
+        assert fmt in section, fmt
+
+
+def test_training_docs_list_every_option():
+    text = (ROOT / "README.md").read_text(encoding="utf-8") + \
+        (ROOT / "training" / "README.md").read_text(encoding="utf-8")
+    missing = [f"{command} {a.option_strings[-1]}" for command, parser in all_parsers()
+               if command.startswith("python") for a in options(parser) if not _mentioned(a, text)]
+    assert missing == []
+
+
+def test_walkthrough_knows_every_command_of_the_guides():
+    """Every command line of README.md and training/README.md matches a rule of the
+    scripted walk-through (`make walkthrough` runs them); a new or changed command fails
+    here until the walk-through knows how to run it small, or why it is skipped."""
+    from walkthrough import Step, plan
+    steps = plan()
+    assert [s for s in steps if isinstance(s, str)] == []
+    ran = [s for s in steps if isinstance(s, Step) and s.run]
+    assert {s.doc for s in ran} == {"README.md", "training/README.md"}
+    for needed in ("brainlobeseg demo", "training train", "training export", "training evaluate",
+                   "training synth"):
+        assert any(needed in s.run for s in ran), needed
+
+
+def test_the_folders_documented_commands_create_are_ignored():
+    """What the guides' commands write into the repository (outputs, runs, model folders,
+    reports, datasets, the atlas folder) is matched by .gitignore."""
+    import subprocess
+    made = ["brainlobeseg-demo/demo-overlay.png", "runs/mine/log.jsonl", "my-models/mine-3d/model.json",
+            "reports/mine/metrics.json", "data/synth/1.nii.gz", "atlas", "atlas/Clinical-scct/scct.nii.gz",
+            "demo-output/demo-overlay.png", ".venv/bin/python"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert sorted(proc.stdout.split()) == sorted(made)
