@@ -230,7 +230,10 @@ def overlay_figure(path: str, upright_hu: np.ndarray, truth: np.ndarray,
             if j == 0:
                 ax.set_ylabel(f"slice {z}", fontsize=8)
     fig.suptitle(title + "  (anterior up, patient's right on the left)", fontsize=9)
-    fig.tight_layout()
+    from matplotlib.patches import Patch   # the legend: one entry per region and side
+    handles = [Patch(color=np.array(r.color) / 255.0, label=f"{r.code} {r.side}") for r in regions.REGIONS]
+    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -170,11 +170,16 @@ def overlay_picture(hu: np.ndarray, labels: np.ndarray, spacing_mm: Sequence[flo
         slice_rgb = output.overlay_slice(hu[z], labels[z])
         slice_rgb = np.repeat(np.repeat(slice_rgb, zoom, axis=0), zoom, axis=1)
         panels.append(_framed(slice_rgb, title, scale))
-    top = _stack(panels, axis=1, gap=20 * scale)
+    return explained(_stack(panels, axis=1, gap=20 * scale), scale)
+
+
+def explained(picture: np.ndarray, scale: int = 2) -> np.ndarray:
+    """``picture`` (upright axial slices in the radiological view) with the orientation
+    line and the legend of the 20 regions below it, and a margin."""
     note = text_image(ORIENTATION_NOTE, scale)
-    picture = _stack([top, note, legend(scale, width=max(top.shape[1], note.shape[1]))],
-                     axis=0, gap=8 * scale, align="start")
-    return np.pad(picture, ((8 * scale,) * 2, (8 * scale,) * 2, (0, 0)))
+    out = _stack([picture, note, legend(scale, width=max(picture.shape[1], note.shape[1]))],
+                 axis=0, gap=8 * scale, align="start")
+    return np.pad(out, ((8 * scale,) * 2, (8 * scale,) * 2, (0, 0)))
 
 
 def write_preview(result, scan: sitk.Image, transform: sitk.Transform, path: str) -> None:

@@ -56,7 +56,8 @@ def montage(scan: sitk.Image, transform: sitk.Transform, result: inference.Segme
     tiles = [output.overlay_slice(hu[z], lab[z]) for z in picks]
     picture = np.concatenate(tiles, axis=1)
     zoom = max(1, int(round(max(grid.spacing[:2]) / 0.75)))
-    output.write_png(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1), path)
+    from BrainLobeSegLib.preview import explained   # orientation line and legend below
+    output.write_png(explained(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)), path)
 
 
 def check(path: str, seg: inference.Segmenter, turn, montage_path: Optional[str]) -> None:
