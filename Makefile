@@ -1,4 +1,5 @@
-# Developer shortcuts. `make bench ATLAS=../shared/data` adds the atlas baseline;
+# Developer shortcuts. `make bench ATLAS=atlas` adds the atlas baseline (the atlas folder
+# is laid out as docs/DESIGN.md section 5.2 describes);
 # BENCH_ARGS passes more options (see `python -m Testing.benchmarks.bench --help`),
 # e.g. BENCH_ARGS="--modes 3d --repeat 3" or BENCH_ARGS="--tiny-models".
 PYTHON ?= python
@@ -11,7 +12,7 @@ NUMPY126_VENV ?= /tmp/brainlobeseg-numpy126
 ENGINE_MRML_TESTS = Testing/test_engine.py Testing/test_cleanup.py Testing/test_slicer_logic.py \
 	Testing/test_slicer_tools.py Testing/test_panel.py Testing/test_module.py Testing/test_terminology.py
 
-.PHONY: bench test test-numpy126 demo
+.PHONY: bench test test-numpy126 demo walkthrough
 
 bench:
 	BENCH_COMMAND="make bench$(if $(ATLAS), ATLAS=$(ATLAS))$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
@@ -28,3 +29,9 @@ test-numpy126:
 
 demo:
 	$(PYTHON) -m BrainLobeSegLib.cli demo -o demo-output
+
+# Every shell block of README.md and training/README.md, in order, with tiny sizes, in a
+# fresh copy of the repository and its own venv (a few minutes); ATLAS=DIR uses a real
+# atlas folder for `synth`, otherwise a small fake one. See Testing/walkthrough.py.
+walkthrough:
+	$(PYTHON) -m Testing.walkthrough $(if $(ATLAS),--atlas $(ATLAS))

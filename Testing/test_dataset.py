@@ -1,4 +1,4 @@
-"""The dataset layout (DESIGN.md section 2): listing, reading with checks, atomic writing."""
+"""The dataset layout (docs/DESIGN.md section 2): listing, reading with checks, atomic writing."""
 
 from __future__ import annotations
 

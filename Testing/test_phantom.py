@@ -102,7 +102,7 @@ def test_labels_scan_are_labels_upright_carried_by_r_inverse(tilted):
 
 def test_resampling_with_r_undoes_the_tilt(tilted):
     """``sitk.Resample(ct, ct, R)`` is the upright head: it matches an untilted scan of
-    the same phantom and lies on labels_upright (DESIGN.md section 2)."""
+    the same phantom and lies on labels_upright (docs/DESIGN.md section 2)."""
     straight = phantom.make_scan(size=SIZE, spacing=SPACING, angles_deg=(0, 0, 0), seed=7, noise_hu=0)
     assert straight.ct.GetOrigin() == tilted.ct.GetOrigin()
     ref = sitk.GetArrayViewFromImage(straight.ct).astype(np.float32)

@@ -118,7 +118,7 @@ def test_quality_with_the_bundled_model(half, bundled_3d, tmp_path, capfd):
     if not half:
         assert lines == [] and "case-qc.json" not in names, lines
         return
-    assert len(lines) == 1 and lines[0].startswith("brainlobeseg: warning: the result of"), lines
+    assert len(lines) == 1 and lines[0].startswith("brainlobeseg: warning: case: the result of"), lines
     assert "looks implausible" in lines[0] and "left" in lines[0]
     qc = json.loads((outdir / "case-qc.json").read_text(encoding="utf-8"))
     assert qc["ok"] is False and qc["problems"] and qc["total_ml"] < 400

@@ -245,7 +245,8 @@ def mr_like() -> sitk.Image:
 def test_not_ct_refused_unless_forced():
     err = raises_input_error(imageio.check_ct, mr_like(), match="does not look like a CT")
     assert "--force" in str(err)
-    imageio.check_ct(mr_like(), force=True)
+    with pytest.warns(imageio.NotCTWarning, match="segmented anyway because of --force"):
+        imageio.check_ct(mr_like(), force=True)     # possible, never silent
 
 
 @pytest.mark.parametrize("size,spacing", [((6, 6, 6), (30.0, 30.0, 30.0)),    # too few voxels

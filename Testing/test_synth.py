@@ -162,7 +162,7 @@ def _in_grey_range(ct: sitk.Image, seg: sitk.Image, transform, params: dict) -> 
 
 
 def test_the_transform_convention(made):
-    """``sitk.Resample(ct, ct, R)`` lies on the labels (DESIGN.md section 2); without R,
+    """``sitk.Resample(ct, ct, R)`` lies on the labels (docs/DESIGN.md section 2); without R,
     or with R the wrong way round, it does not."""
     manifest = json.loads((made / "synth.json").read_text(encoding="utf-8"))
     for case in dataset.list_cases(made):
@@ -196,12 +196,18 @@ def test_deterministic_from_seed_and_index(atlas_dir, made, tmp_path):
         sitk.GetArrayViewFromImage(other[0]), sitk.GetArrayViewFromImage(a[0]))
 
 
-def test_existing_cases_are_kept_unless_overwrite(atlas_dir, made, capsys):
-    before = (made / "1.nii.gz").read_bytes()
-    code = training_main(["synth", "--atlas-dir", str(atlas_dir), "--out", str(made), "-n", "1",
-                          "--seed", "6", *ARGS])
-    assert code == 2 and "already exists" in capsys.readouterr().err
-    assert (made / "1.nii.gz").read_bytes() == before
+def test_existing_cases_are_kept_unless_overwrite(made, tmp_path, capsys):
+    """Taken case names are refused before the atlas is even looked at (here there is
+    none: the refusal still comes first), in one line that names the cases and both ways
+    on (--overwrite, or --first after the cases there)."""
+    before = {p.name: p.read_bytes() for p in made.iterdir()}
+    code = training_main(["synth", "--atlas-dir", str(tmp_path / "no-atlas"), "--out", str(made),
+                          "-n", "4", "--seed", "6", *ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "already holds cases 1, 2, 3 of the 4 this run would write" in err[0]
+    assert "--overwrite" in err[0] and "--first 3 to add cases 4-7" in err[0]
+    assert {p.name: p.read_bytes() for p in made.iterdir()} == before
 
 
 def test_overlaps_follow_the_documented_priority():
@@ -472,3 +478,25 @@ def test_training_augmentation_is_as_wide_as_the_synthesis():
     shift = brain.mean(dim=(1, 2))
     assert shift.max() > 30.0 and shift.min() < -30.0 and shift.abs().max() < 60.0
     assert brain.std(dim=(1, 2)).max() > 15.0
+
+
+def test_synth_names_the_missing_atlas_file_through_the_cli(tmp_path, capsys):
+    """An incomplete --atlas-dir is refused with exit 2 before anything is read or written,
+    naming the first missing file, how many more are missing, and where the layout is
+    documented; a template left uncompressed (as its repository stores it) gets the gzip
+    command instead."""
+    atlas = make_fake_atlas(tmp_path / "atlas")
+    (atlas / "aspects-on-cta" / "MNI152_M2_L.nii.gz").unlink()
+    (atlas / "aspects-on-cta" / "MNI152_M2_R.nii.gz").unlink()
+    out = tmp_path / "out"
+    assert training_main(["synth", "--atlas-dir", str(atlas), "--out", str(out), "-n", "1", *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MNI152_M2_L.nii.gz (M2 left mask)" in err[0]
+    assert "1 more of the 24 atlas files" in err[0] and "docs/DESIGN.md section 5.2" in err[0]
+    assert not out.exists()
+    template = atlas / synth.TEMPLATE
+    template.with_suffix("").write_bytes(template.read_bytes())   # any bytes: only the name counts
+    template.unlink()
+    assert training_main(["synth", "--atlas-dir", str(atlas), "--out", str(out), "-n", "1", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "scct.nii.gz (CT template)" in err and "gzip -9 -n -c" in err

@@ -15,6 +15,7 @@ import sys
 from types import ModuleType
 from typing import Dict, Optional, Sequence, Union
 
+from BrainLobeSegLib.console import quiet_on_closed_pipe, use_help_formatter
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR, InputError
 
 #: command -> one-line help (the module is ``training.<command>``).
@@ -62,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.add_arguments(p)
         p.set_defaults(func=module.run)
-    return parser
+    return use_help_formatter(parser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m training``; quiet when the reader of its output goes away."""
+    return quiet_on_closed_pipe(lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

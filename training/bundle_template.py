@@ -3,7 +3,7 @@
 The automatic alignment (:mod:`BrainLobeSegLib.alignment`) needs an upright head CT in
 the frame the models are trained in, which is the MNI frame of the atlases that
 ``training synth`` labels from. The Rorden CT template (Clinical toolbox, BSD-2) is such
-a head, and the only atlas file the project may ship (see the shared data's INDEX.md):
+a head, and the only atlas file the project may ship (docs/DESIGN.md section 5.3):
 downsampled to 2.5 mm, converted to HU (int16), with its licence and a SOURCE note.
 
 The alignment's second stage compares the regions a model finds with where they lie in
@@ -14,7 +14,7 @@ shipped as ``region-centroids.json`` (the masks themselves are not).
 This command rebuilds ``BrainLobeSeg/Resources/Atlas`` from the original files, so the
 bundled copies can always be traced back and remade::
 
-    python -m training bundle_template --atlas-dir ../shared/data --out BrainLobeSeg/Resources/Atlas
+    python -m training bundle_template --atlas-dir atlas --out BrainLobeSeg/Resources/Atlas
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def region_centroids(atlas_dir: Path) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas-dir", type=Path, required=True,
-                   help="shared data folder holding Clinical-scct/ (the Rorden CT template)")
+                   help="atlas folder holding Clinical-scct/scct.nii.gz and LICENSE.txt (docs/DESIGN.md section 5.2)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder to write (the engine reads BrainLobeSeg/Resources/Atlas)")
 

@@ -231,7 +231,10 @@ def overlay_figure(path: str, upright_hu: np.ndarray, truth: np.ndarray,
             if j == 0:
                 ax.set_ylabel(f"slice {z}", fontsize=8)
     fig.suptitle(title + "  (anterior up, patient's right on the left)", fontsize=9)
-    fig.tight_layout()
+    from matplotlib.patches import Patch   # the legend: one entry per region and side
+    handles = [Patch(color=np.array(r.color) / 255.0, label=f"{r.code} {r.side}") for r in regions.REGIONS]
+    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -670,10 +673,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a model folder or a folder of model folders (default: the bundled models)")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: training/reports/<data folder name>)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when PyTorch sees a GPU, else cpu")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N labelled cases only")
     p.add_argument("--overlays", type=int, default=3, help="cases that get overlay pictures")
-    p.add_argument("--fusion", choices=inference.FUSIONS, default="mean")
+    p.add_argument("--fusion", choices=inference.FUSIONS, default="mean",
+                   help="how the planar networks are fused: mean probability or majority vote")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     p.add_argument("--refine-mm", type=float, default=DEFAULT_REFINE_MM,
                    help="spacing the fused labels are refined to (0: none), as in the extension")

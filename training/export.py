@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -20,16 +21,26 @@ from BrainLobeSegLib.errors import InputError
 from BrainLobeSegLib.networks import build_network
 
 
+DEFAULT_VERSION = "0.1.0"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, required=True, help="run folder written by `train`")
-    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both")
-    p.add_argument("--out", type=Path, default=models.bundled_models_dir(),
-                   help="folder that receives <name>/ model folders (default: the bundled models)")
-    p.add_argument("--name-prefix", default="aspects", help="model folders are <prefix>-<kind>")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both",
+                   help="which of the run's models to export (both: those the run trained)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder that receives the <name>-<kind>/ model folders (created if missing); "
+                        "pass it as --model to brainlobeseg")
+    p.add_argument("--name-prefix", default=None,
+                   help="model folders and names are <prefix>-<kind> (default: the run folder's name)")
+    p.add_argument("--version", default=DEFAULT_VERSION, help="version written into the card")
     p.add_argument("--metrics", type=Path, default=None,
                    help="metrics.json from `evaluate` on held-out cases, copied into the card")
-    p.add_argument("--description", default="")
+    p.add_argument("--description", default="", help="the card's description (default: one per kind)")
+    p.add_argument("--overwrite", action="store_true", help="replace model folders of the same name in --out")
+    p.add_argument("--allow-bundled", action="store_true",
+                   help="allow --out to be the bundled models' folder and a name and version that a "
+                        "bundled model has (for maintainers replacing the shipped models)")
 
 
 def data_provenance(data_dirs) -> Dict[str, Any]:
@@ -93,6 +104,42 @@ def _trained_kinds(run: Path) -> List[str]:
     return list(json.loads(path.read_text(encoding="utf-8")).get("kinds", {}))
 
 
+def _prefix(args: argparse.Namespace) -> str:
+    """``--name-prefix``, else the run folder's name made safe for a folder name."""
+    if args.name_prefix:
+        return args.name_prefix
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.run).resolve().name).strip("-.")
+    return name or "model"
+
+
+def check_destination(out: Path, names: List[str], version: str, allow_bundled: bool,
+                      overwrite: bool) -> None:
+    """Refuse to change the bundled models, or to pass a model off as one of them.
+
+    ``export`` used to write into the source tree's bundled models by default, and under
+    their name and version: a 10-iteration test model then looked like the release in
+    ``brainlobeseg models`` and in every card. Both now need ``--allow-bundled``. An
+    existing model folder of the same name needs ``--overwrite``.
+    """
+    bundled = models.bundled_models_dir()
+    if not allow_bundled:
+        if bundled.exists() and out.resolve() == bundled.resolve():
+            raise InputError(f"--out {out} is the bundled models' folder; nothing was written.",
+                             "Export into a folder of your own and pass it as --model, or add "
+                             "--allow-bundled to replace the shipped models on purpose.")
+        taken = {(c.name, c.version) for c in (models.read_card(f) for f in models.list_model_folders(bundled))}
+        for name in names:
+            if (name, version) in taken:
+                raise InputError(f"{name} {version} is the name and version of a bundled model; "
+                                 "nothing was written.",
+                                 "Choose another --name-prefix or --version, or add --allow-bundled.")
+    if not overwrite:
+        existing = [n for n in names if (out / n).exists()]
+        if existing:
+            raise InputError(f"{', '.join(str(out / n) for n in existing)} already exists; nothing was written.",
+                             "Add --overwrite to replace it, or choose another --out or --name-prefix.")
+
+
 def run(args: argparse.Namespace) -> int:
     summary = None
     if args.metrics:
@@ -106,13 +153,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the run {args.run} holds no trained {' or '.join(wanted)} model "
                          f"(it has: {', '.join(trained) or 'none'}).",
                          "Train it first (python -m training train --kind ...), or export the kind it has.")
+    prefix = _prefix(args)
+    check_destination(Path(args.out), [f"{prefix}-{k}" for k in kinds], args.version,
+                      args.allow_bundled, args.overwrite)
     for kind in skipped:
         print(f"skipped {kind}: the run did not train it (train --kind {kind} to add it)")
     for kind in kinds:
         metrics = None
         if summary is not None:
             metrics = summary.get(kind) or summary
-        folder = export_kind(args.run, kind, Path(args.out), args.name_prefix, args.version,
+        folder = export_kind(args.run, kind, Path(args.out), prefix, args.version,
                              metrics, args.description)
-        print(f"exported {kind} model to {folder}")
+        print(f"exported {kind} model {folder.name} {args.version} to {folder}")
     return 0

@@ -1,9 +1,10 @@
 """``python -m training synth``: labelled synthetic head CTs from the public MNI atlases.
 
-Sources (read from ``--atlas-dir``, never copied into the project; see its INDEX.md):
+Sources (read from ``--atlas-dir``, never copied into the project; the folder's layout,
+the files' origin and licences: docs/DESIGN.md section 5):
 
 - ``Clinical-scct/scct.nii.gz``: Rorden's mean head CT with skull (BSD-2), 2 mm MNI, in
-  Cormack units; converted to HU with :func:`cormack_to_hu` (formula of its SOURCE.md).
+  Cormack units; converted to HU with :func:`cormack_to_hu` (formula in docs/DESIGN.md section 5.2).
 - ``Clinical-scct/scgrey|scwhite|sccsf.nii.gz``: grey/white/CSF probability maps, same grid.
 - ``aspects-on-cta/MNI152_<CODE>_<L|R>.nii.gz``: the 20 ASPECTS masks (MIT), 1 mm MNI.
   File codes map to ours as C->C, LN->L (lentiform), InCa->IC (internal capsule),
@@ -33,7 +34,7 @@ Per case ``i`` (generator seeded from ``(seed, i)``, so any case can be remade a
    over the slice thickness (partial volume), blurred in-plane, noise added, then
    interpolated to the scan grid. Air is -1024 HU.
 5. Labels in the upright layout on the scan grid: ``labels(u) = atlas(D(u))``, so
-   ``sitk.Resample(ct, ct, R, sitk.sitkLinear, -1024)`` lies on them (DESIGN.md s. 2).
+   ``sitk.Resample(ct, ct, R, sitk.sitkLinear, -1024)`` lies on them (docs/DESIGN.md s. 2).
 
 Profiles (``--profile``): the steps above are **v1**, the first generator, kept draw for
 draw (:func:`draw_params`, one generator per case) so v1 datasets are remade
@@ -259,7 +260,7 @@ def get_profile(name: str, **overrides: Any) -> Profile:
 
 
 def cormack_to_hu(c: np.ndarray) -> np.ndarray:
-    """Cormack units of the Clinical toolbox -> HU (its ``clinical_c2h``, per SOURCE.md)."""
+    """Cormack units of the Clinical toolbox -> HU (its ``clinical_c2h``; docs/DESIGN.md section 5.2)."""
     v = np.asarray(c, dtype=np.float32) - 900.0
     h = np.where(v <= 0, v, np.where(v <= 2200, v / 11.0, v - 2000.0))
     return (h - 124.0).astype(np.float32)
@@ -295,11 +296,48 @@ class Atlas:
     label_point_ids: np.ndarray   # (n,) label id of each of label_points
 
 
+ATLAS_LAYOUT_HINT = ("Lay out --atlas-dir as docs/DESIGN.md section 5.2 describes: Clinical-scct/ "
+                     "from github.com/neurolabusc/Clinical (BSD-2), aspects-on-cta/ from "
+                     "github.com/AnotherMak/aspects-on-cta (MIT).")
+
+
+def atlas_files() -> List[Tuple[str, str]]:
+    """Every file ``synth`` reads, relative to ``--atlas-dir``, with what it is."""
+    files = [(TEMPLATE, "CT template")]
+    files += [(p, f"{k} matter map" if k != "csf" else "CSF map") for k, p in TISSUES.items()]
+    for code, file_code in FILE_CODES.items():
+        for side, tag in (("left", "L"), ("right", "R")):
+            files.append((MASK_PATTERN.format(code=file_code, side=tag), f"{code} {side} mask"))
+    return files
+
+
+def _missing_message(root: Path, rel: str, what: str, missing: int = 1) -> InputError:
+    """One error naming the missing file; the hint says how to get it (an uncompressed
+    copy as the source repository stores it only needs gzip)."""
+    path = root / rel
+    plain = path.with_suffix("") if path.suffix == ".gz" else None
+    hint = ATLAS_LAYOUT_HINT
+    if plain is not None and plain.is_file():
+        hint = (f"{plain.name} is there uncompressed: gzip -9 -n -c {plain} > {path} "
+                "(docs/DESIGN.md section 5.2).")
+    more = f"; {missing - 1} more of the {len(atlas_files())} atlas files are missing too" if missing > 1 else ""
+    return InputError(f"atlas file missing: {path} ({what}){more}.", hint)
+
+
+def check_atlas_dir(atlas_dir: Path) -> None:
+    """Refuse an ``--atlas-dir`` without the files synth reads, naming the first missing
+    one, before seconds are spent reading the others."""
+    root = Path(atlas_dir)
+    if not root.is_dir():
+        raise InputError(f"atlas folder not found: {root}.", ATLAS_LAYOUT_HINT)
+    missing = [(rel, what) for rel, what in atlas_files() if not (root / rel).is_file()]
+    if missing:
+        raise _missing_message(root, *missing[0], missing=len(missing))
+
+
 def _read(path: Path, what: str) -> sitk.Image:
     if not path.is_file():
-        raise InputError(f"atlas file missing: {path} ({what}).",
-                         "Give --atlas-dir the shared data folder that holds Clinical-scct/ and "
-                         "aspects-on-cta/ (see its INDEX.md).")
+        raise _missing_message(path.parent.parent, str(Path(path.parent.name) / path.name), what)
     dataset.check_gzip_complete(str(path))
     image = sitk.ReadImage(str(path), sitk.sitkFloat32)
     if image.GetDimension() != 3:
@@ -340,9 +378,7 @@ def _physical_points(image: sitk.Image, mask: np.ndarray, step: int) -> np.ndarr
 def load_atlas(atlas_dir: str) -> Atlas:
     """Read and prepare the atlas files (once per process)."""
     root = Path(atlas_dir)
-    if not root.is_dir():
-        raise InputError(f"atlas folder not found: {root}.",
-                         "Give --atlas-dir the shared data folder (with Clinical-scct/ and aspects-on-cta/).")
+    check_atlas_dir(root)
     template = _read(root / TEMPLATE, "CT template")
     tissue = {k: _read(root / p, f"{k} matter map" if k != "csf" else "CSF map") for k, p in TISSUES.items()}
     for k, img in tissue.items():
@@ -1424,7 +1460,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas-dir", type=Path, required=True,
-                   help="shared data folder holding Clinical-scct/ and aspects-on-cta/")
+                   help="atlas folder holding Clinical-scct/ and aspects-on-cta/ (layout: docs/DESIGN.md section 5.2)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write (created if missing)")
     p.add_argument("-n", type=int, default=10, help="number of cases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="run seed; case i uses (seed, i)")
@@ -1475,12 +1511,29 @@ def _write_manifest(folder: Path, args: argparse.Namespace, prof: Profile, new: 
     os.replace(tmp, path)
 
 
+def check_free(out: Path, first: int, n: int, overwrite: bool) -> None:
+    """Refuse, before the atlas is read (seconds) and before anything is written, a run
+    whose case names are taken in ``out``, and say both ways on: ``--overwrite`` or a
+    ``--first`` after the cases that are there."""
+    if overwrite or not Path(out).is_dir():
+        return
+    taken = [str(i + 1) for i in range(first, first + n) if dataset.existing_case_files(out, str(i + 1))]
+    if taken:
+        shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+        after = int(dataset.next_case_name(out)) - 1
+        raise InputError(f"{out} already holds case{'s' if len(taken) > 1 else ''} {shown} of the "
+                         f"{n} this run would write; nothing was written.",
+                         f"Add --overwrite to replace them, or --first {after} to add cases "
+                         f"{after + 1}-{after + n} after them (or give another --out).")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.first < 0:
         raise InputError("-n must be at least 1 and --first not negative.", "Check the options.")
     if args.inplane < 16:
         raise InputError(f"--inplane {args.inplane} is too small.", "Use 16 or more (512 is clinical).")
     prof = profile_from_args(args)
+    check_free(args.out, args.first, args.n, args.overwrite)
     t0 = time.perf_counter()
     atlas = load_atlas(str(args.atlas_dir))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -47,33 +48,54 @@ DEFAULTS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True,
-                   help="dataset folder(s) in the DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
+                   help="dataset folder(s) in the docs/DESIGN.md layout (N.nii.gz, N.txt, N-seg.nii.gz)")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, weights)")
-    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both")
-    p.add_argument("--iterations", type=int, default=None, help="per network (default per kind)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm")
-    p.add_argument("--base-features", type=int, default=None)
-    p.add_argument("--loss", choices=LOSSES, default="dicece")
+    p.add_argument("--kind", choices=("planar", "3d", "both"), default="both",
+                   help="planar: three 2D networks (axial, coronal, sagittal); 3d: one 3D network "
+                        "(the default mode of the extension); both")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"training iterations per network (default: planar "
+                        f"{DEFAULTS['planar']['iterations']}, 3d {DEFAULTS['3d']['iterations']})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per iteration (default: planar {DEFAULTS['planar']['batch']} "
+                        f"slices, 3d {DEFAULTS['3d']['batch']} patches)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate, cosine decay (default {DEFAULTS['3d']['lr']:g})")
+    p.add_argument("--spacing", type=float, default=None,
+                   help=f"model grid spacing in mm (default {DEFAULTS['3d']['spacing']:g})")
+    p.add_argument("--base-features", type=int, default=None,
+                   help=f"feature maps of the first U-Net level (default: planar "
+                        f"{DEFAULTS['planar']['base']}, 3d {DEFAULTS['3d']['base']})")
+    p.add_argument("--loss", choices=LOSSES, default="dicece",
+                   help="dicece: Dice + cross-entropy; tversky / tverskyce weigh false positives "
+                        "and negatives with --alpha/--beta")
     p.add_argument("--alpha", type=float, default=0.85, help="Tversky false-positive weight")
     p.add_argument("--beta", type=float, default=0.15, help="Tversky false-negative weight")
     p.add_argument("--folds", type=int, default=1, help="k for k-fold cross-validation (1: none)")
     p.add_argument("--fold", type=int, default=0, help="which fold is held out (0..k-1)")
     p.add_argument("--phantoms", type=int, default=0, help="code phantoms mixed into training")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when PyTorch sees a GPU (mixed precision), else cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the sampling and the fold split (a run is repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a folder that holds an earlier run (its weights, checkpoints, "
+                        "config.json and log are removed; without --resume or this, such a folder is refused)")
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL_DIR",
                    help="start from the weights of an exported model folder of the same kind and "
                         "architecture (e.g. a bundled model) instead of random ones (fine-tuning)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="iterations between checkpoints (what --resume continues from)")
+    p.add_argument("--log-every", type=int, default=25,
+                   help="iterations between progress lines and log.jsonl entries")
     p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="3D training crop in voxels")
+                   help=f"3D training crop in voxels (default {' '.join(map(str, DEFAULTS['3d']['patch']))})")
     p.add_argument("--canvas", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="planar training slice size in voxels")
-    p.add_argument("--threads", type=int, default=None)
+                   help=f"planar training slice size in voxels "
+                        f"(default {' '.join(map(str, DEFAULTS['planar']['canvas']))})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice, all cores)")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -372,35 +394,165 @@ def split_folds(names: List[str], folds: int, fold: int, seed: int) -> Tuple[Lis
     return [n for n in names if n not in held], sorted(held)
 
 
+#: Files that make a folder a training run (what ``--overwrite`` replaces).
+RUN_FILES = ("config.json", "log.jsonl")
+RUN_PATTERNS = ("*.pt", "*.partial")
+
+
+def run_files(run_dir: Path) -> List[Path]:
+    """The files of an earlier run in ``run_dir`` (config, log, weights, checkpoints)."""
+    if not run_dir.is_dir():
+        return []
+    found = [run_dir / n for n in RUN_FILES if (run_dir / n).is_file()]
+    for pattern in RUN_PATTERNS:
+        found += sorted(p for p in run_dir.glob(pattern) if p.is_file())
+    return found
+
+
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> List[Path]:
+    """Refuse to train into an earlier run unless ``--resume`` or ``--overwrite`` says so.
+
+    Training over a run silently replaced its weights and ``config.json``: hours of work
+    gone by a repeated command. Returns the earlier run's files that ``--overwrite``
+    removes (none otherwise). A non-empty folder that is no run is refused too: weights
+    mixed into a dataset or another project are hard to tell apart afterwards.
+    """
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other.",
+                         "--resume continues the run in --out, --overwrite starts it again.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file.", "Give a folder for the run (created if missing).")
+    earlier = run_files(run_dir)
+    if earlier and not (resume or overwrite):
+        names = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise InputError(f"{run_dir} already holds a training run ({names}); nothing was changed.",
+                         "Continue it with --resume, start it again with --overwrite, or give "
+                         "another --out.")
+    if not earlier and run_dir.is_dir() and any(p.name != "cache" for p in run_dir.iterdir()):
+        raise InputError(f"--out {run_dir} is not empty and holds no training run.",
+                         "Give a new or empty folder for the run.")
+    return earlier if overwrite else []
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min 5 s``, ``2 h 13 min``: how long, for people."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+
+
+class Reporter:
+    """Writes every event as a JSON line to ``log.jsonl`` (the machine-readable record)
+    and prints a human line for it: progress with the time left for the network and for
+    the whole run (at the current speed), so a long run says when it will end."""
+
+    def __init__(self, logfile: Path, plan: List[Tuple[str, int]], enabled: bool) -> None:
+        self.logfile, self.plan, self.enabled = logfile, plan, enabled
+        self.start_iteration: Dict[str, int] = {}
+        self.done: Dict[str, int] = {}
+
+    def __call__(self, entry: dict) -> None:
+        if not self.enabled:
+            return
+        entry = {"time": round(time.time(), 1), **entry}
+        with open(self.logfile, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        line = self.human(entry)
+        if line:
+            print(line, flush=True)
+
+    def remaining_iterations(self, network: str, iteration: int) -> int:
+        """Iterations left in the run: this network's and every later one's."""
+        names = [n for n, _ in self.plan]
+        later = names[names.index(network) + 1:] if network in names else []
+        total = dict(self.plan)
+        return (total.get(network, iteration) - iteration) + sum(
+            total[n] - self.done.get(n, 0) for n in later)
+
+    def human(self, e: dict) -> Optional[str]:
+        event, net = e.get("event"), e.get("network")
+        if "prepare" in e:
+            return f"  {e['prepare']}"
+        if event == "start":
+            held = f", {len(e['held_out'])} held out" if e.get("held_out") else ""
+            return (f"training {e['kind']} on {e['cases']} cases{held}, {e['config']['iterations']} "
+                    f"iterations per network, device {e['device']} (JSON log: {self.logfile})")
+        if event == "resumed":
+            self.start_iteration[net] = e["iteration"]
+            self.done[net] = e["iteration"]
+            return f"{net}: resumed at iteration {e['iteration']}"
+        if event == "initialised":
+            return f"{net}: starting from the weights of {e.get('model')} ({e.get('from')})"
+        if "loss" in e and net is not None:
+            it, of = e["iteration"], e["of"]
+            self.done[net] = it
+            ran = it - self.start_iteration.get(net, 0)
+            rate = e["seconds"] / ran if ran > 0 else 0.0
+            names = [n for n, _ in self.plan]
+            position = f" ({names.index(net) + 1}/{len(names)})" if net in names else ""
+            return (f"{net}{position}: iteration {it}/{of}, loss {e['loss']:.4f}, {rate:.2f} s/iteration, "
+                    f"ETA {_duration(rate * (of - it))} for {net}, "
+                    f"{_duration(rate * self.remaining_iterations(net, it))} for the run at this speed")
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Train the networks of ``--kind`` into the run folder ``--out``.
+
+    A run folder this call created is removed again when the run fails before any
+    weights or checkpoint were saved, so a typo in ``--data`` leaves nothing behind.
+    """
+    run_dir = Path(args.out)
+    created = not run_dir.exists()
+    try:
+        return _run(args, run_dir)
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.glob("*.pt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _kind_config(kind: str, args: argparse.Namespace) -> dict:
+    """The defaults of a kind with the command line's values over them."""
+    cfg = {k: v for k, v in DEFAULTS[kind].items()}
+    for key, value in (("iterations", args.iterations), ("batch", args.batch_size),
+                       ("lr", args.lr), ("spacing", args.spacing), ("base", args.base_features),
+                       ("patch", args.patch), ("canvas", args.canvas)):
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def _run(args: argparse.Namespace, run_dir: Path) -> int:
     from BrainLobeSegLib.dataset import list_cases
     from BrainLobeSegLib.inference import resolve_device
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dd = Dist(device)
-    run_dir = Path(args.out)
+    earlier = check_run_folder(run_dir, args.resume, getattr(args, "overwrite", False))
+    dd.barrier()   # every rank has looked before rank 0 writes anything
+    if dd.main:
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            print(f"--overwrite: removed the earlier run's {len(earlier)} files from {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     logfile = run_dir / "log.jsonl"
-
-    def log(entry: dict) -> None:
-        if not dd.main:
-            return
-        entry = {"time": round(time.time(), 1), **entry}
-        print(json.dumps(entry), flush=True)
-        with open(logfile, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
-
     kinds = ["planar", "3d"] if args.kind == "both" else [args.kind]
+    cfgs = {kind: _kind_config(kind, args) for kind in kinds}
+    plan = [(name, cfgs[kind]["iterations"]) for kind in kinds
+            for name in (list(models.PLANES) if kind == "planar" else ["unet3d"])]
+    log = Reporter(logfile, plan, enabled=dd.main)
+    t_run = time.perf_counter()
+
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8")) if args.resume and (
         run_dir / "config.json").is_file() else {"kinds": {}}
     for kind in kinds:
-        cfg = {k: v for k, v in DEFAULTS[kind].items()}
-        for key, value in (("iterations", args.iterations), ("batch", args.batch_size),
-                           ("lr", args.lr), ("spacing", args.spacing), ("base", args.base_features),
-                           ("patch", args.patch), ("canvas", args.canvas)):
-            if value is not None:
-                cfg[key] = value
+        cfg = cfgs[kind]
         card = make_card(kind, cfg)
         multiple = 2 ** (cfg["depth"] - 1)
         names = [c.name for d in args.data for c in list_cases(d) if c.seg_path is not None]
@@ -412,7 +564,10 @@ def run(args: argparse.Namespace) -> int:
         if args.phantoms:
             cases += phantom_cases(args.phantoms, card, multiple, args.seed)
         if not cases:
-            raise SystemExit("no labelled cases to train on")
+            raise InputError(f"no labelled cases to train on in {', '.join(str(d) for d in args.data)} "
+                             "(no N-seg.nii.gz next to the scans).",
+                             "Give dataset folders with labels (docs/DESIGN.md section 2), or add "
+                             "--phantoms N.")
         weights = class_weights(cases)
         log({"event": "start", "kind": kind, "cases": len(cases), "held_out": held, "config": cfg,
              "loss": args.loss, "world_size": dd.world, "device": device})
@@ -443,4 +598,8 @@ def run(args: argparse.Namespace) -> int:
             (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if dd.world > 1:
         dist.destroy_process_group()
+    if dd.main:
+        print(f"done in {_duration(time.perf_counter() - t_run)}: {', '.join(n for n, _ in plan)} in "
+              f"{run_dir} (log {logfile.name}); next: python -m training export --run {run_dir} "
+              "--out MODELS_DIR", flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""The dataset layout of DESIGN.md section 2, read and written in one place.
+"""The dataset layout of docs/DESIGN.md section 2, read and written in one place.
 
 A dataset is a folder of cases::
 
@@ -207,6 +207,12 @@ def _case_files(folder: Path, name: str) -> List[Path]:
     return [folder / n for n in names + [name + TRANSFORM_SUFFIX]]
 
 
+def existing_case_files(folder: PathLike, name: str) -> List[Path]:
+    """The files of case ``name`` that exist in ``folder`` (image, labels, transform):
+    what writing that case would replace."""
+    return [p for p in _case_files(Path(folder), name) if p.exists()]
+
+
 def next_case_name(folder: PathLike) -> str:
     """The next free integer name: one more than the largest number used in the folder.
 
@@ -287,7 +293,7 @@ def write_case(folder: PathLike, ct: sitk.Image, seg: Optional[sitk.Image],
         labels = check_labels(seg, f"the labels of case {name}")
     if transform is not None:
         transforms.validate(transform, source=f"the transform of case {name}")
-    existing = [p for p in _case_files(root, name) if p.exists()]
+    existing = existing_case_files(root, name)
     if existing and not overwrite:
         raise InputError(f"case {name} already exists in {root} "
                          f"({', '.join(p.name for p in existing)}).",

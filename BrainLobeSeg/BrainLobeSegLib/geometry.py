@@ -144,7 +144,7 @@ def upright_resample(scan: sitk.Image, transform: sitk.Transform, grid: Grid,
     """The scan seen in the upright space on ``grid``, as a float32 ``(z, y, x)`` array.
 
     ``R`` is used as the resampling transform directly: output point p takes the value
-    of the scan at R(p), exactly DESIGN.md's ``sitk.Resample(ct, ct, R, ...)``.
+    of the scan at R(p), exactly docs/DESIGN.md's ``sitk.Resample(ct, ct, R, ...)``.
     """
     source = shrink_for(scan, min(grid.spacing)) if interpolator != sitk.sitkNearestNeighbor else scan
     out = sitk.Resample(source, grid.reference(), transform, interpolator, default, sitk.sitkFloat32)

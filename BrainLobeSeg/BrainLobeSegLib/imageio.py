@@ -34,6 +34,8 @@ MIN_SIZE_VOXELS = 8          # per axis
 MIN_EXTENT_MM = 40.0         # per axis; smaller is not a head
 MAX_VOXELS = 400_000_000     # ~0.8 GB as int16, more than any head CT (guard for RAM)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: File suffixes read as scans (NIfTI, NRRD, MetaImage); DICOM comes as a folder.
+IMAGE_SUFFIXES = _IMAGE_SUFFIXES
 
 
 def check_gzip_complete(path: str) -> None:
@@ -410,11 +412,16 @@ def check_not_noise(arr: np.ndarray, name: str = "the scan") -> None:
                          "Check the file: it may be corrupt or point at the wrong data file.")
 
 
+class NotCTWarning(InputWarning):
+    """``--force`` let through an image whose intensities are not those of a CT in HU."""
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
-    ``force`` skips only the intensity check (for a CT stored with an unusual offset);
-    the structural checks (dimension, components, size, NaN) always apply.
+    ``force`` turns the intensity check into a :class:`NotCTWarning` (for a CT stored with
+    an unusual offset); the structural checks (dimension, components, size, NaN) always
+    apply. Front ends print the warning and record it with the results.
     """
     dim = image.GetDimension()
     if dim != 3:
@@ -439,14 +446,17 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
         raise InputError(f"{name} contains {bad} NaN or infinite voxel values.",
                          "Fix or re-export the scan; a CT has finite HU everywhere.")
     check_not_noise(arr, name)
-    if force:
-        return
     sample = arr[:: max(1, arr.shape[0] // 24)].ravel()[::7]
     lo, hi = np.percentile(sample, [1, 99.9])
     if lo > _AIR_HU_MAX or hi < _BONE_HU_MIN:
-        raise InputError(f"{name} does not look like a CT in Hounsfield units (1st percentile "
-                         f"{lo:.0f}, 99.9th {hi:.0f}; a head CT has air near -1000 and bone above "
-                         f"{_BONE_HU_MIN:.0f}).",
+        problem = (f"{name} does not look like a CT in Hounsfield units (1st percentile "
+                   f"{lo:.0f}, 99.9th {hi:.0f}; a head CT has air near -1000 and bone above "
+                   f"{_BONE_HU_MIN:.0f})")
+        if force:   # kept possible, but never silent: the regions are likely meaningless
+            warnings.warn(NotCTWarning(f"{problem}; segmented anyway because of --force, so the "
+                                       "regions are likely meaningless."), stacklevel=2)
+            return
+        raise InputError(problem + ".",
                          "Give a non-contrast head CT in HU (not MR, not a display-scaled image), "
                          "or pass --force if you are sure it is one.")
 

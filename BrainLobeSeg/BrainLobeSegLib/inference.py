@@ -1,4 +1,4 @@
-"""Prediction: one data flow from a scan to labels on the scan grid (DESIGN.md section 3).
+"""Prediction: one data flow from a scan to labels on the scan grid (docs/DESIGN.md section 3).
 
     head_box -> upright_resample -> normalise_intensity -> predict_planar / predict_3d
     -> fuse_probabilities -> clean_probabilities -> labels_from_probabilities -> labels_to_scan
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from . import cleanup, geometry, models, quality, transforms
 from .steps import Steps, run_steps, within
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, InputWarning
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
 from .regions import NUM_LABELS
@@ -445,6 +446,10 @@ class Segmenter:
         self.device = resolve_device(device)
         folders = models.find_models(mode, model_dir)
         self.models = [models.load_model(f, self.device) for f in folders]
+        for model in self.models:   # a weak model says so wherever it is used (CLI, Slicer)
+            message = models.quality_warning(model.card)
+            if message:
+                warnings.warn(InputWarning(message), stacklevel=2)
 
     def segment(self, scan: sitk.Image, transform: sitk.Transform,
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,

@@ -49,7 +49,7 @@ _REQUIRED = {"format": int, "name": str, "version": str, "kind": str, "architect
 
 @dataclass
 class ModelCard:
-    """What ``model.json`` holds. See DESIGN.md section 4."""
+    """What ``model.json`` holds. See docs/DESIGN.md section 4."""
 
     name: str
     version: str
@@ -314,6 +314,23 @@ def make_tiny_model(folder: Path, kind: str, spacing: float = 4.0, seed: int = 0
     names = list(PLANES) if kind == "planar" else ["unet3d"]
     nets = {n: build_network(architecture, card.architecture["args"]).eval() for n in names}
     return save_model(folder, card, nets)
+
+
+#: A held-out mean Dice below this in a card makes the model announce itself as unreliable
+#: when used (the bundled models reach 0.83-0.88; a briefly trained test model 0.1-0.5).
+LOW_DICE = 0.7
+
+
+def quality_warning(card: ModelCard) -> Optional[str]:
+    """The warning a model's own card calls for, or None: a held-out mean Dice below
+    :data:`LOW_DICE` says its regions cannot be trusted, and nothing else would say so."""
+    dice = card.metrics.get("mean_dice") if isinstance(card.metrics, dict) else None
+    if isinstance(dice, (int, float)) and not isinstance(dice, bool) and dice < LOW_DICE:
+        return (f"model {card.name} {card.version} has a held-out mean Dice of {dice:.3f} in its "
+                f"card (below {LOW_DICE}; the bundled models reach 0.83-0.88): treat its regions "
+                "as unreliable.")
+    return None
+
 
 def bundled_models_dir() -> Path:
     """``$BRAINLOBESEG_MODELS``, else ``BrainLobeSeg/Resources/Models`` (or a wheel's

@@ -3,7 +3,7 @@
 Everything else (engine, Slicer output, training, statistics, tests) reads this module
 instead of repeating ids or names, so a change here is a change everywhere.
 
-Label convention (DESIGN.md section 1): 0 is background, 1-10 the patient's left side,
+Label convention (docs/DESIGN.md section 1): 0 is background, 1-10 the patient's left side,
 11-20 the right side in the same order; ``id_right = id_left + 10``.
 """
 

@@ -13,7 +13,7 @@ Uncertainty: the planar networks (axial, coronal, sagittal) and, in ensemble mod
 segmentation is least trustworthy; the fraction of disagreeing members per voxel is an
 uncertainty volume on the scan grid, and its mean per region says where to correct first.
 
-Command line (added to ``brainlobeseg`` by :func:`register_cli`)::
+Command line (``brainlobeseg stats`` and ``save-case``, in :mod:`stats_command`)::
 
     brainlobeseg stats SCAN [--transform T.txt] [--invert-transform] [--auto-align]
                        [--labels LABELS.nii.gz] [--mode ensemble] [--threshold 2.5]
@@ -31,12 +31,8 @@ inside Slicer's Python and in CI alike.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -46,7 +42,6 @@ import SimpleITK as sitk
 
 from . import regions
 from .errors import InputError
-from .quality import require_regions
 from .transforms import matrix_of
 
 # ----------------------------------------------------------------------------- settings
@@ -363,7 +358,7 @@ def labels_scan_to_upright(labels_scan: sitk.Image, scan: sitk.Image,
     """Scan-grid labels -> the ``N-seg`` layout (upright space, the scan's grid).
 
     Upright point p shows scan point R(p), so ``seg_upright = Resample(labels_scan, scan,
-    R, nearest)``, exactly how DESIGN.md resamples the CT into the upright space.
+    R, nearest)``, exactly how docs/DESIGN.md resamples the CT into the upright space.
     """
     _check_same_grid(scan, labels_scan, "label image")
     return sitk.Resample(sitk.Cast(labels_scan, sitk.sitkUInt8), scan, transform,
@@ -396,67 +391,6 @@ def save_corrected_case(dataset_dir: str, scan: sitk.Image, labels: sitk.Image,
 
 # ----------------------------------------------------------------------------- command line
 
-def _pose(args: argparse.Namespace, scan: sitk.Image):
-    """The transform R for ``save-case``: from the file, or identity (the dataset layout's
-    "no N.txt"). Segmenting commands use :func:`alignment.choose_pose` instead."""
-    from . import transforms
-    return transforms.read_transform(args.transform, invert=args.invert_transform), False
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    from . import cli, imageio, output, transforms
-    if not all(math.isfinite(v) for v in (args.threshold, *args.window)):   # JSON has no NaN
-        raise InputError("--threshold and --window must be finite numbers of HU.",
-                         "Leave them out for the defaults, or give plain numbers.")
-    scan = imageio.read_scan(args.scan)
-    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
-    case = imageio.strip_image_suffix(args.scan)
-    settings = dict(window_hu=tuple(args.window), threshold_hu=args.threshold)
-    with output.OutputSet(args.output) as out:
-        if args.labels:
-            if args.auto_align or args.assume_upright:
-                raise InputError("--auto-align and --assume-upright have no use with --labels "
-                                 "(nothing is segmented).", "Leave them out.")
-            labels = imageio.read_scan(args.labels)
-            report = region_statistics(scan, labels, **settings)
-            report.extra["labels"] = os.path.abspath(args.labels)
-        else:
-            from .alignment import ESTIMATED_SUFFIX, choose_pose
-            from .region_pose import segment_with_pose
-            if args.auto_align and args.transform:
-                raise InputError("--auto-align and --transform exclude each other.",
-                                 "Give the transform file, or leave it out to estimate the pose.")
-            bar = cli.ProgressBar(case)
-            pose = choose_pose(scan, args.transform, args.invert_transform, args.assume_upright,
-                               progress=lambda f, m: bar(0.1 * f, f"pose: {m}"))
-            segmenter = cli.Segmenter(args.mode, args.model, args.device, args.fusion, args.threads)
-            result, pose = segment_with_pose(segmenter, scan, pose, keep_probabilities=True,
-                                             progress=lambda f, m: bar(0.1 + 0.9 * f, m))
-            transform = pose.transform
-            require_regions(result.quality, case)
-            report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
-            report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
-            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
-            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects.nii.gz"))
-            report.extra["transform"] = pose.source
-            if pose.estimate is not None:
-                written = f"{case}{ESTIMATED_SUFFIX}"
-                transforms.write_transform(out.path(written), transform)
-                report.extra["transform"] = f"estimated ({written}; check it)"
-                report.extra["estimated_pose"] = {"angle_deg": round(pose.estimate.angle_deg, 2),
-                                                  "pitch_deg": round(pose.estimate.pitch_deg, 2),
-                                                  "match": round(pose.estimate.match, 3)}
-                print(cli.pose_line(case, pose, os.path.join(args.output, written)))
-        report.extra["scan"] = os.path.abspath(args.scan)
-        output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
-        output.write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
-        files = out.commit()
-    print_summary(report)
-    for f in files:
-        print(f"output: {f}")
-    return 0
-
-
 def print_summary(report: StatisticsReport, stream=None) -> None:
     """A short human-readable table on stdout, flagged regions marked with ``!``."""
     stream = stream or sys.stdout
@@ -471,57 +405,3 @@ def print_summary(report: StatisticsReport, stream=None) -> None:
         print(f"! {len(report.flagged)} region(s) at least {report.threshold_hu:g} HU darker than "
               f"their mirror: {', '.join(r.region for r in report.flagged)}", file=stream)
     print(report.notice, file=stream)
-
-
-def cmd_save_case(args: argparse.Namespace) -> int:
-    from . import imageio
-    scan = imageio.read_scan(args.scan)
-    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
-    labels = imageio.read_scan(args.labels)
-    transform, _ = _pose(args, scan)
-    name = save_corrected_case(args.dataset, scan, labels, transform if args.transform else None,
-                               labels_space=args.labels_space, name=args.name)
-    print(f"saved case {name} in {args.dataset}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    """Add ``stats`` and ``save-case`` to the ``brainlobeseg`` command."""
-    from .cli import _model_options
-
-    s = sub.add_parser("stats", help="per-region volume, HU, left-right difference and "
-                                     "uncertainty (decision support, not a diagnosis)")
-    s.add_argument("scan", help="CT file (.nii, .nii.gz, .nrrd) or DICOM series folder")
-    s.add_argument("--transform", help="ITK transform file R (upright -> scan), as ITK-SNAP saves it")
-    s.add_argument("--invert-transform", action="store_true",
-                   help="the transform file maps scan -> upright (the other way round)")
-    s.add_argument("--auto-align", action="store_true",
-                   help="the default without --transform (kept for old scripts): the head pose is "
-                        "estimated and written as <case>-upright-estimated.txt")
-    s.add_argument("--assume-upright", action="store_true",
-                   help="no transform and no estimate: the head is upright in the scan as it is")
-    s.add_argument("--labels", help="ASPECTS labels on the scan grid: skip segmentation")
-    s.add_argument("--threshold", type=float, default=DEFAULT_DROP_THRESHOLD_HU,
-                   help=f"flag a region this many HU darker than its mirror (default {DEFAULT_DROP_THRESHOLD_HU})")
-    s.add_argument("--window", type=float, nargs=2, default=list(BRAIN_WINDOW_HU), metavar=("LOW", "HIGH"),
-                   help=f"brain window in HU: voxels outside are not measured "
-                        f"(default {BRAIN_WINDOW_HU[0]:g} {BRAIN_WINDOW_HU[1]:g}: no CSF, no calcification)")
-    s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
-    s.add_argument("-o", "--output", required=True, help="output folder")
-    _model_options(s, default_mode="ensemble")
-    s.set_defaults(func=cmd_stats)
-
-    c = sub.add_parser("save-case", help="write a scan and its (corrected) labels as the next "
-                                         "numbered case of a training dataset")
-    c.add_argument("scan", help="CT file")
-    c.add_argument("labels", help="label map on the scan grid (e.g. a corrected <case>-aspects.nii.gz)")
-    c.add_argument("--transform", help="ITK transform file R (upright -> scan); identity if left out")
-    c.add_argument("--invert-transform", action="store_true",
-                   help="the transform file maps scan -> upright (the other way round)")
-    c.add_argument("--labels-space", choices=("scan", "upright"), default="scan",
-                   help="labels in the scan space (default; converted to the N-seg layout) or "
-                        "already upright (N-seg layout)")
-    c.add_argument("--name", help="case name (default: the next free number)")
-    c.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
-    c.add_argument("--dataset", required=True, help="dataset folder (created if missing)")
-    c.set_defaults(func=cmd_save_case)

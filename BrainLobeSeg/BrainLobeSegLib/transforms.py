@@ -1,4 +1,4 @@
-"""The transform convention (DESIGN.md section 2), in one place.
+"""The transform convention (docs/DESIGN.md section 2), in one place.
 
 A case's transform file ``N.txt`` holds ``R``, read with SimpleITK. ``R`` maps a point of
 the *upright* space (where the radiologist drew the labels) to the point of the *scan*

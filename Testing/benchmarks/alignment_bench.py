@@ -26,7 +26,7 @@ Exit status 1 if a group misses the targets (median <= 1.5, p95 <= 3, max <= 5 d
 real-scan consistency <= 2 degrees; speed < 3 s). Run it niced on a shared machine::
 
     nice -n 10 python Testing/benchmarks/alignment_bench.py --data /tmp/heldout-wide \\
-        --phantoms 12 --reference-poses 12 --real ../shared/data/real-ct/dcm_qa_ct-GE --speed
+        --phantoms 12 --reference-poses 12 --real atlas/real-ct/dcm_qa_ct-GE --speed
 """
 
 from __future__ import annotations

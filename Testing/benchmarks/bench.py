@@ -1,10 +1,10 @@
 """Speed and memory benchmark of BrainLobeSeg, side by side with an nnU-Net-class network
-and an atlas-registration baseline (issue 5; targets in DESIGN.md section 6).
+and an atlas-registration baseline (issue 5; targets in docs/DESIGN.md section 6).
 
 Run from the repository root::
 
     make bench                                  # bundled models
-    make bench ATLAS=../shared/data             # + atlas baseline and held-out Dice
+    make bench ATLAS=atlas                      # + atlas baseline and held-out Dice (docs/DESIGN.md 5.2)
     python -m Testing.benchmarks.bench --help
 
 What is measured, and why this way:
@@ -58,7 +58,7 @@ TARGET_RSS_GB = 2.5
 TARGET_NNUNET_RATIO = 4.0
 GB = 1e9   # the target's GB read as 10^9 bytes (stricter than GiB)
 
-# Atlas baseline: file code -> our region code (aspects-on-cta names; see its SOURCE.md).
+# Atlas baseline: file code -> our region code (aspects-on-cta names; docs/DESIGN.md section 5.1).
 ATLAS_CODES = {"C": "C", "LN": "L", "InCa": "IC", "IC": "I", "M1": "M1", "M2": "M2",
                "M3": "M3", "M4": "M4", "M5": "M5", "M6": "M6"}
 
@@ -276,7 +276,7 @@ SAMPLING = 0.05
 
 
 def cormack_to_hu(image):
-    """Rorden's Cormack units -> HU (Clinical-scct SOURCE.md): v = C - 900; v <= 0: h = v;
+    """Rorden's Cormack units -> HU (docs/DESIGN.md section 5.2): v = C - 900; v <= 0: h = v;
     v <= 2200: h = v / 11; else h = v - 2000; HU = h - 124."""
     import numpy as np
     import SimpleITK as sitk
@@ -649,7 +649,7 @@ def build_report(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         lines.append("")
 
     # targets
-    lines.append("## Targets (DESIGN.md section 6)\n")
+    lines.append("## Targets (docs/DESIGN.md section 6)\n")
     lines.append("| target | measured | result |")
     lines.append("|---|---|---|")
 
@@ -735,7 +735,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="time at most this many windows and extrapolate the rest")
     p.add_argument("--nnunet-budget", type=float, default=150.0,
                    help="stop timing windows after this many seconds (>= 2 windows) and extrapolate")
-    p.add_argument("--atlas-dir", type=Path, default=None, help="../shared/data: adds the atlas baseline")
+    p.add_argument("--atlas-dir", type=Path, default=None, help="atlas folder (docs/DESIGN.md section 5.2): adds the atlas baseline")
     p.add_argument("--heldout", type=Path, default=None, help="dataset folder of labelled held-out scans")
     p.add_argument("--n-heldout", type=int, default=3)
     p.add_argument("--heldout-seed", type=int, default=90210)

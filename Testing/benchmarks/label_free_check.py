@@ -15,7 +15,7 @@ For each scan (a file or a DICOM folder; several may be given):
 The unturned scan is segmented without a transform too (the automatic pose), as a
 clinician without an ITK-SNAP file would. Printed numbers only; nothing is asserted.
 
-    python Testing/benchmarks/label_free_check.py ../shared/data/real-ct/dcm_qa_ct-GE \\
+    python Testing/benchmarks/label_free_check.py atlas/real-ct/dcm_qa_ct-GE \\
         --montage Testing/benchmarks/real-ct-overlay.png
 """
 
@@ -56,7 +56,8 @@ def montage(scan: sitk.Image, transform: sitk.Transform, result: inference.Segme
     tiles = [output.overlay_slice(hu[z], lab[z]) for z in picks]
     picture = np.concatenate(tiles, axis=1)
     zoom = max(1, int(round(max(grid.spacing[:2]) / 0.75)))
-    output.write_png(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1), path)
+    from BrainLobeSegLib.preview import explained   # orientation line and legend below
+    output.write_png(explained(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)), path)
 
 
 def check(path: str, seg: inference.Segmenter, turn, montage_path: Optional[str]) -> None:

@@ -1,0 +1,174 @@
+"""The ``brainlobeseg stats`` and ``save-case`` commands (see :mod:`statistics`).
+
+Kept apart from the statistics themselves so the engine module never imports the
+command line, and the command line can use the statistics (imports run one way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import SimpleITK as sitk
+
+from .errors import InputError
+from .quality import require_regions
+from .statistics import (BRAIN_WINDOW_HU, DEFAULT_DROP_THRESHOLD_HU, print_summary,
+                         region_statistics, save_corrected_case, statistics_for_result)
+
+
+def _pose(args: argparse.Namespace, scan: sitk.Image):
+    """The transform R for ``save-case``: from the file, or identity (the dataset layout's
+    "no N.txt"). Segmenting commands use :func:`alignment.choose_pose` instead."""
+    from . import transforms
+    return transforms.read_transform(args.transform, invert=args.invert_transform), False
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats`` of every case of the inputs (files, DICOM or dataset folders, globs), one
+    after the other; the models are loaded once, at the first case that needs them."""
+    from . import batch
+    from .console import case_warnings
+    jobs = batch.expand_inputs(args.scan, args.transform)
+    if args.labels and len(jobs) != 1:
+        raise InputError(f"--labels goes with one scan; {len(jobs)} cases were given.",
+                         "Run stats --labels once per scan.")
+    segmenters: list = []
+    failed = 0
+    for job in jobs:
+        if len(jobs) > 1:
+            print(f"== {job.name} ==")
+        try:
+            with case_warnings(job.name) as noted:
+                _stats_case(args, job, noted, segmenters)
+        except InputError as exc:
+            if len(jobs) == 1:
+                raise
+            failed += 1
+            print(f"brainlobeseg: {job.name}: {exc}", file=sys.stderr)
+    if failed:
+        print(f"brainlobeseg: {failed} of {len(jobs)} cases failed (see above).", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
+    """``stats`` of one case; ``noted`` collects its warnings (the JSON records them),
+    ``segmenters`` holds the one Segmenter of the run once made (with its warnings)."""
+    from . import cli, imageio, output, transforms
+    if not all(math.isfinite(v) for v in (args.threshold, *args.window)):   # JSON has no NaN
+        raise InputError("--threshold and --window must be finite numbers of HU.",
+                         "Leave them out for the defaults, or give plain numbers.")
+    from .console import case_warnings
+    case = job.name
+    scan = imageio.read_scan(job.scan)
+    imageio.check_ct(scan, force=args.force, name=os.path.basename(job.scan))
+    settings = dict(window_hu=tuple(args.window), threshold_hu=args.threshold)
+    with output.OutputSet(args.output) as out:
+        if args.labels:
+            if args.auto_align or args.assume_upright:
+                raise InputError("--auto-align and --assume-upright have no use with --labels "
+                                 "(nothing is segmented).", "Leave them out.")
+            labels = imageio.read_scan(args.labels)
+            report = region_statistics(scan, labels, **settings)
+            report.extra["labels"] = os.path.abspath(args.labels)
+        else:
+            from .alignment import ESTIMATED_SUFFIX, choose_pose
+            from .region_pose import segment_with_pose
+            if args.auto_align and args.transform:
+                raise InputError("--auto-align and --transform exclude each other.",
+                                 "Give the transform file, or leave it out to estimate the pose.")
+            bar = cli.ProgressBar(case, enabled=False if args.quiet else None)
+            pose = choose_pose(scan, job.transform, args.invert_transform, args.assume_upright,
+                               progress=lambda f, m: bar(0.1 * f, f"pose: {m}"))
+            if not segmenters:
+                with case_warnings() as model_warnings:
+                    segmenters.append((cli.Segmenter(args.mode, args.model, args.device, args.fusion,
+                                                     args.threads), model_warnings.messages))
+            segmenter = segmenters[0][0]
+            result, pose = segment_with_pose(segmenter, scan, pose, keep_probabilities=True,
+                                             progress=lambda f, m: bar(0.1 + 0.9 * f, m))
+            transform = pose.transform
+            require_regions(result.quality, case)
+            report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
+            report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
+            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
+            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects.nii.gz"))
+            report.extra["transform"] = pose.source
+            if pose.estimate is not None:
+                written = f"{case}{ESTIMATED_SUFFIX}"
+                transforms.write_transform(out.path(written), transform)
+                report.extra["transform"] = f"estimated ({written}; check it)"
+                report.extra["estimated_pose"] = {"angle_deg": round(pose.estimate.angle_deg, 2),
+                                                  "pitch_deg": round(pose.estimate.pitch_deg, 2),
+                                                  "match": round(pose.estimate.match, 3)}
+                print(cli.pose_line(case, pose, os.path.join(args.output, written)))
+        report.extra["scan"] = os.path.abspath(job.scan)
+        report.extra["warnings"] = (segmenters[0][1] if segmenters else []) + noted.messages
+        output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
+        output.write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
+        files = out.commit()
+    print_summary(report)
+    for f in files:
+        print(f"output: {f}")
+
+
+def cmd_save_case(args: argparse.Namespace) -> int:
+    from . import imageio
+    scan = imageio.read_scan(args.scan)
+    imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
+    labels = imageio.read_scan(args.labels)
+    transform, _ = _pose(args, scan)
+    name = save_corrected_case(args.dataset, scan, labels, transform if args.transform else None,
+                               labels_space=args.labels_space, name=args.name)
+    print(f"saved case {name} in {args.dataset}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    """Add ``stats`` and ``save-case`` to the ``brainlobeseg`` command."""
+    from .cli import _model_options
+    from .console import add_verbosity
+
+    s = sub.add_parser("stats", help="per-region volume, HU, left-right difference and "
+                                     "uncertainty (decision support, not a diagnosis)")
+    s.add_argument("scan", nargs="+", metavar="SCAN",
+                   help="CT file (NIfTI, NRRD, MetaImage), DICOM series folder, dataset folder of "
+                        "cases N.nii.gz (+ N.txt), or a glob pattern of these; several may be given")
+    s.add_argument("--transform", help="ITK transform file R (upright -> scan), as ITK-SNAP saves it")
+    s.add_argument("--invert-transform", action="store_true",
+                   help="the transform file maps scan -> upright (the other way round)")
+    s.add_argument("--auto-align", action="store_true",
+                   help="the default without --transform (kept for old scripts): the head pose is "
+                        "estimated and written as <case>-upright-estimated.txt")
+    s.add_argument("--assume-upright", action="store_true",
+                   help="no transform and no estimate: the head is upright in the scan as it is")
+    s.add_argument("--labels", help="ASPECTS labels on the scan grid: skip segmentation")
+    s.add_argument("--threshold", type=float, default=DEFAULT_DROP_THRESHOLD_HU,
+                   help=f"flag a region this many HU darker than its mirror (default {DEFAULT_DROP_THRESHOLD_HU})")
+    s.add_argument("--window", type=float, nargs=2, default=list(BRAIN_WINDOW_HU), metavar=("LOW", "HIGH"),
+                   help=f"brain window in HU: voxels outside are not measured "
+                        f"(default {BRAIN_WINDOW_HU[0]:g} {BRAIN_WINDOW_HU[1]:g}: no CSF, no calcification)")
+    s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    add_verbosity(s)
+    _model_options(s, default_mode="ensemble")
+    s.set_defaults(func=cmd_stats)
+
+    c = sub.add_parser("save-case", help="write a scan and its (corrected) labels as the next "
+                                         "numbered case of a training dataset")
+    c.add_argument("scan", help="CT file")
+    c.add_argument("labels", help="label map on the scan grid (e.g. a corrected <case>-aspects.nii.gz)")
+    c.add_argument("--transform", help="ITK transform file R (upright -> scan); identity if left out")
+    c.add_argument("--invert-transform", action="store_true",
+                   help="the transform file maps scan -> upright (the other way round)")
+    c.add_argument("--labels-space", choices=("scan", "upright"), default="scan",
+                   help="labels in the scan space (default; converted to the N-seg layout) or "
+                        "already upright (N-seg layout)")
+    c.add_argument("--name", help="case name (default: the next free number)")
+    c.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
+    c.add_argument("--dataset", required=True, help="dataset folder (created if missing)")
+    c.set_defaults(func=cmd_save_case)
