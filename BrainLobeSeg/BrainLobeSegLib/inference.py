@@ -507,9 +507,9 @@ class Segmenter:
         kept = fused.copy() if keep_probabilities else None   # before the clean-up
         labels, labels_scan, labels_upright, report = yield from fused_to_labels(
             fused, grid, scan, transform, self.refine_mm, non_brain, st)
-        yield
+        volumes = yield from quality.region_volumes_steps(labels_scan)
         report_q = quality.check_labels(labels_scan, quality.merge_ranges(
-            [m.card.quality for m in self.models]))   # front ends refuse an empty result
+            [m.card.quality for m in self.models]), volumes=volumes)   # front ends refuse an empty result
         st.report(1.0, "done")
         return SegmentationResult(
             labels_scan=labels_scan, labels_upright=labels_upright, grid=grid, labels_grid=labels,

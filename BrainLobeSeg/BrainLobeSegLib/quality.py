@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import regions
+from .steps import Steps, run_steps
 from .errors import InputError, InputWarning
 
 
@@ -60,7 +61,19 @@ def merge_ranges(sections: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 def region_volumes(labels: sitk.Image) -> Dict[int, float]:
     """Label id -> volume in ml, for ids 1..20 (0 where a region is absent)."""
-    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=regions.NUM_LABELS + 1)
+    return run_steps(region_volumes_steps(labels))
+
+
+def region_volumes_steps(labels: sitk.Image, slab_voxels: int = 4 * 1024 * 1024
+                         ) -> "Steps[Dict[int, float]]":
+    """:func:`region_volumes` a slab of slices per step: counting a 512 x 512 x 110 label
+    image at once takes 0.6 s (bincount widens every voxel to 64 bits)."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    counts = np.zeros(max(regions.NUM_LABELS + 1, 256), np.int64)
+    step = max(1, slab_voxels // max(1, arr[0].size))
+    for z in range(0, arr.shape[0], step):
+        counts += np.bincount(arr[z:z + step].ravel(), minlength=counts.size)[:counts.size]
+        yield
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     return {r.label: float(counts[r.label]) * voxel_ml for r in regions.REGIONS}
 
@@ -87,13 +100,13 @@ def _problems(vol: Dict[int, float], left: float, right: float, ranges: Dict[str
 
 
 def check_labels(labels: sitk.Image, ranges: Optional[Dict[str, Any]] = None,
-                 name: str = "the scan") -> QualityReport:
+                 name: str = "the scan", volumes: Optional[Dict[int, float]] = None) -> QualityReport:
     """Measure a result and warn once (:class:`QualityWarning`) when it is implausible for
     the card's ``ranges``. An empty result is only marked: front ends refuse it with
     :func:`require_regions`, while training's evaluation must be able to score an early,
-    still empty model."""
+    still empty model. ``volumes`` (from :func:`region_volumes_steps`) saves the count."""
     ranges = dict(ranges or {})
-    vol = region_volumes(labels)
+    vol = region_volumes(labels) if volumes is None else volumes
     left = sum(v for k, v in vol.items() if k <= regions.SIDE_OFFSET)
     right = sum(v for k, v in vol.items() if k > regions.SIDE_OFFSET)
     report = QualityReport(volumes_ml={r.segment_name: round(vol[r.label], 3) for r in regions.REGIONS},
