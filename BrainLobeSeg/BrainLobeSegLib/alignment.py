@@ -126,6 +126,12 @@ class PoseEstimate:
 
 def _working_image(scan: sitk.Image, spacing: float
                    ) -> Tuple[sitk.Image, np.ndarray, np.ndarray, sitk.Image]:
+    """:func:`_working_image_steps` in one go."""
+    return run_steps(_working_image_steps(scan, spacing))
+
+
+def _working_image_steps(scan: sitk.Image, spacing: float
+                         ) -> "Steps[Tuple[sitk.Image, np.ndarray, np.ndarray, sitk.Image]]":
     """The head on an identity-direction isotropic grid in the scan's physical space:
     the symmetry feature image (brain window, lightly smoothed), the head mask and the
     field-of-view mask (bool, z y x), and the HU image on that grid, less the scan's
@@ -138,17 +144,20 @@ def _working_image(scan: sitk.Image, spacing: float
     uses only points whose partners also lie inside the field of view.
     """
     box = geometry.head_box(scan, transforms.identity())
+    yield
     # a margin around the head: a reflected or re-posed head must stay inside the grid,
     # or points leaving it would silently stop counting (a bias towards leaving it)
     box = geometry.HeadBox(tuple(l - GRID_MARGIN_MM for l in box.lower),
                            tuple(u + GRID_MARGIN_MM for u in box.upper), box.midline_x)
     grid = box.grid((spacing,) * 3)
     hu = geometry.upright_resample(scan, transforms.identity(), grid)
+    yield
     ones = sitk.Image(scan.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(scan)
     fov_img = sitk.Resample(ones, grid.reference(), transforms.identity(), sitk.sitkNearestNeighbor, 0)
     fov_img = sitk.BinaryErode(fov_img, [1, 1, 1])
     fov = sitk.GetArrayFromImage(fov_img) > 0
+    yield
     mask = (hu > geometry.HEAD_THRESHOLD_HU) & fov
     shift = geometry.calibration_shift(hu, mask)
     feat = np.clip(hu - shift, *FEATURE_HU).astype(np.float32)
@@ -538,7 +547,7 @@ def estimate_pose_steps(scan: sitk.Image, template: Optional[sitk.Image] = None,
 def _estimate_steps(scan: sitk.Image, template: Optional[sitk.Image], spacing: float,
                     report: ProgressFn) -> "Steps[PoseEstimate]":
     report(0.0, "finding the head")
-    img, mask, fov, hu = _working_image(scan, spacing)
+    img, mask, fov, hu = yield from _working_image_steps(scan, spacing)
     if mask.sum() < 100:
         raise InputError("no head found in the scan (too few voxels above "
                          f"{geometry.HEAD_THRESHOLD_HU:.0f} HU).", "Give a head CT in HU.")
