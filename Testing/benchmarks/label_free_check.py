@@ -60,11 +60,19 @@ def montage(scan: sitk.Image, transform: sitk.Transform, result: inference.Segme
     output.write_png(explained(np.repeat(np.repeat(picture, zoom, axis=0), zoom, axis=1)), path)
 
 
+def automatic(seg: inference.Segmenter, scan: sitk.Image):
+    """Segmented as ``segment`` does without a transform: the pose estimated, checked
+    against the regions found; returns (result, the pose estimate used)."""
+    from BrainLobeSegLib import region_pose
+    est = alignment.estimate_pose(scan)
+    result, pose = region_pose.segment_with_pose(seg, scan, alignment.PoseChoice(est.transform, "estimated", est))
+    return result, pose.estimate
+
+
 def check(path: str, seg: inference.Segmenter, turn, montage_path: Optional[str]) -> None:
     scan = sitk.Cast(imageio.read_scan(path), sitk.sitkFloat32)
     imageio.check_ct(scan, name=path)
-    est = alignment.estimate_pose(scan)
-    result = seg.segment(scan, est.transform)
+    result, est = automatic(seg, scan)
     labels = sitk.GetArrayFromImage(result.labels_scan)
     voxel_ml = float(np.prod(scan.GetSpacing())) / 1000.0
     hu = sitk.GetArrayViewFromImage(scan)
@@ -90,8 +98,8 @@ def check(path: str, seg: inference.Segmenter, turn, montage_path: Optional[str]
     Q = transforms.rotation(tuple(turn), center=tuple(centre))
     q_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(Q)))
     turned = sitk.Resample(scan, scan, q_inv, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    est2 = alignment.estimate_pose(turned)
-    labels2 = seg.segment(turned, est2.transform).labels_scan
+    result2, est2 = automatic(seg, turned)
+    labels2 = result2.labels_scan
     back = sitk.GetArrayFromImage(sitk.Resample(labels2, scan, Q, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
     # only where the turned scan still showed the head (its field of view is the same grid)
     seen = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(turned > -1023.0, sitk.sitkUInt8), scan, Q,
@@ -111,9 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mode", default="3d")
     p.add_argument("--turn", type=float, nargs=3, default=[13.0, 5.0, -4.0], metavar=("RX", "RY", "RZ"))
     p.add_argument("--montage", help="PNG path (for one scan)")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled models)")
     args = p.parse_args(argv)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
-    seg = inference.Segmenter(args.mode, None, "cpu")
+    seg = inference.Segmenter(args.mode, args.model, "cpu")
     for path in args.scans:
         check(path, seg, args.turn, args.montage if len(args.scans) == 1 else None)
     return 0
