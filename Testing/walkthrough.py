@@ -105,6 +105,7 @@ RULES: List[Tuple[str, Handler]] = [
     (r"python -m training synth --atlas-dir atlas --out data/synth256 -n 200 --seed 1 --inplane 256",
      tiny((r"-n 200", "-n 2"), (r"--inplane 256", "--inplane 64"), append="--slice-mm 4,6")),
     (r"make walkthrough\s+#.*", skip("this walk-through itself")),
+    (r"make test-numpy126", skip("CI's numpy 1.26 step (.ci/run): minutes in a throwaway venv")),
     (r"make bench( ATLAS=atlas)?\s+#.*", skip("benchmark: minutes of CPU, rewrites Testing/benchmarks/RESULTS.md")),
     (r"python Testing/benchmarks/\w+\.py .*", skip("benchmark on held-out or real scans (minutes, needs data)")),
 ]
