@@ -26,8 +26,9 @@ from BrainLobeSegLib import panel, slicer_views, terminology  # noqa: E402  (lig
 from BrainLobeSegLib.parameters import (BrainLobeSegLogic, BrainLobeSegParameterNode,  # noqa: E402,F401
                                         ComputeDevice, SegmentationMode, TransformSource)
 
-#: How often the panel looks at a running segmentation (ms).
-POLL_INTERVAL_MS = 100
+#: 0 ms: a tick per event-loop turn, after pending events; each runs engine steps here for
+#: panel.STEP_BUDGET_S plus one step (a thread would crawl: Slicer's main thread holds the GIL).
+POLL_INTERVAL_MS = 0
 
 
 class BrainLobeSeg(ScriptedLoadableModule):
@@ -62,8 +63,8 @@ class BrainLobeSeg(ScriptedLoadableModule):
 
 class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: Qt only. Its decisions and texts come from ``BrainLobeSegLib.panel``
-    (``self._session`` holds the run and the last result); a ``qt.QTimer`` polls a run,
-    whose nodes are built on the main thread when it ends."""
+    (``self._session`` holds the run and the last result); a ``qt.QTimer`` advances a
+    run step by step on the main thread and builds its nodes when it ends."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -98,7 +99,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Slicer closing or Reload: stop a run, disconnect the GUI, observe nothing."""
-        self._stopRun(wait_s=5.0)
+        self._stopRun()
         self.setParameterNode(None)
         self._watcher.stop()
         self.removeObservers()
@@ -110,7 +111,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)   # reconnected on enter; a run is finished by the timer
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._stopRun(wait_s=5.0)    # its nodes are about to disappear
+        self._stopRun()    # its nodes are about to disappear
         self._session.result = None
         self.setParameterNode(None)
 
@@ -194,8 +195,6 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Cannot segment."), waitCursor=True):
                 job = s.start(p.inputVolume, p.transformSource.value, p.transformNode, p.invertTransform,
                               p.mode.value, p.device.value, p.modelFolder, p.outputSegmentation, self._confirm)
-            if job is not None and job.estimated_node is not None:   # the user can check it
-                p.transformNode, p.transformSource = job.estimated_node, TransformSource.NODE
             if s.running:
                 self.ui.progressBar.setValue(0)
                 self.ui.statusLabel.text = _("Segmenting with {description}...").format(
@@ -204,7 +203,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     def _pollRun(self) -> None:
-        """Timer slot: show progress; once the run is done, finish it on this thread."""
+        """Timer slot: run steps for one tick, show progress; once done, finish the run."""
         s = self._session
         if not s.running:
             return self._timer.stop()
@@ -219,6 +218,9 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outcome = s.finish()
             if outcome.result is not None:
                 slicer_views.show_result(outcome.result)
+                estimated, p = outcome.result.job.estimated_node, self._parameterNode
+                if estimated is not None and p is not None:   # selected, for the user to check
+                    p.transformNode, p.transformSource = estimated, TransformSource.NODE
             self.ui.progressBar.setValue(outcome.progress)
             self.ui.statusLabel.text = outcome.status
             if outcome.error:   # details (a traceback) only for an unexpected error
@@ -227,10 +229,10 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateGUI()
 
-    def _stopRun(self, wait_s: float) -> None:
+    def _stopRun(self) -> None:
         """Cancel a running segmentation and drop its result (scene or module closing)."""
         self._timer.stop()
-        if self._session.stop(wait_s):
+        if self._session.stop():
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = _("Cancelled. Nothing was added to the scene.")
             self._updateGUI()
@@ -348,9 +350,8 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
                                    transforms.matrix_of(R), atol=1e-6)
 
     def test_panel_run_cancelled_and_into_a_deleted_output(self) -> None:
-        """The panel's run (engine in a thread): cancelled, the scene keeps its nodes;
+        """The panel's run (engine steps, polled): cancelled, the scene keeps its nodes;
         finished after the chosen output node was deleted, the result is in a new node."""
-        import time
         session, volume = panel.Session(BrainLobeSegLogic().core), self._phantomVolume()
         for cancel in (True, False):
             output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
@@ -359,8 +360,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
                 session.run.cancel()
             else:
                 slicer.mrmlScene.RemoveNode(output)   # the user deletes it meanwhile
-            while not session.run.poll()[2]:
-                time.sleep(0.05)
+            session.run.run_to_end()
             outcome = session.finish()
             self.assertEqual((outcome.error, outcome.result is None), ("", cancel))
         self.assertIn("deleted", outcome.status)
@@ -383,13 +383,16 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         self.assertIn("not a diagnosis", table.GetAttribute("BrainLobeSeg.notice"))
 
     def test_automatic_estimate_adds_a_node(self) -> None:
-        """The estimate is one new transform node within 2 degrees of the known pose of
-        the bundled reference head; the CT is not moved under it."""
+        """A run with the automatic estimate adds with its result one transform node, within
+        2 degrees of the reference head's known pose; the CT is not moved under it."""
         from BrainLobeSegLib import alignment, phantom, slicer_tools
         ct, truth = phantom.make_reference_scan((18.0, -5.0, 7.0), seed=4)
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
         slicer_tools.update_volume_from_image(volume, ct)
-        job = BrainLobeSegLogic().core.prepare(volume, "estimate", mode="3d", device="cpu")
+        session = panel.Session(BrainLobeSegLogic().core)
+        session.start(volume, "estimate", None, False, "3d", "cpu", self._folder("3d"), None, lambda *a: True)
+        session.run.run_to_end()
+        node = session.finish().result.job.estimated_node
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode"), 1)
-        self.assertLess(alignment.angle_error_deg(job.transform, truth), 2.0)
+        self.assertLess(alignment.angle_error_deg(slicer_tools.transform_from_node(node), truth), 2.0)
         self.assertIsNone(volume.GetParentTransformNode())

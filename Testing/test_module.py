@@ -140,13 +140,14 @@ def test_self_test_passes_under_unittest_loader(module):
 
 
 def test_without_torch_the_loader_skips_and_run_test_logs(module, monkeypatch, caplog):
-    """No PyTorch: under the loader the tests needing a model are skipped (the one that
-    needs none still runs); Reload & Test (runTest) logs and returns instead of failing."""
+    """No PyTorch: under the loader the tests are skipped (all four run a model; the
+    automatic estimate, too, is now made by a run); Reload & Test (runTest) logs and
+    returns instead of failing."""
     monkeypatch.setattr(torch_install, "torch_available", lambda: False)
     monkeypatch.setattr(torch_install, "install_without_asking", lambda: False)
     start_slicer(module)
     result = run_loader(module)
-    assert result.wasSuccessful() and len(result.skipped) == 3 and result.testsRun == 4
+    assert result.wasSuccessful() and len(result.skipped) == 4 and result.testsRun == 4
     with caplog.at_level(logging.WARNING):
         assert module.BrainLobeSegTest().runTest() is None
     assert "did not run" in caplog.text
@@ -231,3 +232,32 @@ def test_terminology_is_registered_when_slicer_has_started(module):
     names = vtk.vtkStringArray()
     slicer.modules.terminologies.logic().GetLoadedTerminologyNames(names)
     assert regions.TERMINOLOGY_CONTEXT in [names.GetValue(i) for i in range(names.GetNumberOfValues())]
+
+
+def test_the_widget_timer_steps_a_run_and_selects_the_estimate(module, monkeypatch, tiny_models):
+    """The Widget's timer slot runs the engine's steps on this thread, one budget per
+    call, shows progress, and at the end selects the automatic estimate the run added (the
+    views are Qt: ``show_result`` is stood in for)."""
+    from BrainLobeSegLib import panel, phantom, slicer_tools, slicer_views
+    ct, _truth = phantom.make_reference_scan((14.0, -4.0, 6.0), seed=5)
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
+    slicer_tools.update_volume_from_image(volume, ct)
+    shown = []
+    monkeypatch.setattr(slicer_views, "show_result", shown.append)
+    monkeypatch.setattr(panel, "STEP_BUDGET_S", 0.0)
+    widget = make_widget(module, volume)
+    widget._session.start(volume, "estimate", None, False, "3d", "cpu", str(tiny_models), None,
+                          lambda *a: True)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode") == 0
+    ticks = 0
+    while widget._session.running:
+        widget._pollRun()
+        ticks += 1
+    assert module.POLL_INTERVAL_MS == 0 and ticks > 10 and widget._timer.stop.called
+    node = slicer.mrmlScene.GetNthNodeByClass(0, "vtkMRMLLinearTransformNode")
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode") == 1
+    p = widget._parameterNode
+    assert p.transformNode is node and p.transformSource == module.TransformSource.NODE
+    assert len(shown) == 1 and shown[0].job.estimated_node is node
+    assert "head pose used is the automatic estimate" in widget.ui.statusLabel.text
+    widget.ui.progressBar.setValue.assert_called_with(100)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import pytest
 import SimpleITK as sitk
 import slicer
 
-from BrainLobeSegLib import panel, regions, slicer_logic, slicer_tools, torch_install, transforms
+from BrainLobeSegLib import (panel, phantom, regions, slicer_logic, slicer_tools, torch_install,
+                             transforms)
 from BrainLobeSegLib.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,11 +51,12 @@ def add_transform(scene, R, name: str = "upright"):
     return node
 
 
-def wait(session: panel.Session, timeout: float = 60.0) -> None:
-    deadline = time.perf_counter() + timeout
-    while not session.run.poll()[2]:
-        assert time.perf_counter() < deadline, "the run did not end"
-        time.sleep(0.02)
+def wait(session: panel.Session, max_polls: int = 100000) -> int:
+    """Poll the run to its end, as the Widget's timer does; the number of polls."""
+    for polls in range(1, max_polls + 1):
+        if session.run.poll()[2]:
+            return polls
+    raise AssertionError("the run did not end")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -215,9 +216,10 @@ def test_outcomes_of_failed_and_cancelled_runs(scene, core, tiny_models, tmp_pat
     assert outcome.details == "" and outcome.result is None
 
     def broken(job, progress=None, cancel=None):
+        yield
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(core, "run", broken)
+    monkeypatch.setattr(core, "run_steps", broken)
     session.start(ct, "none", None, False, "3d", "cpu", str(tiny_models), None, lambda *a: True)
     wait(session)
     outcome = session.finish()                                  # unexpected: logged, with details
@@ -233,107 +235,85 @@ def test_outcomes_of_failed_and_cancelled_runs(scene, core, tiny_models, tmp_pat
     assert outcome.status.startswith("Cancelled") and outcome.result is None
     assert scene.GetNumberOfNodes() == count
     session.start(ct, "none", None, False, "3d", "cpu", str(tiny_models), None, lambda *a: True)
-    assert session.stop(10.0) and not session.running and not session.stop(1.0)
+    session.run.poll()
+    assert session.stop() and not session.running and not session.stop()
+    assert scene.GetNumberOfNodes() == count
 
 
-def test_statistics_message_says_it_is_not_a_diagnosis(scene):
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "stats")
-    table.SetAttribute("BrainLobeSeg.flagged", "M2 left")
-    text = panel.statistics_message(seg, table)
-    assert "M2 left" in text and "not a diagnosis" in text and "'stats'" in text
-    table.SetAttribute("BrainLobeSeg.flagged", "")
-    text = panel.statistics_message(seg, table)
-    assert "No region is flagged" in text and "does not exclude a stroke" in text
+def test_a_polled_run_gives_the_labels_of_logic_run(scene, core, tiny_models):
+    """The panel's run is the engine's steps on the calling thread, a budget's worth per
+    poll: many polls, each short, and the same labels as the plain loop of logic.run."""
+    ct = add_ct(scene)
+    job = core.prepare(ct, "none", mode="planar", device="cpu", model_dir=str(tiny_models))
+    expected = sitk.GetArrayFromImage(core.run(job).labels_scan)
+    run = panel.PanelRun(core, job, budget_s=0.0)             # one step per poll
+    fractions, polls = [], 0
+    while True:
+        fraction, message, done = run.poll()
+        polls += 1
+        fractions.append(fraction)
+        if done:
+            break
+    assert polls > 10 and run.steps_run == polls and fractions == sorted(fractions)
+    assert run.longest_step_s < 5.0 and 0.0 < run.seconds <= run.wall_seconds
+    assert fractions[-1] == 1.0 and run.poll()[2] and run.steps_run == polls   # done stays done
+    outcome = run.finish()
+    assert outcome.error == "" and outcome.status.startswith(f"Done in {run.seconds:.1f} s")
+    np.testing.assert_array_equal(
+        slicer_tools.labels_from_segmentation(outcome.result.segmentation, ct), expected)
+
+    timed = panel.PanelRun(core, job)                          # the default budget: fewer polls
+    timed.run_to_end()
+    assert timed.steps_run > 1 and timed.finish().result is not None
 
 
-# ----------------------------------------------------------------------------- PyTorch
-
-def test_pytorch_is_installed_only_after_asking(monkeypatch):
-    installed = []
-    monkeypatch.setattr(torch_install, "nvidia_gpu_present", lambda timeout_s=5.0: False)
-    monkeypatch.setattr(torch_install, "pytorch_utils_logic", lambda: None)
-    monkeypatch.setattr(torch_install, "install_torch",
-                        lambda pip, installer, gpu: installed.append((pip, installer, gpu)))
-    assert panel.ensure_torch(lambda *a: pytest.fail("asked although torch is there"), "pip")
-    monkeypatch.setattr(torch_install, "torch_available", lambda: False)
-    questions = []
-    assert not panel.ensure_torch(lambda text, title: questions.append(text) and False, "pip")
-    assert installed == [] and "the CPU build" in questions[0] and "with pip" in questions[0]
-    entered = []
-
-    class Busy:
-        def __enter__(self):
-            entered.append(True)
-
-        def __exit__(self, *exc):
-            return False
-
-    assert not panel.ensure_torch(lambda *a: True, "pip", Busy)   # installed, still not importable
-    assert installed == [("pip", None, False)] and entered == [True]
-    text = panel.torch_install_question(gpu=True, with_extension=True)
-    assert "CUDA build" in text and "PyTorch extension" in text
+def posed_head(scene, seed: int = 21):
+    ct, truth = phantom.make_reference_scan((16.0, -6.0, 8.0), seed=seed)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
+    slicer_tools.update_volume_from_image(node, ct)
+    return node, truth
 
 
-# ----------------------------------------------------------------------------- developer reload
+def test_the_estimate_choice_adds_one_transform_node_after_success_only(scene, core, tiny_models,
+                                                                         monkeypatch):
+    """Nothing is added when the run starts; after success exactly one transform node (the
+    pose the result was made with) and the status says so; after a cancel (during the
+    estimate, or during the networks) or a failure, no node at all."""
+    monkeypatch.setattr(panel, "STEP_BUDGET_S", 0.0)            # one step per poll
+    ct, truth = posed_head(scene)
+    count = scene.GetNumberOfNodes()
+    session = panel.Session(core)
+    for cancel_in in ("head pose: matching", "running the 3d model"):
+        job = session.start(ct, "estimate", None, False, "3d", "cpu", str(tiny_models), None,
+                            lambda *a: True)
+        assert session.running and scene.GetNumberOfNodes() == count and job.estimated_node is None
+        message = ""
+        while not message.startswith(cancel_in):
+            _fraction, message, done = session.run.poll()
+            assert not done, f"the run ended before '{cancel_in}'"
+        session.run.cancel()
+        assert session.run.poll()[2] and session.run.cancel_requested
+        outcome = session.finish()
+        assert outcome.status.startswith("Cancelled") and outcome.result is None
+        assert scene.GetNumberOfNodes() == count and job.estimated_node is None
 
-STALE_CHECK = r"""
-import ast, importlib, sys
-from pathlib import Path
-import BrainLobeSegLib
-from BrainLobeSegLib import panel
-pkg = Path(BrainLobeSegLib.__file__).parent
-names = sorted(p.stem for p in pkg.glob("*.py") if p.stem not in ("__init__", "parameters"))
-for n in names:
-    importlib.import_module("BrainLobeSegLib." + n)
-order = {order}
-for n in order:
-    importlib.reload(sys.modules[n])
-stale = []
-for n in names:
-    mod = sys.modules["BrainLobeSegLib." + n]
-    for node in ast.parse((pkg / (n + ".py")).read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            for a in node.names:
-                source = sys.modules["BrainLobeSegLib." + node.module] if node.module else None
-                want = (getattr(source, a.name) if source else
-                        sys.modules.get("BrainLobeSegLib." + a.name, getattr(BrainLobeSegLib, a.name, None)))
-                if getattr(mod, a.asname or a.name) is not want:
-                    stale.append(n + "." + (a.asname or a.name))
-print(len(stale), stale[:5])
-"""
+    session.start(ct, "estimate", None, False, "3d", "cpu", str(tiny_models), None, lambda *a: True)
+    assert wait(session) > 10
+    outcome = session.finish()
+    assert outcome.error == "" and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode") == 1
+    node = outcome.result.job.estimated_node
+    assert node is scene.GetNthNodeByClass(0, "vtkMRMLLinearTransformNode")
+    assert f"head pose used is the automatic estimate '{node.GetName()}'" in outcome.status
+    R = slicer_tools.transform_from_node(node)
+    np.testing.assert_allclose(transforms.matrix_of(R), transforms.matrix_of(outcome.result.job.transform),
+                               atol=1e-6)
+    assert transforms.rotation_angle_deg(R) > 5.0 and ct.GetParentTransformNode() is None
 
-
-def run_reload(order_expression: str) -> str:
-    code = STALE_CHECK.replace("{order}", order_expression)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT / "BrainLobeSeg")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip()
-
-
-def test_reload_order_leaves_no_stale_functions():
-    """Reloaded in panel.reload_order, every ``from .x import f`` is the new ``f``; the
-    reverse name order the module used before leaves old classes and functions behind."""
-    assert run_reload("panel.reload_order()").startswith("0 ")
-    before = "sorted((m for m in sys.modules if m.startswith('BrainLobeSegLib.')), reverse=True)"
-    assert not run_reload(before).startswith("0 ")
-
-
-def test_the_package_has_no_import_circle():
-    """One job per module, imports one way: a topological order of all the package's
-    imports (also those inside functions) exists."""
-    from graphlib import TopologicalSorter
-    graph = panel.import_graph(Path(panel.__file__).parent)
-    assert graph["slicer_logic"] >= {"slicer_tools"} and "slicer_logic" not in graph["slicer_tools"]
-    assert "panel" in graph and "slicer_logic" in graph["panel"]
-    order = list(TopologicalSorter(graph).static_order())
-    assert order.index("slicer_tools") < order.index("slicer_logic") < order.index("panel")
-
-
-def test_reload_order_puts_a_module_after_what_it_imports():
-    loaded = [f"BrainLobeSegLib.{n}" for n in ("slicer_logic", "errors", "slicer_tools", "panel")]
-    order = panel.reload_order("BrainLobeSegLib", loaded)
-    assert sorted(order) == sorted(loaded)
-    assert order.index("BrainLobeSegLib.errors") < order.index("BrainLobeSegLib.slicer_tools") \
-        < order.index("BrainLobeSegLib.slicer_logic") < order.index("BrainLobeSegLib.panel")
+    air = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "air")
+    slicer_tools.update_volume_from_image(air, sitk.Image(40, 40, 40, sitk.sitkInt16) - 1000)
+    count = scene.GetNumberOfNodes()
+    session.start(air, "estimate", None, False, "3d", "cpu", str(tiny_models), None, lambda *a: True)
+    wait(session)
+    outcome = session.finish()
+    assert "no head found" in outcome.error and scene.GetNumberOfNodes() == count

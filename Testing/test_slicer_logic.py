@@ -23,9 +23,9 @@ import slicer
 import vtk
 
 from BrainLobeSegLib import (alignment, dataset, phantom, regions, slicer_logic, slicer_tools,
-                             statistics, torch_install, transforms)
+                             statistics, steps, torch_install, transforms)
 from BrainLobeSegLib.errors import Cancelled, InputError
-from BrainLobeSegLib.slicer_logic import BackgroundRun, BrainLobeSegLogic
+from BrainLobeSegLib.slicer_logic import BrainLobeSegLogic
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 POSE_DEG = (10.0, -6.0, 8.0)
@@ -402,43 +402,30 @@ def test_cancel_before_and_during_run_adds_no_node(scene, fast_logic, tiny_model
     assert seen and max(seen) < 0.9
 
 
-def test_background_run_reports_progress_and_cancels_quickly(scene, fast_logic, tiny_models,
-                                                           monkeypatch):
-    """The GUI path: the engine in a thread, polled; cancel stops it well within 2 s."""
+def test_run_steps_reports_progress_and_cancels_between_steps(scene, fast_logic, tiny_models):
+    """The GUI path: the engine's steps driven one at a time, as the panel's timer does;
+    the labels are those of the plain loop, and closing the steps ends the run there."""
     volume = add_volume(scene, head_image())
     logic = fast_logic
-    logic.segmenter("planar", Path(tiny_models), "cpu")   # models loaded beforehand
     job = logic.prepare(volume, "none", mode="planar", device="cpu", model_dir=tiny_models)
-    run = BackgroundRun(logic, job).start()
-    assert run.wait(60.0) and run.error is None, run.error_details
-    assert run.status()[0] == 1.0 and run.result is not None
-    node = logic.create_output(run.job, run.result)
-    assert node.GetSegmentation().GetNumberOfSegments() == regions.NUM_LABELS
-    assert node.GetAttribute("BrainLobeSeg.mode") == "planar"
+    reference = sitk.GetArrayFromImage(logic.run(job).labels_scan)
+    seen = []
+    run = steps.SteppedRun(logic.run_steps(job, lambda f, m: seen.append(f)), budget_s=0.0)
+    ticks = 0
+    while run.tick():
+        ticks += 1
+    assert run.error is None and ticks > 10 and run.steps_run == ticks + 1
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(run.result.labels_scan), reference)
 
     count = scene.GetNumberOfNodes()
-    slow_job = logic.prepare(volume, "none", mode="planar", device="cpu", model_dir=tiny_models)
-    started = []
-    slow_logic_run = logic.run
-
-    def slow_run(job, progress=None, cancel=None):
-        def slow_progress(fraction, message):
-            started.append(fraction)
-            time.sleep(0.05)             # a slow machine: many batches still to go
-            progress(fraction, message)
-        return slow_logic_run(job, slow_progress, cancel)
-
-    monkeypatch.setattr(logic, "run", slow_run)   # restored after the test
-    run = BackgroundRun(logic, slow_job).start()
-    deadline = time.perf_counter() + 30
-    while not started and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    t0 = time.perf_counter()
+    seen.clear()
+    run = steps.SteppedRun(logic.run_steps(job, lambda f, m: seen.append(f)), budget_s=0.0)
+    while not seen or seen[-1] < 0.1:
+        assert run.tick()
     run.cancel()
-    assert run.wait(10.0)
-    assert time.perf_counter() - t0 < 2.0
-    assert isinstance(run.error, Cancelled)
-    assert scene.GetNumberOfNodes() == count
+    assert run.done and run.cancelled and run.result is None and not run.tick()
+    assert max(seen) < 0.9 and scene.GetNumberOfNodes() == count
 
 
 def test_engine_errors_are_input_errors(scene, fast_logic, tmp_path):
@@ -620,29 +607,75 @@ def test_estimated_upright_transform_node(scene):
     assert scene.GetNumberOfNodes() == count
 
 
-def test_prepare_with_the_automatic_estimate(scene):
-    """The panel's default for a CT without a transform: prepare() adds the estimate as
-    one new transform node the user can inspect, uses it, and leaves the CT as it was
-    (not moved under the node); when the estimate fails, nothing is added."""
+def test_the_automatic_estimate_is_made_by_the_run_and_added_with_its_result(
+        scene, fast_logic, tiny_models):
+    """The panel's default for a CT without a transform: prepare() adds nothing; the run
+    estimates the pose (checked against the regions found) and create_output adds it as
+    one new transform node, with its evidence, next to the segmentation. The CT is not
+    moved under the node; a failed or cancelled run adds no node."""
     ct, truth = phantom.make_reference_scan((-22.0, 7.0, -6.0), seed=12)
     volume = add_volume(scene, ct)
     before = snapshot(volume)
-    count = nodes_of(scene, "vtkMRMLLinearTransformNode")
-    job = BrainLobeSegLogic().prepare(volume, "estimate", mode="3d", device="cpu")
-    assert nodes_of(scene, "vtkMRMLLinearTransformNode") == count + 1
-    assert job.estimated_node is not None and job.estimated_node.GetScene() is scene
+    count = scene.GetNumberOfNodes()
+    job = fast_logic.prepare(volume, "estimate", mode="3d", device="cpu", model_dir=tiny_models)
+    assert scene.GetNumberOfNodes() == count and job.estimate_pose and job.estimated_node is None
+    assert job.transform_description == slicer_logic.ESTIMATE_PENDING
+    seen = []
+    result = fast_logic.run(job, progress=lambda f, m: seen.append((f, m)))
+    assert scene.GetNumberOfNodes() == count                   # the run reads, never adds
+    assert any(m.startswith("head pose:") for f, m in seen if f <= 0.1)
     assert alignment.angle_error_deg(job.transform, truth) < 2.0
-    assert "automatic estimate" in job.transform_description and "check" in job.transform_description
-    assert volume.GetParentTransformNode() is None
+    assert job.pose_estimate is not None and job.pose_estimate.region_residual_deg is None  # an untrained model: no check
+    segmentation = fast_logic.create_output(job, result)
+    assert nodes_of(scene, "vtkMRMLLinearTransformNode") == 1
+    node = job.estimated_node
+    assert node.GetScene() is scene and "check" in node.GetAttribute("BrainLobeSeg.estimated")
+    assert float(node.GetAttribute("BrainLobeSeg.angleDeg")) == pytest.approx(
+        transforms.rotation_angle_deg(job.transform), abs=0.06)
+    for name in ("pitchDeg", "match", "symmetryRmseHU"):
+        float(node.GetAttribute(f"BrainLobeSeg.{name}"))
+    assert node.GetAttribute("BrainLobeSeg.regionCorrectionDeg") == ""
+    assert node.GetAttribute("BrainLobeSeg.regionCorrected") == "no"
+    np.testing.assert_allclose(transforms.matrix_of(slicer_tools.transform_from_node(node)),
+                               transforms.matrix_of(job.transform), atol=1e-6)
+    assert segmentation.GetAttribute("BrainLobeSeg.transform") == job.transform_description
+    assert node.GetName() in job.transform_description and "automatic estimate" in job.transform_description
+    assert volume.GetParentTransformNode() is None and node.GetParentTransformNode() is None
     assert_unchanged(before, volume)
-    with pytest.raises(InputError, match="cannot be inverted"):
-        BrainLobeSegLogic().prepare(volume, "estimate", invert=True)
-    air = add_volume(scene, sitk.Image(40, 40, 40, sitk.sitkInt16) - 1000, "air")
-    nodes = scene.GetNumberOfNodes()
-    with pytest.raises(InputError):
-        BrainLobeSegLogic().prepare(air, "estimate")
-    assert scene.GetNumberOfNodes() == nodes
 
+    with pytest.raises(InputError, match="cannot be inverted"):
+        fast_logic.prepare(volume, "estimate", invert=True)
+    count = scene.GetNumberOfNodes()
+    air = add_volume(scene, sitk.Image(40, 40, 40, sitk.sitkInt16) - 1000, "air")
+    with pytest.raises(InputError, match="no head"):
+        fast_logic.segment(air, "estimate", mode="3d", device="cpu", model_dir=tiny_models)
+    assert scene.GetNumberOfNodes() == count + 1               # the air volume only
+    calls = []
+    with pytest.raises(Cancelled):                             # cancelled during the estimate
+        fast_logic.segment(volume, "estimate", mode="3d", device="cpu", model_dir=tiny_models,
+                           cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert scene.GetNumberOfNodes() == count + 1
+
+
+def test_a_failed_output_removes_the_estimate_node_again(scene, fast_logic, tiny_models, monkeypatch):
+    """The estimate's node is added just before the segmentation is written; if writing
+    fails, the scene is left as it was, without a node for a result that does not exist."""
+    ct, _truth = phantom.make_reference_scan((10.0, 0.0, 5.0), seed=13)
+    volume = add_volume(scene, ct)
+    job = fast_logic.prepare(volume, "estimate", mode="3d", device="cpu", model_dir=tiny_models)
+    result = fast_logic.run(job)
+    count = scene.GetNumberOfNodes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(slicer_logic, "fill_segmentation", full_disk)
+    with pytest.raises(OSError):
+        fast_logic.create_output(job, result)
+    assert scene.GetNumberOfNodes() == count and job.estimated_node is None
+    monkeypatch.undo()
+    fast_logic.create_output(job, result)
+    assert nodes_of(scene, "vtkMRMLLinearTransformNode") == 1
 
 
 def test_save_case_with_the_R_of_the_run(scene, fast_logic, tiny_models, ct_with_itksnap_pose,

@@ -12,10 +12,11 @@ every decision it used to make itself is here, where the tests can reach it on a
   transform node changes, so that line never goes stale;
 - :class:`Session`: starting a run (with the questions to ask), finishing it, and what
   the Results buttons do with the last result (:class:`LastResult`);
-- :class:`PanelRun`, the one object that knows *how* a segmentation runs for the panel
-  (today a :class:`slicer_logic.BackgroundRun` thread that the Widget's timer polls): the
-  rest only starts, polls, cancels and finishes it, so another way of running (a stepped
-  run on the main thread) can replace it without touching the Widget;
+- :class:`PanelRun`, the one object that knows *how* a segmentation runs for the panel:
+  the engine's steps (:meth:`slicer_logic.BrainLobeSegLogic.run_steps`) on the main
+  thread, a few at a time for each tick of the Widget's timer, because inside Slicer a
+  Python thread would crawl (the main thread holds the GIL while Qt idles, see
+  :mod:`steps`); the rest only starts, polls, cancels and finishes it;
 - how a finished run is reported (:class:`RunOutcome`), the PyTorch installation, the
   statistics message, and the order in which the developer Reload reloads the modules.
 
@@ -32,6 +33,7 @@ import contextlib
 import importlib
 import logging
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Opt
 
 from slicer.util import VTKObservationMixin
 
-from . import torch_install
+from . import steps, torch_install
 from .errors import Cancelled, InputError
 
 if TYPE_CHECKING:  # numpy and SimpleITK: imported by the functions that use them, so that
@@ -56,6 +58,11 @@ except ImportError:  # the slicer-core wheel has no application to translate wit
 #: Transform choices (``slicer_logic.TRANSFORM_SOURCES``) that follow the selected CT:
 #: a CT with a transform uses it, one without gets the automatic estimate.
 AUTOMATIC_SOURCES = ("parent", "estimate")
+
+#: Seconds of engine steps per timer tick: a tick lasts this plus at most one step
+#: (the longest steps take about 0.3 s on 2 cores), short enough for the GUI to stay
+#: responsive, long enough that the ticks cost nothing measurable.
+STEP_BUDGET_S = 0.1
 
 
 def in_scene(node) -> bool:
@@ -96,9 +103,9 @@ def transform_description(volume, source: str, transform_node=None, invert: bool
     if source == "none":
         return _("The CT is segmented as it is: it must already be upright.")
     if source == "estimate":
-        return _("The head pose is estimated when you press Segment and added as a new "
-                 "transform node, which you can check and correct (or press 'Estimate "
-                 "upright transform' first). The CT itself is not moved.")
+        return _("The head pose is estimated when you press Segment and, with the result, "
+                 "added as a new transform node, which you can check and correct (or press "
+                 "'Estimate upright transform' first). The CT itself is not moved.")
     from . import slicer_logic, transforms
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -270,49 +277,78 @@ def failure(exc: BaseException, details: str = "") -> RunOutcome:
 
 
 class PanelRun:
-    """One segmentation started from the panel: start, :meth:`poll`, :meth:`cancel`,
+    """One segmentation started from the panel: :meth:`poll`, :meth:`cancel`,
     :meth:`finish`.
 
-    The engine runs in a :class:`slicer_logic.BackgroundRun` thread; the Widget's timer
-    calls :meth:`poll` and, once it reports done, :meth:`finish` on the main thread,
-    which builds the nodes. Nothing else in the panel knows how the engine runs.
+    The engine's steps run on the main thread in a :class:`steps.SteppedRun`: each
+    :meth:`poll` (one per tick of the Widget's timer) runs steps for about ``budget_s``
+    and returns, so Slicer repaints and takes clicks between ticks. No thread is used,
+    because inside Slicer a Python thread only advances while the main thread runs
+    Python. Once :meth:`poll` reports done, :meth:`finish` builds the nodes.
     ``output_node`` is the segmentation the user confirmed to replace (or None).
     """
 
     def __init__(self, logic: slicer_logic.BrainLobeSegLogic, job: slicer_logic.SegmentationJob,
-                 output_node=None) -> None:
-        from .slicer_logic import BackgroundRun
+                 output_node=None, budget_s: Optional[float] = None) -> None:
         self.logic, self.job, self.output_node = logic, job, output_node
-        self._run = BackgroundRun(logic, job).start()
+        self._fraction, self._message = 0.0, _("starting")
+        budget_s = STEP_BUDGET_S if budget_s is None else budget_s   # read now: tests may set it
+        self._run = steps.SteppedRun(logic.run_steps(job, self._progress), budget_s=budget_s)
+        self.cancel_requested = False
+        self.seconds = 0.0          # spent in the engine's steps (the GUI's time between ticks not counted)
+        self.wall_seconds = 0.0     # from the first tick to the end
+        self._started: Optional[float] = None
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self._fraction, self._message = fraction, message
 
     def poll(self):
-        """``(fraction, message, done)`` now."""
-        fraction, message = self._run.status()
-        return fraction, message, self._run.done()
+        """Run steps for one tick, then ``(fraction, message, done)``."""
+        if not self._run.done:
+            began = time.perf_counter()
+            self._started = self._started if self._started is not None else began
+            self._run.tick()
+            ended = time.perf_counter()
+            self.seconds += ended - began
+            self.wall_seconds = ended - self._started
+            if self._run.done:
+                logging.info("BrainLobeSeg run: %d steps, longest %.2f s, %.1f s in steps, "
+                             "%.1f s from start to end", self._run.steps_run,
+                             self._run.longest_step_s, self.seconds, self.wall_seconds)
+        return self._fraction, self._message, self._run.done
 
-    def cancel(self) -> None:
-        self._run.cancel()
+    def run_to_end(self) -> None:
+        """Poll until the run is done (the self-test, scripts): blocks the GUI meanwhile."""
+        while not self.poll()[2]:
+            pass
 
     @property
-    def cancel_requested(self) -> bool:
-        return self._run.cancel_requested
+    def steps_run(self) -> int:
+        return self._run.steps_run
 
-    def stop(self, wait_s: float) -> bool:
-        """Cancel and wait for the engine to stop (scene closing, module closing); the
-        result, if any, is dropped. True if it stopped within ``wait_s``."""
+    @property
+    def longest_step_s(self) -> float:
+        return self._run.longest_step_s
+
+    def cancel(self) -> None:
+        """The user's Cancel: the run stops now, between two steps (a click is only
+        handled between ticks), and the next :meth:`poll` reports it done; nothing is
+        added to the scene."""
+        self.cancel_requested = True
         self._run.cancel()
-        stopped = self._run.wait(wait_s)
-        if not stopped:
-            logging.warning("BrainLobeSeg: the segmentation did not stop in %.0f s", wait_s)
-        return stopped
+
+    def stop(self) -> None:
+        """Cancel at once and drop the result (scene or module closing)."""
+        self.cancel()
 
     def finish(self) -> RunOutcome:
-        """Add the result to the scene (main thread) and say how the run ended."""
+        """Add the result to the scene and say how the run ended."""
         run = self._run
-        if isinstance(run.error, Cancelled):
+        if run.cancelled or isinstance(run.error, Cancelled):
             return RunOutcome(_("Cancelled. Nothing was added to the scene."))
         if run.error is not None:
-            return failure(run.error, run.error_details)
+            return failure(run.error, "".join(traceback.format_exception(
+                type(run.error), run.error, run.error.__traceback__)))
         try:
             node = self.logic.create_output(self.job, run.result, output_node=self.output_node)
         except Exception as exc:  # reported, never lost
@@ -326,19 +362,23 @@ class PanelRun:
         if self.output_node is not None and node is not self.output_node:
             note += " " + _("The segmentation chosen as output was deleted during the run, so "
                             "the result is in a new segmentation.")
+        if self.job.estimated_node is not None:
+            note += " " + _("The head pose used is {description}.").format(
+                description=self.job.transform_description)
+        seconds = self.seconds
         if uncertainty is not None:
             status = _("Done in {seconds:.1f} s: '{name}' has the 20 regions; '{uncertainty}' "
                        "shows where the models disagree. Check every region and correct it in "
-                       "the Segment Editor.").format(seconds=run.seconds, name=node.GetName(),
+                       "the Segment Editor.").format(seconds=seconds, name=node.GetName(),
                                                       uncertainty=uncertainty.GetName())
         else:
             status = _("Done in {seconds:.1f} s: '{name}' has the 20 regions. Check every region "
-                       "and correct it in the Segment Editor.").format(seconds=run.seconds,
+                       "and correct it in the Segment Editor.").format(seconds=seconds,
                                                                       name=node.GetName())
         problems = node.GetAttribute("BrainLobeSeg.qualityProblems")
         if problems:   # the engine's quality check (quality.py): said where it is seen
             status = _("Done in {seconds:.1f} s, but the result looks implausible: {problems}. "
-                       "Check it carefully before use.").format(seconds=run.seconds, problems=problems)
+                       "Check it carefully before use.").format(seconds=seconds, problems=problems)
         result = LastResult(node, self.job.volume_node, self.job.without_scan(), uncertainty)
         return RunOutcome(status + note, result=result, progress=100)
 
@@ -366,8 +406,8 @@ class Session:
               confirm: Callable[[str, str], bool]) -> Optional[slicer_logic.SegmentationJob]:
         """Prepare and start a run; returns its job (None if the user declined to replace
         ``output_node``). An unusual transform is shown first and the run starts only if
-        the user agrees; the job is returned either way, since an automatic estimate
-        (``job.estimated_node``) was added to the scene and should be selected."""
+        the user agrees (the job is returned either way; see :attr:`running`). Nothing is
+        added to the scene before the run finishes, not even an automatic estimate."""
         if output_node is not None and not confirm(replace_question(output_node),
                                                    _("Replace segmentation")):
             return None
@@ -378,19 +418,19 @@ class Session:
         return job
 
     def finish(self) -> RunOutcome:
-        """End the finished run (main thread) and keep its result."""
+        """End the finished run and keep its result."""
         run, self.run = self.run, None
         outcome = run.finish()
         if outcome.result is not None:
             self.result = outcome.result
         return outcome
 
-    def stop(self, wait_s: float) -> bool:
+    def stop(self) -> bool:
         """Cancel a run and drop its result (scene or module closing); False if none ran."""
         run, self.run = self.run, None
         if run is None:
             return False
-        run.stop(wait_s)
+        run.stop()
         return True
 
     def can_edit(self) -> bool:

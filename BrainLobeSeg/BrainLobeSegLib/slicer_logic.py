@@ -10,16 +10,22 @@ Everything here uses only what the ``slicer-core`` pip wheel also provides
 Qt, so the same code runs inside 3D Slicer and, headless, in the pytest suite on a plain
 ``vtkMRMLScene``. The scene is always taken from the nodes passed in.
 
-Work is split in three steps so that a GUI can keep responding:
+Work is split in three parts so that a GUI can keep responding:
 
-1. :meth:`BrainLobeSegLogic.prepare` (main thread, fast): copies the CT voxels and
-   geometry out of the volume node and resolves the transform choice into ``R``
-   (DESIGN.md section 2). After this, nothing from MRML is needed.
-2. :meth:`BrainLobeSegLogic.run` (any thread, slow): the engine, pure numpy/SimpleITK/
-   torch. Progress goes to a callback, a cancel callback stops it between batches.
-3. :meth:`BrainLobeSegLogic.create_output` (main thread, fast): builds the
-   segmentation node. Only now is anything added to the scene, so a cancelled or
-   failed run leaves the scene exactly as it was.
+1. :meth:`BrainLobeSegLogic.prepare` (fast): copies the CT voxels and geometry out of
+   the volume node and resolves the transform choice into ``R`` (DESIGN.md section 2).
+   After this, nothing from MRML is needed.
+2. :meth:`BrainLobeSegLogic.run_steps` (slow, in short steps, see :mod:`steps`): the
+   engine, pure numpy/SimpleITK/torch, including the automatic pose estimate and its
+   check against the regions found. Inside Slicer the panel runs one step after
+   another from a ``QTimer`` on the main thread (a Python thread would crawl there:
+   the main thread holds the GIL while Qt idles); :meth:`BrainLobeSegLogic.run` runs
+   them in a plain loop for scripts. Progress goes to a callback; closing the
+   generator (or a cancel callback, for :meth:`~BrainLobeSegLogic.run`) cancels it.
+3. :meth:`BrainLobeSegLogic.create_output` (fast): builds the segmentation node and,
+   for an automatic estimate, the transform node of the pose the run used. Only now is
+   anything added to the scene, so a cancelled or failed run leaves the scene exactly
+   as it was.
 
 :meth:`BrainLobeSegLogic.segment` runs the three in a row for scripts and tests.
 
@@ -31,14 +37,14 @@ as training data, with the ``R`` of the run). Before a run,
 :meth:`~BrainLobeSegLogic.estimate_upright_transform` offers an automatic ``R`` as a
 transform node for the user to check.
 
-The engine (torch) is imported inside :meth:`BrainLobeSegLogic.run` only, so this
-module imports without PyTorch and the Slicer module can offer to install it.
+The engine (torch) is imported when a run loads its models
+(:meth:`BrainLobeSegLogic.segmenter`) only, so this module imports without PyTorch and
+the Slicer module can offer to install it.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,9 +54,9 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 
-from . import slicer_tools, transforms
+from . import slicer_tools, steps, transforms
 from .quality import require_regions
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .modes import DEFAULT_MODE
 from .slicer_tools import (add_upright_transform_node, check_volume, fill_segmentation, ijk_to_ras,
                            image_from_volume_node, remove_node, transform_from_node,
@@ -70,6 +76,9 @@ NOTICE = ("BrainLobeSeg result: automatic ASPECTS region segmentation for resear
 ESTIMATE_NOTE = ("automatic estimate (mid-sagittal plane and the bundled reference head): check "
                  "that the head looks upright with it")
 
+#: What a job with an automatic estimate says before its run has made the estimate.
+ESTIMATE_PENDING = "an automatic estimate of the head pose (made first, then checked against the regions found)"
+
 
 # ----------------------------------------------------------------------------- transforms
 
@@ -82,8 +91,8 @@ def resolve_transform(volume_node, source: str = "parent", transform_node=None,
       upright before pressing Segment.
     - ``node``: any linear transform node, applied to the volume or not.
     - ``none``: identity; the scan is taken as upright.
-    - ``estimate`` is not resolved here: it adds a node, which only
-      :meth:`BrainLobeSegLogic.prepare` does (then resolves it as ``node``).
+    - ``estimate`` is not resolved here: the pose is estimated during the run
+      (:meth:`BrainLobeSegLogic.run_steps`), not before it.
 
     ``invert`` inverts whichever transform is chosen (never guessed).
     """
@@ -131,7 +140,13 @@ def _scene_of_job(job: "SegmentationJob"):
 
 @dataclass
 class SegmentationJob:
-    """Everything the engine needs, copied out of MRML (safe to use in a thread)."""
+    """Everything the engine needs, copied out of MRML (the run reads no node).
+
+    With ``estimate_pose`` the run estimates ``R`` itself; ``transform`` is the identity
+    until a run succeeds, which sets ``transform`` and ``pose_estimate`` to the pose the
+    result was made with; :meth:`BrainLobeSegLogic.create_output` then adds that pose as
+    ``estimated_node`` and describes it in ``transform_description``.
+    """
 
     volume_node: Any                 # kept to build the output; not touched by run()
     scan: Optional[sitk.Image]       # voxel copy with exact geometry (LPS)
@@ -144,7 +159,9 @@ class SegmentationJob:
     ijk_to_ras: np.ndarray = field(default_factory=lambda: np.eye(4))
     dimensions: Tuple[int, int, int] = (0, 0, 0)
     warnings: List[str] = field(default_factory=list)
-    estimated_node: Any = None       # the transform node an automatic estimate added
+    estimate_pose: bool = False      # R is estimated by the run (the "estimate" choice)
+    pose_estimate: Any = None        # alignment.PoseEstimate of a successful such run
+    estimated_node: Any = None       # the transform node create_output added for it
 
     def without_scan(self) -> "SegmentationJob":
         """A copy without the voxel copy, for keeping after the run.
@@ -160,17 +177,17 @@ class BrainLobeSegLogic:
     """Segments a CT volume node into a 20-segment segmentation node, without a GUI.
 
     Loaded models are cached per (mode, model folder, device, fusion), so repeated runs
-    skip loading. One run at a time per instance (the GUI allows no more).
+    skip loading. Runs happen on the calling thread, one at a time per instance (the GUI
+    allows no more).
     ``segmenter_options`` go to the engine's ``Segmenter`` (e.g. ``threads``,
     ``batch_size``, ``refine_mm``); the defaults are the engine's.
     """
 
     def __init__(self, segmenter_options: Optional[Dict[str, Any]] = None) -> None:
         self._segmenters: Dict[tuple, Any] = {}
-        self._lock = threading.Lock()
         self.segmenter_options: Dict[str, Any] = dict(segmenter_options or {})
 
-    # -- step 1: main thread
+    # -- part 1
     def prepare(self, volume_node, transform_source: str = "parent", transform_node=None,
                 invert: bool = False, mode: str = DEFAULT_MODE, device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, fusion: str = "mean") -> SegmentationJob:
@@ -180,32 +197,25 @@ class BrainLobeSegLogic:
         caller to show, instead of going to a console nobody reads.
 
         ``transform_source="estimate"`` (the panel's default for a CT without a transform)
-        first adds the automatic estimate as a new transform node
-        (:meth:`estimate_upright_transform`), so the user can inspect and correct what the
-        run used, and then uses that node; ``job.estimated_node`` is set. Nothing else in
-        the scene changes, and the CT is not moved under the node.
+        leaves ``R`` to the run (``job.estimate_pose``): it is estimated in steps and
+        checked against the regions found, like the command line does. Its transform node
+        is added with the result (:meth:`create_output`), so that the user can inspect and
+        correct the pose the result was made with, and a cancelled or failed run adds
+        nothing. The CT is never moved under the node.
         """
         check_volume(volume_node)
-        estimated_node = None
-        if transform_source == "estimate":
+        estimate_pose = transform_source == "estimate"
+        if estimate_pose:
             if invert:
                 raise InputError("an automatic estimate cannot be inverted.",
                                  "Untick 'Invert transform', or choose a transform node.")
-            estimated_node = self.estimate_upright_transform(volume_node)
-            transform_source, transform_node = "node", estimated_node
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", transforms.TransformWarning)
-                R, description = resolve_transform(volume_node, transform_source, transform_node, invert)
-            scan = image_from_volume_node(volume_node)
-        except Exception:
-            if estimated_node is not None:   # a failed start leaves the scene as it was
-                estimated_node.GetScene().RemoveNode(estimated_node)
-            raise
-        if estimated_node is not None:
-            description = (f"the automatic estimate {transform_name(estimated_node)} (turns the "
-                           f"head by {estimated_node.GetAttribute('BrainLobeSeg.angleDeg')} degrees; "
-                           "check it)")
+            transform_source = "none"    # the identity until the run has estimated R
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", transforms.TransformWarning)
+            R, description = resolve_transform(volume_node, transform_source, transform_node, invert)
+        scan = image_from_volume_node(volume_node)
+        if estimate_pose:
+            description = ESTIMATE_PENDING
         return SegmentationJob(
             volume_node=volume_node, scan=scan, transform=R, transform_description=description,
             mode=mode, device=device, model_dir=Path(model_dir) if model_dir else None,
@@ -213,37 +223,62 @@ class BrainLobeSegLogic:
             dimensions=tuple(volume_node.GetImageData().GetDimensions()),
             warnings=[str(w.message) for w in caught
                       if issubclass(w.category, transforms.TransformWarning)],
-            estimated_node=estimated_node)
+            estimate_pose=estimate_pose)
 
-    # -- step 2: any thread
+    # -- part 2
     def segmenter(self, mode: str, model_dir: Optional[Path], device: str, fusion: str = "mean"):
         """The engine's :class:`inference.Segmenter` for these settings (loaded once)."""
         from .inference import Segmenter   # torch: imported only when segmenting
         key = (mode, str(model_dir) if model_dir else "", device, fusion)
-        with self._lock:
-            if key not in self._segmenters:
-                self._segmenters[key] = Segmenter(mode, model_dir, device, fusion,
-                                                  **self.segmenter_options)
-            return self._segmenters[key]
+        if key not in self._segmenters:
+            self._segmenters[key] = Segmenter(mode, model_dir, device, fusion, **self.segmenter_options)
+        return self._segmenters[key]
 
     def run(self, job: SegmentationJob, progress: Optional[ProgressFn] = None,
             cancel: Optional[CancelFn] = None):
-        """Run the engine on a prepared job; touches no MRML, so it may run in a thread.
+        """:meth:`run_steps` in a plain loop (scripts, tests, the self-test).
 
         Returns the engine's ``SegmentationResult``; raises ``Cancelled`` when ``cancel()``
-        turned true (checked between batches) and ``InputError`` for unusable input.
+        turned true (checked between steps) and ``InputError`` for unusable input.
         """
+        return steps.run_steps(self.run_steps(job, progress, cancel))
+
+    def run_steps(self, job: SegmentationJob, progress: Optional[ProgressFn] = None,
+                  cancel: Optional[CancelFn] = None) -> "steps.Steps[Any]":
+        """The engine on a prepared job, in short steps (see :mod:`steps`); reads no MRML.
+
+        Loads the models, then segments with ``job.transform``; with ``job.estimate_pose``
+        it first estimates the pose (:func:`alignment.estimate_pose_steps`) and segments
+        with the check against the regions found
+        (:func:`region_pose.segment_with_pose_steps`), the data flow of the command line,
+        so the panel and ``brainlobeseg segment`` give the same pose. A result without any
+        region is an ``InputError``. Only a successful run changes the job (the pose it
+        used, see :class:`SegmentationJob`). The panel cancels by closing the generator;
+        ``cancel()`` is also checked between steps for the plain loop of :meth:`run`.
+        """
+        report = progress or (lambda fraction, message: None)
         if cancel is not None and cancel():
-            from .errors import Cancelled
             raise Cancelled("segmentation cancelled")
-        if progress is not None:
-            progress(0.0, "loading the models")
+        report(0.0, "loading the models")
+        yield                                   # the message shows before the loading
         segmenter = self.segmenter(job.mode, job.model_dir, job.device, job.fusion)
-        result = segmenter.segment(job.scan, job.transform, progress=progress, cancel=cancel)
-        require_regions(result.quality)   # an InputError: nothing is added to the scene
+        yield
+        if not job.estimate_pose:
+            result = yield from segmenter.segment_steps(job.scan, job.transform, progress=report,
+                                                        cancel=cancel)
+            require_regions(result.quality)   # an InputError: nothing is added to the scene
+            return result
+        from . import alignment, region_pose
+        est = yield from _checking(cancel, alignment.estimate_pose_steps(
+            job.scan, progress=lambda f, m: report(0.1 * f, f"head pose: {m}")))
+        result, pose = yield from region_pose.segment_with_pose_steps(
+            segmenter, job.scan, alignment.PoseChoice(est.transform, "estimated", est),
+            progress=lambda f, m: report(0.1 + 0.9 * f, m), cancel=cancel)
+        require_regions(result.quality)
+        job.transform, job.pose_estimate = pose.transform, pose.estimate
         return result
 
-    # -- step 3: main thread
+    # -- part 3
     def create_output(self, job: SegmentationJob, result, output_node=None,
                       name: Optional[str] = None):
         """The segmentation node for a finished run (new, or ``output_node`` refilled).
@@ -256,6 +291,10 @@ class BrainLobeSegLogic:
         ran) is not refilled, because a node outside the scene is lost with its content:
         a new node with its name is added instead. Callers tell the user when the
         returned node is not ``output_node``.
+
+        A run that estimated the pose also gets its transform node here (``job.estimated_node``,
+        the final, region-checked pose), so the user can check the pose the result was
+        made with; it is removed again if the segmentation cannot be written.
         """
         volume = job.volume_node
         scene = _scene_of_job(job)
@@ -263,6 +302,32 @@ class BrainLobeSegLogic:
         if output_node is not None and output_node.GetScene() is None:
             name = name or output_node.GetName()
             output_node = None
+        if job.pose_estimate is not None and not (job.estimated_node is not None
+                                                  and job.estimated_node.GetScene() is scene):
+            job.estimated_node = self._add_estimate_node(volume, job.pose_estimate)
+            job.transform_description = estimate_description(job.estimated_node)
+        try:
+            node = self._fill_output(job, labels, output_node, name)
+        except Exception:
+            if job.estimated_node is not None:   # nothing of a failed output stays
+                remove_node(scene, job.estimated_node)
+                job.estimated_node = None
+            raise
+        node.SetAttribute("BrainLobeSeg.notice", NOTICE)
+        node.SetAttribute("BrainLobeSeg.mode", str(getattr(result, "mode", job.mode)))
+        node.SetAttribute("BrainLobeSeg.models", ", ".join(getattr(result, "model_names", [])))
+        node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
+        node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
+        report = getattr(result, "quality", None)
+        node.SetAttribute("BrainLobeSeg.qualityProblems",
+                          "; ".join(report.problems) if report is not None else "")
+        return node
+
+    @staticmethod
+    def _fill_output(job: SegmentationJob, labels: np.ndarray, output_node, name: Optional[str]):
+        """``output_node`` refilled (its old content back on failure), or a new node."""
+        volume = job.volume_node
+        scene = volume.GetScene()
         if output_node is not None:
             backup = slicer.vtkSegmentation()
             backup.DeepCopy(output_node.GetSegmentation())
@@ -280,14 +345,6 @@ class BrainLobeSegLogic:
             except Exception:
                 remove_node(scene, node)
                 raise
-        node.SetAttribute("BrainLobeSeg.notice", NOTICE)
-        node.SetAttribute("BrainLobeSeg.mode", str(getattr(result, "mode", job.mode)))
-        node.SetAttribute("BrainLobeSeg.models", ", ".join(getattr(result, "model_names", [])))
-        node.SetAttribute("BrainLobeSeg.transform", job.transform_description)
-        node.SetAttribute("BrainLobeSeg.sourceVolume", volume.GetID())
-        report = getattr(result, "quality", None)
-        node.SetAttribute("BrainLobeSeg.qualityProblems",
-                          "; ".join(report.problems) if report is not None else "")
         return node
 
     # -- after a run (main thread): what the Results section of the panel offers
@@ -362,18 +419,30 @@ class BrainLobeSegLogic:
         """
         from .alignment import estimate_pose
         scan = image_from_volume_node(volume_node)      # checks the volume
-        scene = volume_node.GetScene()
-        if scene is None:
+        if volume_node.GetScene() is None:
             raise InputError(f"the volume '{volume_node.GetName()}' is not in a scene.",
                              "Load the CT into Slicer first.")
-        estimate = estimate_pose(scan, progress=progress)
+        return self._add_estimate_node(volume_node, estimate_pose(scan, progress=progress), name)
+
+    @staticmethod
+    def _add_estimate_node(volume_node, estimate, name: Optional[str] = None):
+        """The transform node of an ``alignment.PoseEstimate`` for ``volume_node``, with
+        the evidence as attributes (the button's estimate and a run's final pose alike).
+
+        ``BrainLobeSeg.regionCorrectionDeg`` is the check against the regions found: the
+        rotation between the estimate and the regions (empty when not checked);
+        ``BrainLobeSeg.regionCorrected`` says whether the pose was turned by it.
+        """
         node = add_upright_transform_node(
-            scene, estimate.transform, name or f"{volume_node.GetName()} upright (estimated)")
+            volume_node.GetScene(), estimate.transform, name or f"{volume_node.GetName()} upright (estimated)")
         node.SetAttribute("BrainLobeSeg.estimated", ESTIMATE_NOTE)
         node.SetAttribute("BrainLobeSeg.angleDeg", f"{estimate.angle_deg:.1f}")
         node.SetAttribute("BrainLobeSeg.pitchDeg", f"{estimate.pitch_deg:.1f}")
         node.SetAttribute("BrainLobeSeg.match", f"{estimate.match:.2f}")
         node.SetAttribute("BrainLobeSeg.symmetryRmseHU", f"{estimate.symmetry_rmse:.1f}")
+        residual = estimate.region_residual_deg
+        node.SetAttribute("BrainLobeSeg.regionCorrectionDeg", "" if residual is None else f"{residual:.1f}")
+        node.SetAttribute("BrainLobeSeg.regionCorrected", "yes" if estimate.region_corrected else "no")
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID() or "")
         return node
 
@@ -407,7 +476,7 @@ class BrainLobeSegLogic:
         return slicer_tools.save_case_for_training(segmentation_node, volume, R, str(dataset_dir),
                                                    name=name)
 
-    # -- all three
+    # -- all three parts
     def segment(self, volume_node, transform_source: str = "parent", transform_node=None,
                 invert: bool = False, mode: str = DEFAULT_MODE, device: str = "auto",
                 model_dir: Optional[os.PathLike] = None, progress: Optional[ProgressFn] = None,
@@ -418,7 +487,8 @@ class BrainLobeSegLogic:
         Blocking; for scripts, tests and batch use. Raises ``Cancelled`` (nothing added to
         the scene) when ``cancel()`` turns true, ``InputError`` for unusable input. A new
         node is created unless ``output_node`` is given explicitly, in which case its
-        content is replaced. The input volume and its transform are only read.
+        content is replaced. The input volume and its transform are only read; with
+        ``transform_source="estimate"`` the estimated pose is added as a transform node.
         """
         job = self.prepare(volume_node, transform_source, transform_node, invert, mode, device,
                            model_dir, fusion)
@@ -426,74 +496,28 @@ class BrainLobeSegLogic:
         return self.create_output(job, result, output_node, name)
 
 
-class BackgroundRun:
-    """One engine run in a Python thread, observed by polling (no Qt here).
+def estimate_description(node) -> str:
+    """How a job describes the automatic estimate it used, once its node exists."""
+    corrected = node.GetAttribute("BrainLobeSeg.regionCorrected") == "yes"
+    return (f"the automatic estimate {transform_name(node)} (turns the head by "
+            f"{node.GetAttribute('BrainLobeSeg.angleDeg')} degrees"
+            f"{', corrected by the regions found' if corrected else ''}; check it)")
 
-    The GUI starts it, polls :meth:`status` and :meth:`done` from a ``qt.QTimer`` and,
-    once done, builds the output on the main thread with
-    :meth:`BrainLobeSegLogic.create_output`. The engine spends its time in torch and
-    SimpleITK code that releases the GIL, so Slicer keeps drawing meanwhile. Cancel sets
-    a ``threading.Event`` that the engine's cancel callback reads between batches.
-    """
 
-    def __init__(self, logic: BrainLobeSegLogic, job: SegmentationJob) -> None:
-        self.logic, self.job = logic, job
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.error_details = ""
-        self.started = 0.0
-        self.finished = 0.0
-        self._cancel = threading.Event()
-        self._lock = threading.Lock()
-        self._fraction, self._message = 0.0, "starting"
-        self._thread = threading.Thread(target=self._work, name="BrainLobeSeg segmentation",
-                                        daemon=True)
-
-    def start(self) -> "BackgroundRun":
-        import time
-        self.started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def _progress(self, fraction: float, message: str) -> None:
-        with self._lock:
-            self._fraction, self._message = fraction, message
-
-    def _work(self) -> None:
-        import time
-        import traceback
-        try:
-            self.result = self.logic.run(self.job, self._progress, self._cancel.is_set)
-        except BaseException as exc:  # reported on the main thread, never lost
-            self.error = exc
-            self.error_details = traceback.format_exc()
-        finally:
-            self.finished = time.perf_counter()
-
-    def cancel(self) -> None:
-        """Ask the engine to stop at its next check (between batches)."""
-        self._cancel.set()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def status(self) -> Tuple[float, str]:
-        """Latest ``(fraction, message)`` reported by the engine."""
-        with self._lock:
-            return self._fraction, self._message
-
-    def done(self) -> bool:
-        return self.started > 0 and not self._thread.is_alive()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until the run ends (or ``timeout`` seconds); True if it ended."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def seconds(self) -> float:
-        return max(0.0, self.finished - self.started)
+def _checking(cancel: Optional[CancelFn], work: "steps.Steps[Any]") -> "steps.Steps[Any]":
+    """``work`` with ``cancel()`` checked between its steps (for steps that take no
+    cancel callback themselves, such as the pose estimate)."""
+    try:
+        while True:
+            try:
+                next(work)
+            except StopIteration as done:
+                return done.value
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            yield
+    finally:
+        work.close()
 
 
 def describe_models(model_dir: Optional[os.PathLike] = None) -> List[str]:

@@ -88,7 +88,8 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     spacing, so spacing is their length and direction their unit vectors, both with x and
     y negated for LPS. The parent transform is *not* applied: this is the scan as
     acquired, which is what ``R`` refers to. The voxels are copied, so the image stays
-    valid whatever happens to the node later (the engine reads it in another thread).
+    valid whatever happens to the node later (the user may edit or delete it between the
+    engine's steps).
     """
     check_volume(volume_node)
     array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)

@@ -7,9 +7,10 @@ writes its long work as generators: each ``next()`` does one short step (well un
 second on a laptop) and returns, and the caller decides what happens between steps.
 
 - The command line and the tests run the steps in a plain loop (:func:`run_steps`).
-- The Slicer panel runs one step per ``QTimer`` tick on the main thread (see
-  ``slicer_logic.SteppedRun``), updating the progress bar and honouring Cancel
-  between steps; closing the generator (``close()``) cancels it cleanly.
+- The Slicer panel runs the steps from a ``QTimer`` on the main thread, about
+  0.1 s of them per tick (:class:`SteppedRun`, driven by ``panel.PanelRun``), updating
+  the progress bar and honouring Cancel between steps; closing the generator
+  (``close()``) cancels it cleanly.
 
 A step generator yields ``None`` and returns its result (``return value`` in the
 generator, ``yield from`` to call one from another). Only the standard library is used,
