@@ -35,6 +35,9 @@ POSE_DEG = (10.0, -6.0, 8.0)
 
 @pytest.fixture
 def scene():
+    """A bare scene, with the segmentation converter rules registered as Slicer does at
+    start-up (so a test that makes a segmentation itself does not depend on test order)."""
+    slicer_tools.ensure_segmentation_converters()
     return slicer.vtkMRMLScene()
 
 
