@@ -114,6 +114,36 @@ def noise_nrrd(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     return [str(folder / "noise.nhdr")]
 
 
+def cut_binary_transform(suffix: str) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A rigid transform saved by SimpleITK as ``.h5``/``.mat``, cut to half its bytes (a
+    broken copy): HDF5 printed about 25 lines of diagnostics before ITK's error."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        tf = sitk.Euler3DTransform()
+        tf.SetRotation(0.1, -0.05, 0.2)
+        path = folder / f"case{suffix}"
+        sitk.WriteTransform(tf, str(path))
+        cut_in_half(path)
+        return [scan(folder), "--transform", str(path)]
+    return make
+
+
+def fifo(name: str, as_transform: bool = False) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A named pipe where a file is expected (it was "empty", or "not found" as a transform)."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        os.mkfifo(folder / name)
+        return [scan(folder), "--transform", str(folder / name)] if as_transform else [str(folder / name)]
+    return make
+
+
+def link_loop(name: str, as_transform: bool = False) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """Two symbolic links pointing at each other (was reported as "not found")."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        (folder / name).symlink_to(folder / f"other-{name}")
+        (folder / f"other-{name}").symlink_to(folder / name)
+        return [scan(folder), "--transform", str(folder / name)] if as_transform else [str(folder / name)]
+    return make
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -197,6 +227,15 @@ REFUSED: List[Case] = [
     Case("transform: two transforms without a composite header", with_transform(
         itksnap_text(IDENTITY) + "#Transform 1\nTransform: TranslationTransform_double_3_3\n"
         "Parameters: 5 0 0\nFixedParameters: \n"), "holds 2 transforms without a composite header"),
+    Case("transform: truncated .h5 (HDF5 diagnostics)", cut_binary_transform(".h5"),
+         "the HDF5 file is truncated, damaged or not an ITK transform"),
+    Case("transform: truncated .mat", cut_binary_transform(".mat"),
+         "the MATLAB file is truncated, damaged or not an ITK transform"),
+    Case("scan: a FIFO", fifo("pipe.nii.gz"), "is a named pipe (FIFO), not a file"),
+    Case("scan: a symbolic link loop", link_loop("loop.nii.gz"), "is a symbolic link loop"),
+    Case("transform: a FIFO", fifo("pipe.txt", as_transform=True), "is a named pipe (FIFO), not a file"),
+    Case("transform: a symbolic link loop", link_loop("loop.txt", as_transform=True),
+         "is a symbolic link loop"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
     Case("--threads 0", lambda f, mp: [scan(f), "--threads", "0"], "--threads 0 is outside 1.."),
@@ -413,7 +452,8 @@ def test_failed_run_keeps_an_earlier_complete_result(tmp_path, tiny_models, capf
 
 # --------------------------------------------------------------------------- the real entry point
 
-SUBPROCESS_ROWS = ["truncated .nii.gz", "MR-like intensities", "transform: B-spline (non-linear)"]
+SUBPROCESS_ROWS = ["truncated .nii.gz", "MR-like intensities", "transform: B-spline (non-linear)",
+                   "transform: truncated .h5 (HDF5 diagnostics)", "scan: a FIFO"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)

@@ -14,11 +14,13 @@ import gzip
 import math
 import os
 import re
+import stat
 import struct
+import sys
 import tempfile
 import warnings
 import zlib
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -79,8 +81,7 @@ def read_scan(path: str) -> sitk.Image:
     Returns the image as SimpleITK reads it (pixel type unchanged); call
     :func:`check_ct` before using it as a head CT.
     """
-    if not os.path.exists(path):
-        raise InputError(f"scan not found: {path}.", "Check the path.")
+    check_input_file(path, "scan")
     if os.path.isdir(path):
         return _read_dicom_folder(path)
     if os.path.getsize(path) == 0:
@@ -259,6 +260,63 @@ def quiet_itk() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+@contextlib.contextmanager
+def captured_c_stderr() -> Iterator[List[str]]:
+    """Collect what C libraries write to file descriptor 2 during a block.
+
+    HDF5 prints its error stack (some 25 lines of source paths) straight to the C
+    stderr before ITK raises, and no ITK switch turns that off: the fd is pointed at a
+    temporary file for the block, and the lines are handed back (the caller reports one
+    line of its own instead). Where there is no fd 2 (an embedding without one) nothing
+    is redirected.
+    """
+    lines: List[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read(1 << 16).decode("utf-8", "replace").splitlines())
+
+
+def check_input_file(path: str, what: str = "scan") -> None:
+    """Raise :class:`InputError` unless ``path`` can be opened as an input: a missing
+    path is "not found", but a symbolic link loop, a dangling link, a named pipe (FIFO),
+    a device or a socket is named as what it is (each needs a different fix, and a FIFO
+    would make a reader wait forever). Folders pass (DICOM and dataset folders)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{what} path {path} is a symbolic link loop (its links point back "
+                             "at each other).", "Give the real file, or fix the link.") from None
+        if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+            raise InputError(f"{what} path {path} is a broken symbolic link (it points at "
+                             f"{os.readlink(path)}, which does not exist).",
+                             "Give the real file, or fix the link.") from None
+        if isinstance(exc, FileNotFoundError):
+            raise InputError(f"{what} not found: {path}.", "Check the path.") from None
+        raise InputError(f"cannot open {what} {path} ({exc.strerror or exc}).",
+                         "Check the path and its permissions.") from None
+    kind = next((name for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"),
+                                         (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"),
+                                         (stat.S_ISBLK, "a block device"))
+                 if test(info.st_mode)), None)
+    if kind is not None:
+        raise InputError(f"{what} path {path} is {kind}, not a file.",
+                         "Give the file itself (write the stream to a file first).")
 
 
 def dicom_series_ids(folder: str) -> Tuple[str, ...]:
