@@ -558,3 +558,64 @@ def test_option_values_refused(args, message, tmp_path, capfd):
     assert lines[0].startswith("brainlobeseg: error: ") and message in lines[0], lines[0]
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
     assert tree_hashes(indir) == before
+
+
+# --------------------------------------------------------------------------- output paths, checked first
+
+def _output_args(command: str, scan_path: str, labels_path: str, out: Path) -> List[str]:
+    """``command`` with a usable scan and ``out`` as its output; ``--model`` names a folder
+    that does not exist, so a run that loads models before checking ``out`` says that
+    instead (the order is what is tested: the output first, before minutes of work)."""
+    nowhere = str(out.parent / "no-models-here")
+    if command == "segment":
+        return ["segment", scan_path, "-o", str(out), "--model", nowhere, "--assume-upright"]
+    if command == "stats":
+        return ["stats", scan_path, "-o", str(out), "--model", nowhere, "--assume-upright"]
+    if command == "align":
+        return ["align", scan_path, "-o", str(out / "pose.txt"), "--model", nowhere]
+    return ["save-case", scan_path, labels_path, "--dataset", str(out)]
+
+
+@pytest.mark.parametrize("command,where", [
+    (c, w) for w in ("an existing file", "below a file") for c in ("segment", "stats", "align", "save-case")
+    if (c, w) != ("align", "an existing file")])   # align's -o is a file: --overwrite decides
+def test_output_path_refused_before_any_work(command, where, tmp_path, capfd):
+    """Issue 14: an unusable -o (--dataset) was found only when the results were written,
+    after inference (align: after the estimate and its region check). Now one line, exit 2,
+    before the models are loaded; the file in the way is unchanged and nothing is made."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = scan(indir)
+    labels_path = str(write(sitk.Cast(head_image() > 20, sitk.sitkUInt8), indir / "seg.nii.gz"))
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("keep me", encoding="utf-8")
+    out = blocker if where == "an existing file" else blocker / "out"
+    before = tree_hashes(tmp_path)
+    code = cli.main(_output_args(command, scan_path, labels_path, out))
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith("brainlobeseg: error: "), lines[0]
+    expected = ("exists and is not a folder" if where == "an existing file"
+                else f"cannot be made: {blocker} is a file, not a folder")
+    assert expected in lines[0], lines[0]
+    assert tree_hashes(tmp_path) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command", ["segment", "stats", "align", "save-case"])
+def test_read_only_output_parent_refused_before_any_work(command, tmp_path, capfd):
+    """-o to be made inside a read-only folder: refused before the models are loaded."""
+    indir, locked = tmp_path / "in", tmp_path / "locked"
+    indir.mkdir()
+    locked.mkdir()
+    scan_path = scan(indir)
+    labels_path = str(write(sitk.Cast(head_image() > 20, sitk.sitkUInt8), indir / "seg.nii.gz"))
+    locked.chmod(0o555)
+    try:
+        code = cli.main(_output_args(command, scan_path, labels_path, locked / "out"))
+    finally:
+        locked.chmod(0o755)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert f"cannot write to {locked}" in lines[0] and "Free some space" not in lines[0], lines[0]
+    assert list(locked.iterdir()) == []

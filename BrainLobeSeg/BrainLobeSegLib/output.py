@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import regions
-from .errors import from_os_error
+from .errors import InputError, from_os_error
 from .imageio import write_image_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
@@ -99,6 +99,29 @@ def write_png(rgb: np.ndarray, path: str) -> None:
     """Write an RGB array as PNG with SimpleITK (no imaging package needed)."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True)
     write_image_atomic(img, path, compress=False)
+
+
+def check_output_folder(path: str, option: str = "-o") -> None:
+    """Refuse an output folder that cannot be made or written, before any work is done.
+
+    A run may take minutes of inference; an ``-o`` that is an existing file, lies below a
+    file, or in a folder without write permission (or on a read-only file system) must
+    fail at once, not after the work. The folder itself is not created here: a refused
+    input later must not leave an empty folder behind.
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise InputError(f"the output path {path} exists and is not a folder.",
+                         f"Give a folder for {option} (it is created if missing).")
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)   # the nearest existing part is where it is made
+    if not os.path.isdir(probe):
+        raise InputError(f"the output folder {path} cannot be made: {probe} is a file, not a "
+                         "folder; nothing was written.", f"Choose another {option}.")
+    if not os.access(probe, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise InputError(f"cannot write to {probe} (no write permission, or a read-only file "
+                         "system); nothing was written.",
+                         f"Choose a folder you can write to with {option}, or fix its permissions.")
 
 
 class OutputSet:
