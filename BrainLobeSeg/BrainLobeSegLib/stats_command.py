@@ -94,6 +94,9 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                                              progress=lambda f, m: bar(0.1 + 0.9 * f, m))
             transform = pose.transform
             require_regions(result.quality, case)
+            if result.quality is not None and not result.quality.ok:   # as segment does: the
+                # warning line points at this file
+                output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
