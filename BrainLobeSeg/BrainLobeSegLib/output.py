@@ -128,13 +128,21 @@ class OutputSet:
     """Files of one case, written to a hidden staging folder and moved into place together.
 
     If anything fails before :meth:`commit`, the staging folder is removed and no output
-    of the case appears: a crash never leaves half a result next to complete ones. A
-    failed file operation (full disk, read-only folder) becomes one :class:`InputError`
-    that names the output folder.
+    of the case appears: a crash never leaves half a result next to complete ones. The
+    output folders this set had to create go too when they are still empty (a failed
+    first run leaves no empty report folder that looks like a result). A failed file
+    operation (full disk, read-only folder) becomes one :class:`InputError` that names
+    the output folder.
     """
 
     def __init__(self, outdir: str) -> None:
         self.outdir = Path(outdir)
+        self.committed = False
+        self.made: List[Path] = []   # folders created for this set, deepest first
+        probe = self.outdir.absolute()
+        while not os.path.lexists(probe) and probe.parent != probe:
+            self.made.append(probe)
+            probe = probe.parent
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.outdir))
@@ -151,11 +159,19 @@ class OutputSet:
         for name in self.names:
             os.replace(self.stage / name, self.outdir / name)
             final.append(self.outdir / name)
+        self.committed = True
         self.discard()
         return final
 
     def discard(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+        if self.committed:
+            return
+        for folder in self.made:   # only while empty: another writer's files stay
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> "OutputSet":
         return self
