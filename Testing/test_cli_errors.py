@@ -144,6 +144,11 @@ def link_loop(name: str, as_transform: bool = False) -> Callable[[Path, pytest.M
     return make
 
 
+def mr_series(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+    """A DICOM series tagged Modality MR whose values would pass as CT: only the tag tells."""
+    return [str(write_dicom_series(head_image(), folder / "mr", modality="MR"))]
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -236,6 +241,7 @@ REFUSED: List[Case] = [
     Case("transform: a FIFO", fifo("pipe.txt", as_transform=True), "is a named pipe (FIFO), not a file"),
     Case("transform: a symbolic link loop", link_loop("loop.txt", as_transform=True),
          "is a symbolic link loop"),
+    Case("DICOM series of modality MR", mr_series, "is a DICOM series of modality MR, not CT"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
     Case("--threads 0", lambda f, mp: [scan(f), "--threads", "0"], "--threads 0 is outside 1.."),
@@ -452,7 +458,7 @@ def test_failed_run_keeps_an_earlier_complete_result(tmp_path, tiny_models, capf
 
 # --------------------------------------------------------------------------- the real entry point
 
-SUBPROCESS_ROWS = ["truncated .nii.gz", "MR-like intensities", "transform: B-spline (non-linear)",
+SUBPROCESS_ROWS = ["truncated .nii.gz", "DICOM series of modality MR", "MR-like intensities", "transform: B-spline (non-linear)",
                    "transform: truncated .h5 (HDF5 diagnostics)", "scan: a FIFO"]
 
 
@@ -619,3 +625,38 @@ def test_read_only_output_parent_refused_before_any_work(command, tmp_path, capf
     assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
     assert f"cannot write to {locked}" in lines[0] and "Free some space" not in lines[0], lines[0]
     assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- DICOM: which series, which modality
+
+def _segment_dicom(folder: Path, outdir: Path, tiny_models: Path, capfd, *extra: str) -> tuple:
+    code, out, err = run_cli([str(folder), *extra], outdir, tiny_models, capfd)
+    return code, out, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def test_two_dicom_series_of_equal_length_name_the_one_used(tmp_path, tiny_models, capfd):
+    """Issue 14: of two series with as many slices in one folder, one was taken silently.
+    Now it runs on one of them and one warning line names it (UID and description) and
+    the other (the lowest UID as text is used, so reruns agree)."""
+    folder = tmp_path / "in" / "study"
+    write_dicom_series(head_image(), folder, uid="1.2.3.9", description="bone kernel", prefix="b")
+    write_dicom_series(head_image(seed=1), folder, uid="1.2.3.10", description="brain kernel",
+                       prefix="a")
+    before = tree_hashes(folder)
+    code, _, lines = _segment_dicom(folder, tmp_path / "out", tiny_models, capfd)
+    assert code == 0, lines
+    assert len(lines) == 1 and lines[0].startswith("brainlobeseg: warning: "), lines
+    assert ("study holds 2 DICOM series of 24 slices each; used 1.2.3.10 (brain kernel), "
+            "not 1.2.3.9 (bone kernel)") in lines[0], lines[0]
+    assert (tmp_path / "out" / "study-aspects.seg.nrrd").exists()
+    assert tree_hashes(folder) == before
+
+
+def test_mr_series_with_force_is_a_warning(tmp_path, tiny_models, capfd):
+    """--force lets the MR-tagged series through, never silently: one warning line,
+    recorded in the warnings file next to the results."""
+    folder = write_dicom_series(head_image(), tmp_path / "in" / "mr", modality="MR")
+    code, _, lines = _segment_dicom(folder, tmp_path / "out", tiny_models, capfd, "--force")
+    assert code == 0, lines
+    assert len(lines) == 1 and "modality MR, not CT; segmented anyway because of --force" in lines[0], lines
+    assert "modality MR" in (tmp_path / "out" / "mr-warnings.txt").read_text(encoding="utf-8")

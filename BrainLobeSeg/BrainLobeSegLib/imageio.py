@@ -335,7 +335,10 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
         raise InputError(f"{folder} is a folder without a DICOM series.",
                          "Give the folder of one CT series, or a NIfTI/NRRD file.")
     # Several series (scout, bone and brain kernels...): take the one with most slices.
-    files = max((reader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+    file_lists = {s: reader.GetGDCMSeriesFileNames(folder, s) for s in series}
+    most = max(len(f) for f in file_lists.values())
+    tied = sorted(s for s in series if len(file_lists[s]) == most)   # lowest UID first: reruns agree
+    files = file_lists[tied[0]]
     header = sitk.ImageFileReader()
     header.SetFileName(files[0])
     try:
@@ -343,6 +346,13 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
     except Exception as exc:
         raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
                          "Export the series again, or convert it to NIfTI.") from None
+    if len(tied) > 1:   # the slice count cannot decide: never pick silently
+        named = [f"{uid} ({_dicom_tag(file_lists[uid][0], _SERIES_DESCRIPTION) or 'no description'})"
+                 for uid in tied]
+        warnings.warn(f"{os.path.basename(os.path.normpath(folder))} holds {len(tied)} DICOM series "
+                      f"of {most} slices each; used {named[0]}, not {', '.join(named[1:])}. Put the "
+                      "series you want in a folder of its own to use another.", InputWarning, stacklevel=3)
+    modality = _dicom_tag(files[0], MODALITY_TAG)
     # the RAM guard from the first slice's header, before the series is allocated
     check_voxel_count(tuple(header.GetSize()[:2]) + (len(files),), header.GetNumberOfComponents(),
                       os.path.basename(os.path.normpath(folder)))
@@ -354,7 +364,27 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
     except Exception as exc:
         raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
                          "Export the series again, or convert it to NIfTI.") from None
-    return _dicom_slice_geometry(image, reader, folder)
+    image = _dicom_slice_geometry(image, reader, folder)
+    if modality:   # for check_ct: a series that says it is MR is not segmented as CT
+        image.SetMetaData(MODALITY_TAG, modality)
+    return image
+
+
+#: DICOM Modality (CT, MR, PT...), kept on an image read from a series for :func:`check_ct`.
+MODALITY_TAG = "0008|0060"
+_SERIES_DESCRIPTION = "0008|103e"
+
+
+def _dicom_tag(path: str, tag: str) -> str:
+    """One tag of a DICOM file's header as text ('' when absent or unreadable)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    except Exception:
+        return ""
 
 
 def _dicom_slice_geometry(image: sitk.Image, reader: sitk.ImageSeriesReader, folder: str) -> sitk.Image:
@@ -474,6 +504,25 @@ class NotCTWarning(InputWarning):
     """``--force`` let through an image whose intensities are not those of a CT in HU."""
 
 
+def check_modality(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
+    """Refuse a DICOM series whose Modality is not CT (MR, PT...), or warn with ``force``.
+
+    The intensity check alone lets through an MR series that happens to span -1000..300,
+    and the models only know CT; the series' own word is the clearer reason. Images from
+    other formats carry no modality and are left to the intensity check.
+    """
+    modality = image.GetMetaData(MODALITY_TAG).strip() if image.HasMetaDataKey(MODALITY_TAG) else ""
+    if not modality or modality.upper() == "CT":
+        return
+    problem = f"{name} is a DICOM series of modality {modality}, not CT"
+    if force:
+        warnings.warn(NotCTWarning(f"{problem}; segmented anyway because of --force, so the "
+                                   "regions are likely meaningless."), stacklevel=3)
+        return
+    raise InputError(problem + ".", "Give a non-contrast head CT series, or pass --force if its "
+                                    "Modality tag is wrong.")
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
@@ -498,6 +547,7 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
                          f"{' x '.join(f'{e:.0f}' for e in extent)} mm).",
                          "Give the whole head scan, not a crop or a thumbnail.")
     check_voxel_count(size, 1, name)
+    check_modality(image, force, name)
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
