@@ -114,6 +114,41 @@ def noise_nrrd(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     return [str(folder / "noise.nhdr")]
 
 
+def cut_binary_transform(suffix: str) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A rigid transform saved by SimpleITK as ``.h5``/``.mat``, cut to half its bytes (a
+    broken copy): HDF5 printed about 25 lines of diagnostics before ITK's error."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        tf = sitk.Euler3DTransform()
+        tf.SetRotation(0.1, -0.05, 0.2)
+        path = folder / f"case{suffix}"
+        sitk.WriteTransform(tf, str(path))
+        cut_in_half(path)
+        return [scan(folder), "--transform", str(path)]
+    return make
+
+
+def fifo(name: str, as_transform: bool = False) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """A named pipe where a file is expected (it was "empty", or "not found" as a transform)."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        os.mkfifo(folder / name)
+        return [scan(folder), "--transform", str(folder / name)] if as_transform else [str(folder / name)]
+    return make
+
+
+def link_loop(name: str, as_transform: bool = False) -> Callable[[Path, pytest.MonkeyPatch], List[str]]:
+    """Two symbolic links pointing at each other (was reported as "not found")."""
+    def make(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+        (folder / name).symlink_to(folder / f"other-{name}")
+        (folder / f"other-{name}").symlink_to(folder / name)
+        return [scan(folder), "--transform", str(folder / name)] if as_transform else [str(folder / name)]
+    return make
+
+
+def mr_series(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
+    """A DICOM series tagged Modality MR whose values would pass as CT: only the tag tells."""
+    return [str(write_dicom_series(head_image(), folder / "mr", modality="MR"))]
+
+
 def lowered_ram_guard(folder: Path, mp: pytest.MonkeyPatch) -> List[str]:
     """A normal scan with the RAM limit lowered below its size (nothing big allocated)."""
     mp.setattr(imageio, "MAX_VOXELS", int(np.prod(SIZE)) // 2)
@@ -197,6 +232,16 @@ REFUSED: List[Case] = [
     Case("transform: two transforms without a composite header", with_transform(
         itksnap_text(IDENTITY) + "#Transform 1\nTransform: TranslationTransform_double_3_3\n"
         "Parameters: 5 0 0\nFixedParameters: \n"), "holds 2 transforms without a composite header"),
+    Case("transform: truncated .h5 (HDF5 diagnostics)", cut_binary_transform(".h5"),
+         "the HDF5 file is truncated, damaged or not an ITK transform"),
+    Case("transform: truncated .mat", cut_binary_transform(".mat"),
+         "the MATLAB file is truncated, damaged or not an ITK transform"),
+    Case("scan: a FIFO", fifo("pipe.nii.gz"), "is a named pipe (FIFO), not a file"),
+    Case("scan: a symbolic link loop", link_loop("loop.nii.gz"), "is a symbolic link loop"),
+    Case("transform: a FIFO", fifo("pipe.txt", as_transform=True), "is a named pipe (FIFO), not a file"),
+    Case("transform: a symbolic link loop", link_loop("loop.txt", as_transform=True),
+         "is a symbolic link loop"),
+    Case("DICOM series of modality MR", mr_series, "is a DICOM series of modality MR, not CT"),
     Case("transform: scaled 20x", with_transform(itksnap_text([20, 0, 0, 0, 20, 0, 0, 0, 20, 0, 0, 0])),
          "scales the image by"),
     Case("--threads 0", lambda f, mp: [scan(f), "--threads", "0"], "--threads 0 is outside 1.."),
@@ -413,7 +458,8 @@ def test_failed_run_keeps_an_earlier_complete_result(tmp_path, tiny_models, capf
 
 # --------------------------------------------------------------------------- the real entry point
 
-SUBPROCESS_ROWS = ["truncated .nii.gz", "MR-like intensities", "transform: B-spline (non-linear)"]
+SUBPROCESS_ROWS = ["truncated .nii.gz", "DICOM series of modality MR", "MR-like intensities", "transform: B-spline (non-linear)",
+                   "transform: truncated .h5 (HDF5 diagnostics)", "scan: a FIFO"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)
@@ -518,3 +564,99 @@ def test_option_values_refused(args, message, tmp_path, capfd):
     assert lines[0].startswith("brainlobeseg: error: ") and message in lines[0], lines[0]
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
     assert tree_hashes(indir) == before
+
+
+# --------------------------------------------------------------------------- output paths, checked first
+
+def _output_args(command: str, scan_path: str, labels_path: str, out: Path) -> List[str]:
+    """``command`` with a usable scan and ``out`` as its output; ``--model`` names a folder
+    that does not exist, so a run that loads models before checking ``out`` says that
+    instead (the order is what is tested: the output first, before minutes of work)."""
+    nowhere = str(out.parent / "no-models-here")
+    if command == "segment":
+        return ["segment", scan_path, "-o", str(out), "--model", nowhere, "--assume-upright"]
+    if command == "stats":
+        return ["stats", scan_path, "-o", str(out), "--model", nowhere, "--assume-upright"]
+    if command == "align":
+        return ["align", scan_path, "-o", str(out / "pose.txt"), "--model", nowhere]
+    return ["save-case", scan_path, labels_path, "--dataset", str(out)]
+
+
+@pytest.mark.parametrize("command,where", [
+    (c, w) for w in ("an existing file", "below a file") for c in ("segment", "stats", "align", "save-case")
+    if (c, w) != ("align", "an existing file")])   # align's -o is a file: --overwrite decides
+def test_output_path_refused_before_any_work(command, where, tmp_path, capfd):
+    """Issue 14: an unusable -o (--dataset) was found only when the results were written,
+    after inference (align: after the estimate and its region check). Now one line, exit 2,
+    before the models are loaded; the file in the way is unchanged and nothing is made."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    scan_path = scan(indir)
+    labels_path = str(write(sitk.Cast(head_image() > 20, sitk.sitkUInt8), indir / "seg.nii.gz"))
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("keep me", encoding="utf-8")
+    out = blocker if where == "an existing file" else blocker / "out"
+    before = tree_hashes(tmp_path)
+    code = cli.main(_output_args(command, scan_path, labels_path, out))
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith("brainlobeseg: error: "), lines[0]
+    expected = ("exists and is not a folder" if where == "an existing file"
+                else f"cannot be made: {blocker} is a file, not a folder")
+    assert expected in lines[0], lines[0]
+    assert tree_hashes(tmp_path) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command", ["segment", "stats", "align", "save-case"])
+def test_read_only_output_parent_refused_before_any_work(command, tmp_path, capfd):
+    """-o to be made inside a read-only folder: refused before the models are loaded."""
+    indir, locked = tmp_path / "in", tmp_path / "locked"
+    indir.mkdir()
+    locked.mkdir()
+    scan_path = scan(indir)
+    labels_path = str(write(sitk.Cast(head_image() > 20, sitk.sitkUInt8), indir / "seg.nii.gz"))
+    locked.chmod(0o555)
+    try:
+        code = cli.main(_output_args(command, scan_path, labels_path, locked / "out"))
+    finally:
+        locked.chmod(0o755)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert f"cannot write to {locked}" in lines[0] and "Free some space" not in lines[0], lines[0]
+    assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- DICOM: which series, which modality
+
+def _segment_dicom(folder: Path, outdir: Path, tiny_models: Path, capfd, *extra: str) -> tuple:
+    code, out, err = run_cli([str(folder), *extra], outdir, tiny_models, capfd)
+    return code, out, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def test_two_dicom_series_of_equal_length_name_the_one_used(tmp_path, tiny_models, capfd):
+    """Issue 14: of two series with as many slices in one folder, one was taken silently.
+    Now it runs on one of them and one warning line names it (UID and description) and
+    the other (the lowest UID as text is used, so reruns agree)."""
+    folder = tmp_path / "in" / "study"
+    write_dicom_series(head_image(), folder, uid="1.2.3.9", description="bone kernel", prefix="b")
+    write_dicom_series(head_image(seed=1), folder, uid="1.2.3.10", description="brain kernel",
+                       prefix="a")
+    before = tree_hashes(folder)
+    code, _, lines = _segment_dicom(folder, tmp_path / "out", tiny_models, capfd)
+    assert code == 0, lines
+    assert len(lines) == 1 and lines[0].startswith("brainlobeseg: warning: "), lines
+    assert ("study holds 2 DICOM series of 24 slices each; used 1.2.3.10 (brain kernel), "
+            "not 1.2.3.9 (bone kernel)") in lines[0], lines[0]
+    assert (tmp_path / "out" / "study-aspects.seg.nrrd").exists()
+    assert tree_hashes(folder) == before
+
+
+def test_mr_series_with_force_is_a_warning(tmp_path, tiny_models, capfd):
+    """--force lets the MR-tagged series through, never silently: one warning line,
+    recorded in the warnings file next to the results."""
+    folder = write_dicom_series(head_image(), tmp_path / "in" / "mr", modality="MR")
+    code, _, lines = _segment_dicom(folder, tmp_path / "out", tiny_models, capfd, "--force")
+    assert code == 0, lines
+    assert len(lines) == 1 and "modality MR, not CT; segmented anyway because of --force" in lines[0], lines
+    assert "modality MR" in (tmp_path / "out" / "mr-warnings.txt").read_text(encoding="utf-8")

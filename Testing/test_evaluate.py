@@ -216,3 +216,48 @@ def test_bins():
 
 def _no_constants(name: str):
     raise AssertionError(f"metrics.json holds {name}, which is not JSON")
+
+
+def _small_case(root: Path, name: str, seed: int) -> None:
+    phantom.write_case(phantom.make_scan(size=(32, 32, 16), spacing=(6.0, 6.0, 8.0),
+                                         angles_deg=(0.0, 0.0, 0.0), seed=seed), str(root), name)
+
+
+def _hashes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_failed_evaluation_leaves_no_report_folder(tmp_path, tiny_models, capsys):
+    """Issue 14: a case that fails mid-run (labels 99 in its N-seg file) left an empty
+    report folder behind. Now exit 2, one line, no folder, the dataset unchanged."""
+    data = tmp_path / "data"
+    _small_case(data, "1", seed=4)
+    _small_case(data, "2", seed=5)
+    seg = sitk.ReadImage(str(data / "2-seg.nii.gz"))
+    sitk.WriteImage(sitk.Cast(seg, sitk.sitkUInt8) * 0 + 99, str(data / "2-seg.nii.gz"))
+    before = _hashes(data)
+    out = tmp_path / "reports" / "run"
+    code = training_main(["evaluate", "--data", str(data), "--model", str(tiny_models / "tiny-3d"),
+                          "--out", str(out), "--device", "cpu", "--overlays", "0",
+                          "--refine-mm", str(REFINE_MM), "--threads", "1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("training evaluate: error: ") and "not label ids" in err[0], err
+    assert not out.exists() and not (tmp_path / "reports").exists()
+    assert _hashes(data) == before
+
+
+def test_all_zero_label_file_is_warned_about(tmp_path, tiny_models):
+    """Issue 14: a label file of zeros was scored without a word; now one warning line."""
+    data = tmp_path / "data"
+    _small_case(data, "1", seed=4)
+    _small_case(data, "2", seed=5)
+    seg = sitk.ReadImage(str(data / "2-seg.nii.gz"))
+    sitk.WriteImage(sitk.Cast(seg, sitk.sitkUInt8) * 0, str(data / "2-seg.nii.gz"))
+    lines: list = []
+    E.evaluate(data, tiny_models / "tiny-3d", tmp_path / "out", device="cpu", overlays=0,
+               refine_mm=REFINE_MM, threads=1, log=lines.append)
+    warned = [ln for ln in lines if ln.startswith("warning:")]
+    assert warned == ["warning: case 2: its label file 2-seg.nii.gz is all zero (no region "
+                      "labelled); check that it is the right file."], lines
+    assert (tmp_path / "out" / "metrics.json").exists()

@@ -122,3 +122,32 @@ def test_quality_with_the_bundled_model(half, bundled_3d, tmp_path, capfd):
     assert "looks implausible" in lines[0] and "left" in lines[0]
     qc = json.loads((outdir / "case-qc.json").read_text(encoding="utf-8"))
     assert qc["ok"] is False and qc["problems"] and qc["total_ml"] < 400
+
+
+def narrow_range_model(folder: Path) -> Path:
+    """A real tiny 3D model whose card says a result holds 100-200 litres: every result it
+    gives is implausible by its own card (the quality check warns, ``N-qc.json`` is due)."""
+    make_tiny_model(folder, "3d")
+    card = json.loads((folder / models.CARD_NAME).read_text(encoding="utf-8"))
+    card["quality"] = {"total_ml": [100000, 200000]}
+    (folder / models.CARD_NAME).write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def test_stats_writes_the_qc_file_like_segment(tmp_path, capfd):
+    """Issue 14: ``stats`` printed the quality warning, which points at ``-qc.json``, but
+    wrote no such file (only ``segment`` did). Now the same file, next to its outputs."""
+    model = narrow_range_model(tmp_path / "narrow-3d")
+    indir, outdir = tmp_path / "in", tmp_path / "out"
+    indir.mkdir()
+    scan = write(head_image(), indir / "case.nii.gz")
+    before = tree_hashes(indir)
+    code = cli.main(["stats", str(scan), "-o", str(outdir), "--model", str(model), "--mode", "3d",
+                     "--assume-upright", "--device", "cpu", "--quiet"])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == 0, lines
+    assert len(lines) == 1 and "looks implausible" in lines[0] and "-qc.json" in lines[0], lines
+    qc = json.loads((outdir / "case-qc.json").read_text(encoding="utf-8"))
+    assert qc["ok"] is False and "outside 100000-200000 ml" in qc["problems"][0], qc
+    assert (outdir / "case-stats.json").exists() and leftovers(outdir) == []
+    assert tree_hashes(indir) == before

@@ -592,27 +592,32 @@ def test_transform_files_that_crash_itk_are_refused_before_itk_reads_them(tmp_pa
 
 # --------------------------------------------------------------------------- DICOM series
 
-def write_dicom_series(img: sitk.Image, folder: Path, drop: Optional[int] = None) -> Path:
-    """Write ``img`` as a CT DICOM series, one file per slice, with the positions and
-    orientation a scanner writes (Image Position per slice: a gantry-tilted ``img``
-    gives the in-plane shift from slice to slice that tilted series have)."""
+def write_dicom_series(img: sitk.Image, folder: Path, drop: Optional[int] = None,
+                       modality: str = "CT", uid: str = "1.2.826.0.1.3680043.2.1125.424242",
+                       description: str = "", prefix: str = "") -> Path:
+    """Write ``img`` as a DICOM series (CT unless ``modality`` says otherwise), one file
+    per slice, with the positions and orientation a scanner writes (Image Position per
+    slice: a gantry-tilted ``img`` gives the in-plane shift from slice to slice that
+    tilted series have). ``uid``, ``description`` and ``prefix`` (of the file names) put
+    a second series into the same folder."""
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(img, sitk.sitkInt16)
     d = np.array(img.GetDirection()).reshape(3, 3)
-    uid = "1.2.826.0.1.3680043.2.1125.424242"
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for i in range(img.GetDepth()):
         if i == drop:
             continue
         sl = img[:, :, i]
-        for tag, value in (("0020|000e", uid), ("0020|000d", uid + ".1"), ("0008|0060", "CT"),
+        if description:
+            sl.SetMetaData("0008|103e", description)
+        for tag, value in (("0020|000e", uid), ("0020|000d", uid + ".1"), ("0008|0060", modality),
                            ("0020|0013", str(i)), ("0028|0030", "\\".join(map(str, img.GetSpacing()[:2]))),
                            ("0020|0037", "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1]))),
                            ("0020|0032", "\\".join(f"{v:.6f}" for v in
                                                     img.TransformIndexToPhysicalPoint((0, 0, i))))):
             sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{i:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{i:03d}.dcm"))
         writer.Execute(sl)
     return folder
 

@@ -375,6 +375,9 @@ def evaluate(data: Path, model_dir: Optional[Path], out: Path, device: str = "au
         for n, case in enumerate(labelled, start=1):
             ct, tf, seg = read_case(case, invert_transform)
             truth = sitk.GetArrayFromImage(seg)
+            if not truth.any():   # scored, but only its false positives count: say so
+                log(f"warning: case {case.name}: its label file {Path(case.seg_path).name} is all "
+                    "zero (no region labelled); check that it is the right file.")
             info = {"name": case.name, **case_geometry(ct, tf)}
             preds, timing = predict_case(segmenters, ct, tf, fusion)
             t0 = time.perf_counter()

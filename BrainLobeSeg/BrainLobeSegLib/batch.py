@@ -65,9 +65,8 @@ def expand_inputs(inputs: Sequence[str], transform: Optional[str] = None) -> Lis
     for spec in inputs:
         if not os.path.exists(spec) and _GLOB_CHARS & set(spec):
             paths = _expand_glob(spec)
-        elif not os.path.exists(spec):
-            raise InputError(f"scan not found: {spec}.", "Check the path.")
-        else:
+        else:   # not found, a link loop, a FIFO: each named as what it is
+            imageio.check_input_file(spec, "scan")
             paths = [spec]
         for path in paths:
             jobs += _jobs_of(path)

@@ -112,10 +112,8 @@ def pose_line(name: str, pose: "alignment.PoseChoice", written: Optional[str] = 
 
 
 def check_output_folder(path: str) -> None:
-    """Refuse an output path that is an existing file before any work is done."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"the output path {path} exists and is not a folder.",
-                         "Give a folder for -o (it is created if missing).")
+    """Refuse an unusable output folder before any work is done (:func:`output.check_output_folder`)."""
+    output.check_output_folder(path)
 
 
 def warnings_name(case: str) -> str:

@@ -14,11 +14,13 @@ import gzip
 import math
 import os
 import re
+import stat
 import struct
+import sys
 import tempfile
 import warnings
 import zlib
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -79,8 +81,7 @@ def read_scan(path: str) -> sitk.Image:
     Returns the image as SimpleITK reads it (pixel type unchanged); call
     :func:`check_ct` before using it as a head CT.
     """
-    if not os.path.exists(path):
-        raise InputError(f"scan not found: {path}.", "Check the path.")
+    check_input_file(path, "scan")
     if os.path.isdir(path):
         return _read_dicom_folder(path)
     if os.path.getsize(path) == 0:
@@ -261,6 +262,63 @@ def quiet_itk() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+@contextlib.contextmanager
+def captured_c_stderr() -> Iterator[List[str]]:
+    """Collect what C libraries write to file descriptor 2 during a block.
+
+    HDF5 prints its error stack (some 25 lines of source paths) straight to the C
+    stderr before ITK raises, and no ITK switch turns that off: the fd is pointed at a
+    temporary file for the block, and the lines are handed back (the caller reports one
+    line of its own instead). Where there is no fd 2 (an embedding without one) nothing
+    is redirected.
+    """
+    lines: List[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read(1 << 16).decode("utf-8", "replace").splitlines())
+
+
+def check_input_file(path: str, what: str = "scan") -> None:
+    """Raise :class:`InputError` unless ``path`` can be opened as an input: a missing
+    path is "not found", but a symbolic link loop, a dangling link, a named pipe (FIFO),
+    a device or a socket is named as what it is (each needs a different fix, and a FIFO
+    would make a reader wait forever). Folders pass (DICOM and dataset folders)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{what} path {path} is a symbolic link loop (its links point back "
+                             "at each other).", "Give the real file, or fix the link.") from None
+        if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+            raise InputError(f"{what} path {path} is a broken symbolic link (it points at "
+                             f"{os.readlink(path)}, which does not exist).",
+                             "Give the real file, or fix the link.") from None
+        if isinstance(exc, FileNotFoundError):
+            raise InputError(f"{what} not found: {path}.", "Check the path.") from None
+        raise InputError(f"cannot open {what} {path} ({exc.strerror or exc}).",
+                         "Check the path and its permissions.") from None
+    kind = next((name for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"),
+                                         (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"),
+                                         (stat.S_ISBLK, "a block device"))
+                 if test(info.st_mode)), None)
+    if kind is not None:
+        raise InputError(f"{what} path {path} is {kind}, not a file.",
+                         "Give the file itself (write the stream to a file first).")
+
+
 def dicom_series_ids(folder: str) -> Tuple[str, ...]:
     """The DICOM series in a folder (empty when there are none), without ITK noise."""
     try:
@@ -277,7 +335,10 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
         raise InputError(f"{folder} is a folder without a DICOM series.",
                          "Give the folder of one CT series, or a NIfTI/NRRD file.")
     # Several series (scout, bone and brain kernels...): take the one with most slices.
-    files = max((reader.GetGDCMSeriesFileNames(folder, s) for s in series), key=len)
+    file_lists = {s: reader.GetGDCMSeriesFileNames(folder, s) for s in series}
+    most = max(len(f) for f in file_lists.values())
+    tied = sorted(s for s in series if len(file_lists[s]) == most)   # lowest UID first: reruns agree
+    files = file_lists[tied[0]]
     header = sitk.ImageFileReader()
     header.SetFileName(files[0])
     try:
@@ -285,6 +346,13 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
     except Exception as exc:
         raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
                          "Export the series again, or convert it to NIfTI.") from None
+    if len(tied) > 1:   # the slice count cannot decide: never pick silently
+        named = [f"{uid} ({_dicom_tag(file_lists[uid][0], _SERIES_DESCRIPTION) or 'no description'})"
+                 for uid in tied]
+        warnings.warn(f"{os.path.basename(os.path.normpath(folder))} holds {len(tied)} DICOM series "
+                      f"of {most} slices each; used {named[0]}, not {', '.join(named[1:])}. Put the "
+                      "series you want in a folder of its own to use another.", InputWarning, stacklevel=3)
+    modality = _dicom_tag(files[0], MODALITY_TAG)
     # the RAM guard from the first slice's header, before the series is allocated
     check_voxel_count(tuple(header.GetSize()[:2]) + (len(files),), header.GetNumberOfComponents(),
                       os.path.basename(os.path.normpath(folder)))
@@ -296,7 +364,27 @@ def _read_dicom_folder(folder: str) -> sitk.Image:
     except Exception as exc:
         raise InputError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}).",
                          "Export the series again, or convert it to NIfTI.") from None
-    return _dicom_slice_geometry(image, reader, folder)
+    image = _dicom_slice_geometry(image, reader, folder)
+    if modality:   # for check_ct: a series that says it is MR is not segmented as CT
+        image.SetMetaData(MODALITY_TAG, modality)
+    return image
+
+
+#: DICOM Modality (CT, MR, PT...), kept on an image read from a series for :func:`check_ct`.
+MODALITY_TAG = "0008|0060"
+_SERIES_DESCRIPTION = "0008|103e"
+
+
+def _dicom_tag(path: str, tag: str) -> str:
+    """One tag of a DICOM file's header as text ('' when absent or unreadable)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    except Exception:
+        return ""
 
 
 def _dicom_slice_geometry(image: sitk.Image, reader: sitk.ImageSeriesReader, folder: str) -> sitk.Image:
@@ -416,6 +504,25 @@ class NotCTWarning(InputWarning):
     """``--force`` let through an image whose intensities are not those of a CT in HU."""
 
 
+def check_modality(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
+    """Refuse a DICOM series whose Modality is not CT (MR, PT...), or warn with ``force``.
+
+    The intensity check alone lets through an MR series that happens to span -1000..300,
+    and the models only know CT; the series' own word is the clearer reason. Images from
+    other formats carry no modality and are left to the intensity check.
+    """
+    modality = image.GetMetaData(MODALITY_TAG).strip() if image.HasMetaDataKey(MODALITY_TAG) else ""
+    if not modality or modality.upper() == "CT":
+        return
+    problem = f"{name} is a DICOM series of modality {modality}, not CT"
+    if force:
+        warnings.warn(NotCTWarning(f"{problem}; segmented anyway because of --force, so the "
+                                   "regions are likely meaningless."), stacklevel=3)
+        return
+    raise InputError(problem + ".", "Give a non-contrast head CT series, or pass --force if its "
+                                    "Modality tag is wrong.")
+
+
 def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> None:
     """Refuse images that are not a 3D head CT in HU.
 
@@ -440,6 +547,7 @@ def check_ct(image: sitk.Image, force: bool = False, name: str = "the scan") -> 
                          f"{' x '.join(f'{e:.0f}' for e in extent)} mm).",
                          "Give the whole head scan, not a crop or a thumbnail.")
     check_voxel_count(size, 1, name)
+    check_modality(image, force, name)
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import regions
-from .errors import from_os_error
+from .errors import InputError, from_os_error
 from .imageio import write_image_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
@@ -101,17 +101,48 @@ def write_png(rgb: np.ndarray, path: str) -> None:
     write_image_atomic(img, path, compress=False)
 
 
+def check_output_folder(path: str, option: str = "-o") -> None:
+    """Refuse an output folder that cannot be made or written, before any work is done.
+
+    A run may take minutes of inference; an ``-o`` that is an existing file, lies below a
+    file, or in a folder without write permission (or on a read-only file system) must
+    fail at once, not after the work. The folder itself is not created here: a refused
+    input later must not leave an empty folder behind.
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise InputError(f"the output path {path} exists and is not a folder.",
+                         f"Give a folder for {option} (it is created if missing).")
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)   # the nearest existing part is where it is made
+    if not os.path.isdir(probe):
+        raise InputError(f"the output folder {path} cannot be made: {probe} is a file, not a "
+                         "folder; nothing was written.", f"Choose another {option}.")
+    if not os.access(probe, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise InputError(f"cannot write to {probe} (no write permission, or a read-only file "
+                         "system); nothing was written.",
+                         f"Choose a folder you can write to with {option}, or fix its permissions.")
+
+
 class OutputSet:
     """Files of one case, written to a hidden staging folder and moved into place together.
 
     If anything fails before :meth:`commit`, the staging folder is removed and no output
-    of the case appears: a crash never leaves half a result next to complete ones. A
-    failed file operation (full disk, read-only folder) becomes one :class:`InputError`
-    that names the output folder.
+    of the case appears: a crash never leaves half a result next to complete ones. The
+    output folders this set had to create go too when they are still empty (a failed
+    first run leaves no empty report folder that looks like a result). A failed file
+    operation (full disk, read-only folder) becomes one :class:`InputError` that names
+    the output folder.
     """
 
     def __init__(self, outdir: str) -> None:
         self.outdir = Path(outdir)
+        self.committed = False
+        self.made: List[Path] = []   # folders created for this set, deepest first
+        probe = self.outdir.absolute()
+        while not os.path.lexists(probe) and probe.parent != probe:
+            self.made.append(probe)
+            probe = probe.parent
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.outdir))
@@ -128,11 +159,19 @@ class OutputSet:
         for name in self.names:
             os.replace(self.stage / name, self.outdir / name)
             final.append(self.outdir / name)
+        self.committed = True
         self.discard()
         return final
 
     def discard(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+        if self.committed:
+            return
+        for folder in self.made:   # only while empty: another writer's files stay
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> "OutputSet":
         return self

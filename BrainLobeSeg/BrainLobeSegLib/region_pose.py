@@ -196,6 +196,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         raise InputError(f"{args.output} exists already (perhaps a transform made by hand).",
                          "Choose another -o, or add --overwrite to replace it.")
+    from .output import check_output_folder
+    check_output_folder(os.path.dirname(os.path.abspath(args.output)))   # before the estimate
     scan = imageio.read_scan(args.scan)
     imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
     template = None

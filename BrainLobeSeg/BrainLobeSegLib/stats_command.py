@@ -30,8 +30,9 @@ def _pose(args: argparse.Namespace, scan: sitk.Image):
 def cmd_stats(args: argparse.Namespace) -> int:
     """``stats`` of every case of the inputs (files, DICOM or dataset folders, globs), one
     after the other; the models are loaded once, at the first case that needs them."""
-    from . import batch
+    from . import batch, output
     from .console import case_warnings
+    output.check_output_folder(args.output)   # before minutes of inference, not after
     jobs = batch.expand_inputs(args.scan, args.transform)
     if args.labels and len(jobs) != 1:
         raise InputError(f"--labels goes with one scan; {len(jobs)} cases were given.",
@@ -93,6 +94,9 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                                              progress=lambda f, m: bar(0.1 + 0.9 * f, m))
             transform = pose.transform
             require_regions(result.quality, case)
+            if result.quality is not None and not result.quality.ok:   # as segment does: the
+                # warning line points at this file
+                output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
             imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
@@ -117,7 +121,8 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
 
 
 def cmd_save_case(args: argparse.Namespace) -> int:
-    from . import imageio
+    from . import imageio, output
+    output.check_output_folder(args.dataset, "--dataset")   # before reading and converting
     scan = imageio.read_scan(args.scan)
     imageio.check_ct(scan, force=args.force, name=os.path.basename(args.scan))
     labels = imageio.read_scan(args.labels)

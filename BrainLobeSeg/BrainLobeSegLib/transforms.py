@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, InputWarning
-from .imageio import write_text_atomic
+from .imageio import captured_c_stderr, write_text_atomic
 
 #: LPS <-> RAS flip (x and y change sign); its own inverse.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -242,6 +242,18 @@ def _read_itk(path: str) -> sitk.Transform:
         return sitk.ReadTransform(copy)
 
 
+def _binary_read_error(path: str, exc: Exception) -> InputError:
+    """One line for an ``.h5``/``.mat`` file ITK cannot read: usually a cut copy, so the
+    advice is to save or copy it again; ITK's own reason (the line naming its class, not
+    its list of readers it tried) is kept in brackets."""
+    kind = "MATLAB" if path.lower().endswith(".mat") else "HDF5"
+    found = re.findall(r"ITK ERROR: \w+\(0x[0-9a-f]+\): (.*)", str(exc))
+    reason = (found[0].strip() if found else type(exc).__name__)[:160]
+    return InputError(f"cannot read the transform file {path}: the {kind} file is truncated, "
+                      f"damaged or not an ITK transform ({reason}).",
+                      "Save or copy the transform again, or give the .txt/.tfm file that ITK-SNAP saves.")
+
+
 def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTransform:
     """Read ``R`` (upright -> scan, LPS) from an ITK transform file.
 
@@ -251,13 +263,19 @@ def read_transform(path: Optional[str], invert: bool = False) -> sitk.AffineTran
     if path is None:
         return identity()
     if not os.path.isfile(path):
+        if os.path.lexists(path):   # a link loop, a dangling link, a FIFO: named as such
+            from .imageio import check_input_file
+            check_input_file(path, "transform file")
         raise InputError(f"transform file not found: {path}.", "Check the path, or leave the transform out.")
     if os.path.getsize(path) == 0:
         raise InputError(f"transform file is empty: {path}.", "Save the transform again from ITK-SNAP.")
     check_itk_text(path)   # before ITK parses it: some malformed files crash ITK outright
     try:
-        raw = _read_itk(path)
+        with captured_c_stderr():   # HDF5 prints ~25 lines for a cut .h5 before ITK raises
+            raw = _read_itk(path)
     except Exception as exc:  # SimpleITK raises RuntimeError with ITK's text
+        if path.lower().endswith(_BINARY_TRANSFORM_SUFFIXES):
+            raise _binary_read_error(path, exc) from None
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read the transform file {path}: it is not an ITK transform "
                          f"({first[:160]}).",
