@@ -142,9 +142,8 @@ def fraction_of(rotation: np.ndarray, weight: float) -> np.ndarray:
     return np.eye(3) + np.sin(a) * k + (1.0 - np.cos(a)) * k @ k
 
 
-def angle_of(rotation: np.ndarray) -> float:
-    """Rotation angle of a 3x3 rotation matrix (degrees)."""
-    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+#: Rotation angle of a 3x3 rotation matrix (degrees); one definition, in :mod:`transforms`.
+angle_of = transforms.rotation_matrix_angle_deg
 
 
 def segment_with_pose(segmenter: Any, scan, pose: "alignment.PoseChoice",
@@ -172,9 +171,9 @@ def segment_with_pose_steps(segmenter: Any, scan, pose: "alignment.PoseChoice",
                                                 progress=lambda f, m: report(0.75 * f, m), **segment_args)
     cut = regions_cut_by_view(result.labels_grid, result.grid, scan, pose.transform)
     rotation = remaining_rotation(result.labels_grid, result.grid, cut)
-    if rotation is None or angle_of(rotation) > MAX_CORRECTION_DEG:   # no trustworthy check
+    residual = None if rotation is None else angle_of(rotation)
+    if residual is None or residual > MAX_CORRECTION_DEG:   # no trustworthy check
         return result, pose
-    residual = angle_of(rotation)
     if residual < MIN_CORRECTION_DEG:
         kept = dataclasses.replace(pose.estimate, region_residual_deg=residual)
         return result, dataclasses.replace(pose, estimate=kept)

@@ -325,7 +325,10 @@ def rotation(angles_deg: Tuple[float, float, float], center=(0.0, 0.0, 0.0),
 
 def rotation_angle_deg(transform: sitk.Transform) -> float:
     """Angle of the rotation part (degrees): how far a pose is from upright."""
-    a = matrix_of(transform)[:3, :3]
-    u, _, vt = np.linalg.svd(a)
-    r = u @ vt
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
+    u, _, vt = np.linalg.svd(matrix_of(transform)[:3, :3])
+    return rotation_matrix_angle_deg(u @ vt)
+
+
+def rotation_matrix_angle_deg(rotation: np.ndarray) -> float:
+    """Angle (degrees) of a 3x3 rotation matrix, from its trace."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
