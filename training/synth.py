@@ -1448,14 +1448,17 @@ def _non_negative(text: str) -> float:
 def profile_from_args(args: argparse.Namespace) -> Profile:
     """The profile named by ``--profile`` with the ranges given on the command line."""
     fov = getattr(args, "fov", "random")
-    if args.profile == "v1" and (fov != "random" or getattr(args, "max_vertex_cut", None) is not None):
-        raise InputError("--fov and --max-vertex-cut need --profile v2 (v1 always scans from the "
-                         "skull base to the vertex).", "Drop them or use --profile v2.")
+    if args.profile == "v1" and (fov != "random" or getattr(args, "max_vertex_cut", None) is not None
+                                 or getattr(args, "no_infarcts", False)):
+        raise InputError("--fov, --max-vertex-cut and --no-infarcts need --profile v2 (v1 always "
+                         "scans from the skull base to the vertex and has no lesions).",
+                         "Drop them or use --profile v2.")
     pitch, roll_yaw = getattr(args, "max_pitch", None), getattr(args, "max_roll_yaw", None)
     return get_profile(args.profile, max_pitch_deg=pitch, max_roll_yaw_deg=roll_yaw,
                        slice_mm=tuple(args.slice_mm) if args.slice_mm else None,
                        fov_modes=((fov, 1.0),) if fov != "random" else None,
-                       max_vertex_cut_mm=getattr(args, "max_vertex_cut", None))
+                       max_vertex_cut_mm=getattr(args, "max_vertex_cut", None),
+                       infarct_probability=0.0 if getattr(args, "no_infarcts", False) else None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1486,6 +1489,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "orbits (face cut off at the orbit roofs)")
     p.add_argument("--max-vertex-cut", type=_non_negative, default=None, metavar="MM",
                    help="v2: the top of the head is cut by 0-MM mm (default 30)")
+    p.add_argument("--no-infarcts", action="store_true",
+                   help="v2: no acute infarcts (lacunes, haemorrhage and calcifications as usual): "
+                        "the normal scans the ASPECTS benchmark inserts graded infarcts into")
     p.add_argument("--overwrite", action="store_true", help="replace existing cases of the same names")
 
 

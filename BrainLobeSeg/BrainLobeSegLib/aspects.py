@@ -1,0 +1,476 @@
+"""ASPECTS read-out: per-region evidence of early ischaemic change and the score per side.
+
+Decision support, not a diagnosis. Early ischaemic oedema lowers CT density by a few HU
+in the affected part of a region, usually on one side only. This module measures that,
+region by region, on the segmented scan:
+
+1. **Mirror grid.** The mid-sagittal plane is fitted to the 10 pairs of left/right region
+   centroids (the regions define the head's own symmetry, so tilt, roll and yaw of the
+   head in the scan do not matter and no transform is needed). CT and labels are
+   resampled onto a 1.5 mm grid whose first axis is the plane's normal and whose centre
+   lies on the plane, so mirroring is an index flip (no second interpolation).
+2. **Calibration.** The parenchyma level is the mode of the labelled voxels' HU, so a
+   scanner offset of tens of HU moves the tissue window with it.
+3. **Parenchyma.** Voxels whose lightly smoothed HU lies in ``level -17 .. level +25``:
+   CSF, sulci, old infarcts and lacunes (near-CSF density) fall below, calcification,
+   blood and bone above; neither is ever counted as early ischaemia.
+4. **Evidence map.** Parenchyma-only Gaussian smoothing (normalised convolution, 3 mm),
+   minus the same at the mirror point: negative where the tissue is darker than on the
+   other side. Mapped back to the scan grid, it is the volume a reader overlays.
+5. **Per region.** The share of the region's parenchyma with evidence <= -:data:`VOXEL_DROP_HU`
+   (the affected fraction), the median drop there, the mean difference to the mirror
+   region, the difference to the density expected from the scan's other regions of the
+   same kind, and the grey/white contrast against the mirror region. A region is called
+   when its affected fraction reaches :data:`MIN_AFFECTED_FRACTION` with a median drop of at
+   least :data:`VOXEL_DROP_HU`, or when it is darker than every comparable region by
+   :data:`EXPECTED_DROP_HU` (bilateral change, which a mirror comparison cannot see).
+
+ASPECTS per side = 10 minus the regions called on that side; the clinician can override
+any call (:meth:`AspectsResult.set_override`). The symptomatic side is the user's, or is
+proposed from the asymmetry, with the reason.
+
+The thresholds were chosen on a tuning set of synthetic scans (``training synth --seed
+9350 --no-infarcts`` plus graded inserted infarcts) and measured on another
+(``Testing/benchmarks/aspects_bench.py``, ASPECTS_RESULTS.md). Only numpy and SimpleITK
+are imported (the inference-path rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import regions
+from .errors import InputError
+
+# ----------------------------------------------------------------------------- settings
+
+#: Spacing of the mirror grid (mm): fine enough for the 3 mm evidence smoothing, coarse
+#: enough that a whole head costs well under a second.
+GRID_MM = 1.5
+#: Margin around the labelled regions on the mirror grid (mm).
+MARGIN_MM = 12.0
+#: Light smoothing (mm) before the parenchyma window: scanner noise of up to 20 HU per
+#: voxel would otherwise push real tissue out of the window and bias what is left.
+MASK_SIGMA_MM = 1.5
+#: Evidence smoothing (mm): averages noise and small grey/white misalignments between the
+#: hemispheres while keeping a 10 mm infarct visible.
+EVIDENCE_SIGMA_MM = 3.0
+#: Parenchyma window relative to the scan's parenchyma level (HU). Below: CSF (level - 25
+#: and lower), old infarcts and lacunes; an acute infarct of -10 HU in white matter stays
+#: inside. Above: calcification, acute blood, bone.
+TISSUE_WINDOW_HU: Tuple[float, float] = (-17.0, 25.0)
+#: Tissue this close (mm) to fluid (``level + TISSUE_WINDOW_HU[0] - CSF_GAP_HU`` or lower)
+#: is not measured: partial volume with the sulci and ventricles, which differ between
+#: the hemispheres, would look like a density drop.
+CSF_MARGIN_MM = 1.5
+CSF_GAP_HU = 3.0
+#: A voxel counts as affected when its evidence is at least this many HU below the mirror.
+VOXEL_DROP_HU = 2.0
+#: A region is called when at least this share of its parenchyma is affected ...
+MIN_AFFECTED_FRACTION = 0.25
+#: ... or when its mean density is this far below the median of its kind (both sides).
+EXPECTED_DROP_HU = 6.0
+#: Regions with fewer parenchyma voxels than this (ml) are not called (slivers at the
+#: edge of the field of view are partial volume, not tissue).
+MIN_MEASURED_ML = 0.5
+#: Grey/white contrast loss (HU) against the mirror region that is reported as a reason.
+GW_LOSS_HU = 3.0
+
+NOTICE = ("Decision support, not a diagnosis. Calls are made from density differences "
+          "against the mirror region; beam hardening, old lesions, partial volume, motion "
+          "and segmentation errors also cause them. Read the images; the score neither "
+          "confirms nor excludes a stroke.")
+
+#: Kinds of regions compared for the expected density (ASPECTS codes).
+KIND_OF_CODE: Dict[str, str] = {"C": "deep grey", "L": "deep grey", "IC": "capsule", "I": "insula",
+                                **{f"M{i}": "cortex" for i in range(1, 7)}}
+SIDES = ("left", "right")
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class RegionCall:
+    """Evidence and call of one region (HU relative values; fractions 0-1)."""
+
+    label: int
+    region: str               # segment name, e.g. "M2 left"
+    code: str
+    side: str
+    parenchyma_ml: float      # measured tissue (parenchyma window, mirror point also tissue)
+    affected_fraction: Optional[float]
+    affected_ml: Optional[float]
+    median_drop_hu: Optional[float]      # median evidence over the affected voxels (negative)
+    diff_to_mirror_hu: Optional[float]   # mean evidence over the region (negative: darker)
+    diff_to_expected_hu: Optional[float]  # region mean minus the median of its kind
+    gw_contrast_hu: Optional[float]      # grey/white contrast (90th - 10th percentile)
+    gw_loss_hu: Optional[float]          # mirror's contrast minus this one's (positive: lost)
+    called: bool              # the automatic call
+    reasons: List[str]
+    override: Optional[bool] = None      # the clinician's call, when given
+
+    @property
+    def affected(self) -> bool:
+        """The call that counts: the clinician's override if any, else the automatic one."""
+        return self.called if self.override is None else self.override
+
+
+@dataclass
+class AspectsResult:
+    """The 20 region calls, the side, the scores and the evidence map (scan grid)."""
+
+    regions: List[RegionCall]
+    side: str                 # symptomatic side, "left" or "right"
+    side_source: str          # "user" or "proposed"
+    side_reason: str
+    level_hu: float           # parenchyma level of the scan
+    evidence: Optional[sitk.Image] = None   # float32 HU on the scan grid, 0 outside tissue
+    notice: str = NOTICE
+    settings: Dict[str, float] = field(default_factory=dict)
+
+    def region(self, name_or_label) -> RegionCall:
+        key = name_or_label
+        return next(r for r in self.regions if key in (r.label, r.region))
+
+    def affected(self, side: str) -> List[RegionCall]:
+        return [r for r in self.regions if r.side == side and r.affected]
+
+    def score(self, side: Optional[str] = None) -> int:
+        """ASPECTS of ``side`` (default: the symptomatic side): 10 minus affected regions."""
+        return 10 - len(self.affected(side or self.side))
+
+    def set_override(self, name_or_label, affected: Optional[bool]) -> None:
+        """The clinician's call for one region (None: back to the automatic call)."""
+        self.region(name_or_label).override = affected
+
+    def set_side(self, side: str) -> None:
+        if side not in SIDES:
+            raise InputError(f"unknown side {side!r}.", "Use left or right.")
+        self.side, self.side_source, self.side_reason = side, "user", "chosen by the user"
+
+    def to_json(self) -> dict:
+        regs = []
+        for r in self.regions:
+            d = asdict(r)
+            d["affected"] = r.affected
+            regs.append(d)
+        return {"notice": self.notice,
+                "aspects": {"side": self.side, "side_source": self.side_source,
+                            "side_reason": self.side_reason, "score": self.score(),
+                            "score_left": self.score("left"), "score_right": self.score("right"),
+                            "affected": [r.region for r in self.affected(self.side)]},
+                "level_hu": _round(self.level_hu), "settings": self.settings,
+                "regions": [{k: _round(v) for k, v in d.items()} for d in regs]}
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2, allow_nan=False)
+
+
+def _round(v):
+    return round(v, 3) if isinstance(v, float) else v
+
+
+# ----------------------------------------------------------------------------- mirror grid
+
+def region_centroids(labels: sitk.Image) -> Dict[int, np.ndarray]:
+    """Physical centroid (LPS mm) of every region present in ``labels``."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt8))
+    return {int(k): np.array(stats.GetCentroid(k)) for k in stats.GetLabels()
+            if 1 <= k <= regions.NUM_LABELS}
+
+
+def midplane(labels: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """(unit normal pointing to the patient's left, a point) of the mid-sagittal plane.
+
+    Fitted to the pairs of left/right region centroids: the normal is the mean direction
+    from right to left centroid, the point the mean of the pairs' midpoints projected on
+    it. Needs at least 3 pairs; fewer means the segmentation is not usable for ASPECTS.
+    """
+    c = region_centroids(labels)
+    pairs = [(c[r.label], c[r.mirror_label]) for r in regions.REGIONS
+             if r.side == "left" and r.label in c and r.mirror_label in c]
+    if len(pairs) < 3:
+        raise InputError(f"only {len(pairs)} region pairs are present on both sides; the "
+                         "mid-sagittal plane cannot be found.",
+                         "Check the segmentation (all 20 regions are needed for ASPECTS).")
+    dirs = np.array([(left - right) / max(np.linalg.norm(left - right), 1e-6) for left, right in pairs])
+    normal = dirs.mean(axis=0)
+    normal /= np.linalg.norm(normal)
+    mids = np.array([(left + right) / 2 for left, right in pairs])
+    offset = float(np.median(mids @ normal))
+    point = mids.mean(axis=0)
+    point = point - (point @ normal - offset) * normal
+    return normal, point
+
+
+def mirror_grid(labels: sitk.Image, normal: np.ndarray, point: np.ndarray,
+                spacing: float = GRID_MM, margin: float = MARGIN_MM) -> sitk.Image:
+    """An empty grid whose axis 0 (x) runs along ``normal`` and is centred on the plane.
+
+    Index ``i`` and ``nx - 1 - i`` are mirror images of each other, so mirroring on this
+    grid is ``array[..., ::-1]``. Axis 2 follows the scan's slice direction as far as it
+    is orthogonal to the normal; the grid covers the labelled regions plus ``margin``.
+    """
+    ex = normal / np.linalg.norm(normal)
+    d = np.array(labels.GetDirection()).reshape(3, 3)
+    ez = d[:, 2] - (d[:, 2] @ ex) * ex
+    if np.linalg.norm(ez) < 1e-3:          # slices along the left-right axis (sagittal scan)
+        ez = d[:, 1] - (d[:, 1] @ ex) * ex
+    ez /= np.linalg.norm(ez)
+    ey = np.cross(ez, ex)
+    axes = np.stack([ex, ey, ez], axis=1)
+    arr = sitk.GetArrayFromImage(labels)
+    idx = np.argwhere(arr > 0)[:, ::-1]
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    phys = np.array([labels.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in p))
+                     for p in corners])
+    local = (phys - point) @ axes
+    half_x = np.abs(local[:, 0]).max() + margin
+    lo_l, hi_l = local.min(axis=0) - margin, local.max(axis=0) + margin
+    nx = 2 * int(math.ceil(half_x / spacing))
+    ny, nz = (int(math.ceil((hi_l[k] - lo_l[k]) / spacing)) + 1 for k in (1, 2))
+    origin_local = np.array([-(nx - 1) / 2 * spacing, lo_l[1], lo_l[2]])
+    grid = sitk.Image([nx, ny, nz], sitk.sitkFloat32)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetDirection(axes.ravel().tolist())
+    grid.SetOrigin((point + axes @ origin_local).tolist())
+    return grid
+
+
+# ----------------------------------------------------------------------------- evidence
+
+def parenchyma_level(hu: np.ndarray) -> float:
+    """The mode (HU) of labelled voxels between -60 and 140 HU: the parenchyma peak.
+
+    Uses a 1 HU histogram smoothed over 5 HU. Robust to a scanner offset (it moves with
+    it), to CSF and calcification (other peaks), and to an infarct (a minority).
+    """
+    v = hu[(hu > -60) & (hu < 140)]
+    if v.size < 100:
+        raise InputError("the labelled regions hold almost no soft-tissue voxels.",
+                         "Check that the scan is a head CT in HU and the labels lie on it.")
+    hist, edges = np.histogram(v, bins=200, range=(-60, 140))
+    k = np.exp(-0.5 * (np.arange(-7, 8) / 2.5) ** 2)
+    smooth = np.convolve(hist, k / k.sum(), mode="same")
+    i = int(np.argmax(smooth))
+    return float((edges[i] + edges[i + 1]) / 2)
+
+
+def _smooth(arr: np.ndarray, sigma_mm: float, spacing: float) -> np.ndarray:
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing([spacing] * 3)
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, sigma_mm))
+
+
+def masked_smooth(hu: np.ndarray, mask: np.ndarray, sigma_mm: float, spacing: float) -> np.ndarray:
+    """Gaussian mean of ``hu`` over ``mask`` only (normalised convolution); 0 where the
+    mask has no weight. CSF next to cortex therefore does not darken the cortex."""
+    w = _smooth(mask.astype(np.float32), sigma_mm, spacing)
+    s = _smooth(np.where(mask, hu, 0).astype(np.float32), sigma_mm, spacing)
+    return np.where(w > 0.05, s / np.maximum(w, 1e-6), 0.0).astype(np.float32)
+
+
+@dataclass
+class EvidenceMaps:
+    """The mirror-grid arrays the calls are made from (``(z, y, x)``, x mirrored)."""
+
+    grid: sitk.Image
+    labels: np.ndarray        # uint8 region ids
+    hu: np.ndarray            # lightly smoothed HU
+    tissue: np.ndarray        # bool, parenchyma here and at the mirror point
+    evidence: np.ndarray      # HU: smoothed tissue minus the same at the mirror point
+    level: float
+
+
+def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
+    """Resample to the mirror grid and compute parenchyma and the evidence map."""
+    normal, point = midplane(labels)
+    grid = mirror_grid(labels, normal, point)
+    ident = sitk.Transform(3, sitk.sitkIdentity)
+    hu = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), grid, ident,
+                                              sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
+    lab = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), grid, ident,
+                                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    level = parenchyma_level(hu[lab > 0])
+    soft = (hu > -200) & (hu < 300)
+    hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
+    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+    tissue = (hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(soft & (hu1 < lo - CSF_GAP_HU), CSF_MARGIN_MM)
+    smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
+    both = tissue & tissue[..., ::-1]
+    raw = np.where(both, smooth - smooth[..., ::-1], 0.0).astype(np.float32)
+    brain = _near_regions(lab > 0, 10.0)
+    brain |= brain[..., ::-1]
+    evidence = np.where(both, raw - shading_difference(raw, both & brain), 0.0).astype(np.float32)
+    return EvidenceMaps(grid, lab, hu1, both, evidence, level)
+
+
+def _near_regions(mask: np.ndarray, mm: float) -> np.ndarray:
+    """``mask`` dilated by ``mm`` on the mirror grid: the brain around the regions
+    (scalp and skull base stay out of the shading fit)."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    r = max(1, int(round(mm / GRID_MM)))
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [r] * 3)).astype(bool)
+
+
+def _odd_basis(shape: Tuple[int, int, int]) -> List[np.ndarray]:
+    """Smooth fields that change sign under the mirror flip (odd in x), scaled to ~1."""
+    nz, ny, nx = shape
+    z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx),
+                          indexing="ij")
+    return [x * t for t in (1, y, z, y * y, z * z, y * z, x * x)]
+
+
+def shading_difference(raw: np.ndarray, tissue: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """The part of the mirror difference that smooth scanner shading explains.
+
+    A slow shading across the head (position off the isocentre, beam hardening, a
+    heel effect) makes one whole hemisphere a few HU darker than the other; in the
+    mirror difference it is a smooth field odd in x. It is fitted by least squares to
+    all tissue, dropping voxels that lie more than 2.5 robust SDs off the fit in later
+    rounds (an infarct is local and is dropped), and subtracted.
+    """
+    basis = _odd_basis(raw.shape)
+    sel = tissue & (np.abs(basis[0]) > 0.08)
+    if sel.sum() < 1000:
+        return np.zeros_like(raw)
+    a = np.stack([b[sel] for b in basis], axis=1)
+    y = raw[sel]
+    keep = np.ones(y.shape, bool)
+    coef = np.zeros(len(basis))
+    for _ in range(rounds):
+        coef, *_ = np.linalg.lstsq(a[keep], y[keep], rcond=None)
+        res = y - a @ coef
+        mad = 1.4826 * float(np.median(np.abs(res[keep] - np.median(res[keep])))) + 1e-3
+        keep = np.abs(res) <= 2.5 * mad
+    return sum(c * b for c, b in zip(coef, basis)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- calls
+
+def _region_measures(maps: EvidenceMaps) -> Dict[int, dict]:
+    """Per region: tissue voxels' evidence, mean HU and grey/white contrast."""
+    ml = GRID_MM ** 3 / 1000.0
+    lab = maps.labels.ravel()
+    keep = maps.tissue.ravel() & (lab > 0)
+    idx = np.flatnonzero(keep)
+    lab_k, ev_k, hu_k = lab[idx], maps.evidence.ravel()[idx], maps.hu.ravel()[idx]
+    out = {}
+    for r in regions.REGIONS:
+        sel = lab_k == r.label
+        ev, hu = ev_k[sel], hu_k[sel]
+        out[r.label] = {"n": int(sel.sum()), "ml": float(sel.sum() * ml), "ev": ev,
+                        "mean": float(hu.mean()) if hu.size else None,
+                        "gw": float(np.percentile(hu, 90) - np.percentile(hu, 10)) if hu.size > 10 else None}
+    return out
+
+
+def _expected_diffs(measures: Dict[int, dict]) -> Dict[int, Optional[float]]:
+    """Region mean minus the median mean of the regions of its kind (both sides)."""
+    out: Dict[int, Optional[float]] = {}
+    for r in regions.REGIONS:
+        kind = KIND_OF_CODE[r.code]
+        peers = [measures[q.label]["mean"] for q in regions.REGIONS
+                 if KIND_OF_CODE[q.code] == kind and measures[q.label]["mean"] is not None
+                 and measures[q.label]["ml"] >= MIN_MEASURED_ML]
+        me = measures[r.label]
+        out[r.label] = (me["mean"] - float(np.median(peers))) if me["mean"] is not None and len(peers) >= 2 \
+            and me["ml"] >= MIN_MEASURED_ML else None
+    return out
+
+
+def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float]) -> RegionCall:
+    """The evidence of one region and its call, with the reasons in words."""
+    ml = GRID_MM ** 3 / 1000.0
+    measured = me["ml"] >= MIN_MEASURED_ML
+    ev = me["ev"]
+    frac = aff_ml = drop = mean_ev = gw_loss = None
+    reasons: List[str] = []
+    called = False
+    if measured:
+        hit = ev <= -VOXEL_DROP_HU
+        frac, aff_ml = float(hit.mean()), float(hit.sum() * ml)
+        drop = float(np.median(ev[hit])) if hit.any() else 0.0
+        mean_ev = float(ev.mean())
+        if me["gw"] is not None and mirror["gw"] is not None:
+            gw_loss = mirror["gw"] - me["gw"]
+        if frac >= MIN_AFFECTED_FRACTION and drop <= -VOXEL_DROP_HU:
+            called = True
+            reasons.append(f"{100 * frac:.0f}% of the region ({aff_ml:.1f} ml) is {-drop:.1f} HU "
+                           "darker than the mirror side")
+        if expected is not None and expected <= -EXPECTED_DROP_HU:
+            called = True
+            reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
+        if gw_loss is not None and gw_loss >= GW_LOSS_HU:
+            reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")
+    else:
+        reasons.append(f"too little tissue measured ({me['ml']:.1f} ml): not called")
+    return RegionCall(label=r.label, region=r.segment_name, code=r.code, side=r.side,
+                      parenchyma_ml=me["ml"], affected_fraction=frac, affected_ml=aff_ml,
+                      median_drop_hu=drop, diff_to_mirror_hu=mean_ev, diff_to_expected_hu=expected,
+                      gw_contrast_hu=me["gw"], gw_loss_hu=gw_loss, called=called, reasons=reasons)
+
+
+def propose_side(calls: Sequence[RegionCall]) -> Tuple[str, str]:
+    """The side with more affected tissue, and why; ties go to the darker side."""
+    ml = {s: sum(c.affected_ml or 0.0 for c in calls if c.side == s and c.called) for s in SIDES}
+    n = {s: sum(1 for c in calls if c.side == s and c.called) for s in SIDES}
+    if n["left"] != n["right"] or ml["left"] != ml["right"]:
+        side = max(SIDES, key=lambda s: (n[s], ml[s]))
+        return side, (f"{n[side]} region(s) called on the {side} ({ml[side]:.1f} ml darker than "
+                      f"the mirror side) against {n[_other(side)]} on the {_other(side)}")
+    dark = {s: float(np.mean([c.diff_to_mirror_hu for c in calls if c.side == s
+                              and c.diff_to_mirror_hu is not None] or [0.0])) for s in SIDES}
+    side = min(SIDES, key=lambda s: dark[s])
+    return side, (f"no region called; the {side} side is {abs(dark[side]):.1f} HU darker on "
+                  "average (weak): choose the side from the clinical findings")
+
+
+def _other(side: str) -> str:
+    return "right" if side == "left" else "left"
+
+
+def evidence_on_scan(maps: EvidenceMaps, scan: sitk.Image) -> sitk.Image:
+    """The evidence map resampled onto the scan grid (float32 HU, 0 outside tissue)."""
+    img = sitk.GetImageFromArray(maps.evidence)
+    img.CopyInformation(maps.grid)
+    return sitk.Resample(img, scan, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32)
+
+
+def assess(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
+           with_evidence_map: bool = True) -> AspectsResult:
+    """The ASPECTS read-out of ``ct`` (HU) with its ASPECTS ``labels`` (same grid).
+
+    ``side``: the symptomatic side if the clinician knows it; else proposed.
+    """
+    from .statistics import _check_same_grid, labels_array
+    _check_same_grid(ct, labels, "label image")
+    labels_array(labels)
+    if side is not None and side not in SIDES:
+        raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
+    maps = evidence_maps(ct, labels)
+    measures = _region_measures(maps)
+    expected = _expected_diffs(measures)
+    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label])
+             for r in regions.REGIONS]
+    if side is None:
+        side, reason = propose_side(calls)
+        source = "proposed"
+    else:
+        source, reason = "user", "chosen by the user"
+    settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
+                "tissue_window_hu": list(TISSUE_WINDOW_HU), "voxel_drop_hu": VOXEL_DROP_HU,
+                "min_affected_fraction": MIN_AFFECTED_FRACTION, "expected_drop_hu": EXPECTED_DROP_HU,
+                "min_measured_ml": MIN_MEASURED_ML}
+    return AspectsResult(calls, side, source, reason, maps.level,
+                         evidence_on_scan(maps, ct) if with_evidence_map else None,
+                         settings=settings)
