@@ -1,0 +1,150 @@
+"""The ASPECTS read-out (aspects.py) on code phantoms: what it must call and must not.
+
+The phantom's hemispheres are mirror images, so a normal phantom has no call; a region
+lowered by a few HU must be called and cost one point on its side; what mimics early
+ischaemia (a calcification, a CSF-dense old infarct, a scanner offset) must not be called.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from BrainLobeSegLib import aspects, phantom, regions
+from BrainLobeSegLib.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def case():
+    # tilted, so the mirror plane must come from the regions, not from the grid
+    return phantom.make_scan(size=(160, 160, 60), spacing=(1.2, 1.2, 2.5), angles_deg=(10.0, -6.0, 5.0),
+                             seed=4)
+
+
+def _hu(case) -> np.ndarray:
+    return sitk.GetArrayFromImage(case.ct).astype(np.float32)
+
+
+def _image(case, arr: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(arr.astype(np.float32))
+    out.CopyInformation(case.ct)
+    return out
+
+
+def _lowered(case, code: str, side: str, drop: float) -> sitk.Image:
+    """The scan with the parenchyma (20-50 HU) of one region lowered by ``drop`` HU."""
+    hu, lab = _hu(case), sitk.GetArrayFromImage(case.labels_scan)
+    sel = (lab == regions.region(code, side).label) & (hu > 20) & (hu < 50)
+    hu[sel] -= drop
+    return _image(case, hu)
+
+
+def _ball(case, code: str, side: str, radius_mm: float) -> np.ndarray:
+    """Voxels of the region within ``radius_mm`` of its centroid."""
+    label = regions.region(code, side).label
+    centre = aspects.region_centroids(case.labels_scan)[label]
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in case.ct.GetSize()[::-1]], indexing="ij")
+    phys = np.array(case.ct.GetOrigin()) + np.stack([xx, yy, zz], -1) * np.array(case.ct.GetSpacing())
+    near = np.linalg.norm(phys - centre, axis=-1) <= radius_mm
+    return near & (sitk.GetArrayFromImage(case.labels_scan) == label)
+
+
+def called(result: aspects.AspectsResult):
+    return [r.region for r in result.regions if r.called]
+
+
+def test_normal_phantom_has_no_call_and_scores_ten(case):
+    result = aspects.assess(case.ct, case.labels_scan)
+    assert called(result) == []
+    assert (result.score("left"), result.score("right")) == (10, 10)
+    assert "no region called" in result.side_reason
+
+
+def test_lowered_region_is_called_and_costs_one_point(case):
+    result = aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan)
+    assert called(result) == ["M2 left"]
+    assert result.score("left") == 9 and result.score("right") == 10
+    assert result.side == "left" and result.side_source == "proposed"
+    m2 = result.region("M2 left")
+    assert m2.affected_fraction > 0.8 and m2.median_drop_hu < -3.0
+    assert any("darker than the mirror side" in why for why in m2.reasons)
+    # the evidence map lies on the scan grid, darker (negative) in the lowered region
+    lab = sitk.GetArrayFromImage(case.labels_scan)
+    ev = sitk.GetArrayFromImage(result.evidence)
+    assert result.evidence.GetSize() == case.ct.GetSize()
+    assert np.median(ev[lab == m2.label]) < -2.0 and abs(np.median(ev[lab == m2.label + 10])) < 6.0
+
+
+def test_deep_region_lowered_on_the_right(case):
+    result = aspects.assess(_lowered(case, "L", "right", 5.0), case.labels_scan)
+    assert called(result) == ["L right"]
+    assert result.score() == 9 and result.side == "right"
+
+
+def test_scanner_offset_changes_nothing(case):
+    """+35 HU on all tissue (a calibration difference): the tissue window moves with it."""
+    hu = _hu(case)
+    tissue = hu > -1000
+    hu[tissue] += 35.0
+    result = aspects.assess(_image(case, hu), case.labels_scan)
+    assert called(result) == []
+    lowered = sitk.GetArrayFromImage(_lowered(case, "M5", "right", 6.0)).astype(np.float32)
+    lowered[tissue] += 35.0
+    assert called(aspects.assess(_image(case, lowered), case.labels_scan)) == ["M5 right"]
+
+
+def test_calcification_is_not_early_ischaemia(case):
+    hu = _hu(case)
+    hu[_ball(case, "L", "left", 4.0)] = 250.0
+    assert called(aspects.assess(_image(case, hu), case.labels_scan)) == []
+
+
+def test_csf_dense_old_infarct_is_not_early_ischaemia(case):
+    hu = _hu(case)
+    old = _ball(case, "M2", "left", 10.0)
+    assert old.sum() * np.prod(case.ct.GetSpacing()) / 1000 > 2.0   # ml: a real lesion
+    hu[old] = 8.0
+    assert called(aspects.assess(_image(case, hu), case.labels_scan)) == []
+
+
+def test_override_and_side_change_the_score(case):
+    result = aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan, with_evidence_map=False)
+    assert result.evidence is None
+    result.set_override("M2 left", False)
+    assert result.score("left") == 10 and result.region("M2 left").called
+    result.set_override(regions.region("C", "left").label, True)
+    result.set_override("M6 left", True)
+    assert result.score("left") == 8
+    result.set_override("M6 left", None)
+    assert result.score("left") == 9
+    result.set_side("right")
+    assert result.score() == 10 and result.side_source == "user"
+    with pytest.raises(InputError):
+        result.set_side("both")
+    data = json.loads(result.to_json_text())
+    assert data["aspects"]["score_left"] == 9 and data["aspects"]["side"] == "right"
+    assert data["aspects"]["affected"] == []
+    assert [r["region"] for r in data["regions"] if r["affected"]] == ["C left"]
+
+
+def test_user_side_is_kept(case):
+    result = aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan, side="right",
+                            with_evidence_map=False)
+    assert result.side == "right" and result.score() == 10 and result.score("left") == 9
+    with pytest.raises(InputError, match="unknown side"):
+        aspects.assess(case.ct, case.labels_scan, side="up")
+
+
+def test_refuses_labels_off_the_grid_and_too_few_regions(case):
+    other = sitk.Image([10, 10, 10], sitk.sitkUInt8)
+    with pytest.raises(InputError, match="grid"):
+        aspects.assess(case.ct, other)
+    lab = sitk.GetArrayFromImage(case.labels_scan)
+    keep = np.isin(lab, [regions.region("M2", "left").label, regions.region("M2", "right").label])
+    one_pair = sitk.GetImageFromArray(np.where(keep, lab, 0).astype(np.uint8))
+    one_pair.CopyInformation(case.labels_scan)
+    with pytest.raises(InputError, match="region pairs"):
+        aspects.assess(case.ct, one_pair)
