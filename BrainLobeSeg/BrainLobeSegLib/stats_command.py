@@ -105,8 +105,9 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                 output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
-            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
-            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects.nii.gz"))
+            suffix = cli.labelmap_suffix(scan)   # .nrrd on a sheared grid, as segment writes
+            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty{suffix}"))
+            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects{suffix}"))
             report.extra["transform"] = pose.source
             if pose.estimate is not None:
                 written = f"{case}{ESTIMATED_SUFFIX}"
