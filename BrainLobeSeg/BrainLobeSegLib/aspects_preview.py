@@ -161,7 +161,7 @@ def region_panel(hu: np.ndarray, labels: np.ndarray, affected: Sequence[int], le
         if not mask.any():
             continue
         if r.label in affected:
-            _blend(rgb, mask, WARNING_COLOUR, 0.35)
+            _blend(rgb, mask, WARNING_COLOUR, 0.25)
             _blend(rgb, outline(mask, AFFECTED_OUTLINE_PX), WARNING_COLOUR, 1.0)
         else:
             _blend(rgb, outline(mask, 1), r.color, 0.6)
