@@ -284,3 +284,19 @@ def test_cli_stats_estimates_the_pose_without_a_transform(tmp_path, tiny_models,
     transforms.write_transform(str(tf), truth)
     assert cli.main(["stats", str(scan), "--auto-align", "--transform", str(tf),
                      "-o", str(tmp_path / "x")]) == EXIT_INPUT_ERROR
+
+
+def test_cli_stats_on_a_gantry_tilted_grid_writes_nrrd(files, tmp_path, tiny_models):
+    """A sheared (gantry-tilted) scan: NIfTI cannot store its grid, so the uncertainty and
+    the labels are written as .nrrd, as `segment` does (stats failed at the first write)."""
+    tilt = np.radians(15.0)
+    scan = sitk.ReadImage(str(files["scan"]))
+    scan.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, float(np.sin(tilt)), 0.0, 0.0, float(np.cos(tilt))))
+    path = tmp_path / "tilted.nrrd"
+    sitk.WriteImage(scan, str(path))
+    out = tmp_path / "out"
+    assert cli.main(["stats", str(path), "--assume-upright", "--mode", "3d", "--model", str(tiny_models),
+                     "--device", "cpu", "--no-aspects", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tilted-aspects.nrrd", "tilted-stats.csv",
+                                                      "tilted-stats.json", "tilted-uncertainty.nrrd"]
+    assert np.allclose(sitk.ReadImage(str(out / "tilted-uncertainty.nrrd")).GetDirection(), scan.GetDirection())

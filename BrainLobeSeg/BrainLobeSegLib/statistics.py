@@ -17,9 +17,13 @@ Command line (``brainlobeseg stats`` and ``save-case``, in :mod:`stats_command`)
 
     brainlobeseg stats SCAN [--transform T.txt] [--invert-transform] [--auto-align]
                        [--labels LABELS.nii.gz] [--mode ensemble] [--threshold 2.5]
-                       [--window 15 60] -o OUTDIR
+                       [--window 15 60] [--side left|right | --no-aspects] -o OUTDIR
         -> OUTDIR/<case>-stats.csv, <case>-stats.json and, when it segmented,
-           <case>-uncertainty.nii.gz and <case>-aspects.nii.gz (all written together)
+           <case>-uncertainty.nii.gz and <case>-aspects.nii.gz; unless --no-aspects, the
+           ASPECTS read-out (:mod:`aspects`): <case>-aspects-score.json (score per side,
+           calls and their evidence), <case>-aspects-evidence.nii.gz (the evidence map;
+           .nrrd on a gantry-tilted grid) and <case>-aspects-score.png (:mod:`aspects_preview`),
+           with its summary in <case>-stats.json (all written together)
 
     brainlobeseg save-case SCAN LABELS [--transform T.txt] [--invert-transform]
                            [--labels-space scan|upright] [--name N] --dataset DIR

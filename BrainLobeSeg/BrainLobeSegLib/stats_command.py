@@ -11,13 +11,18 @@ import json
 import math
 import os
 import sys
+import warnings
+from typing import TYPE_CHECKING, List, Optional, TextIO, Tuple
 
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 from .quality import require_regions
 from .statistics import (BRAIN_WINDOW_HU, DEFAULT_DROP_THRESHOLD_HU, print_summary,
                          region_statistics, save_corrected_case, statistics_for_result)
+
+if TYPE_CHECKING:
+    from .aspects import AspectsResult, RegionCall
 
 
 def _pose(args: argparse.Namespace, scan: sitk.Image):
@@ -94,13 +99,15 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                                              progress=lambda f, m: bar(0.1 + 0.9 * f, m))
             transform = pose.transform
             require_regions(result.quality, case)
+            labels = result.labels_scan
             if result.quality is not None and not result.quality.ok:   # as segment does: the
                 # warning line points at this file
                 output.write_text_atomic(result.quality.to_json(), out.path(f"{case}-qc.json"))
             report, unc = statistics_for_result(scan, result, transform, segmenter, **settings)
             report.extra["segmentation"] = {"mode": result.mode, "models": result.model_names}
-            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty.nii.gz"))
-            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects.nii.gz"))
+            suffix = cli.labelmap_suffix(scan)   # .nrrd on a sheared grid, as segment writes
+            imageio.write_image_atomic(unc, out.path(f"{case}-uncertainty{suffix}"))
+            output.write_labelmap(result.labels_scan, out.path(f"{case}-aspects{suffix}"))
             report.extra["transform"] = pose.source
             if pose.estimate is not None:
                 written = f"{case}{ESTIMATED_SUFFIX}"
@@ -111,13 +118,106 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(job.scan)
+        read_out = None if args.no_aspects else _read_out(report, case, scan, labels, args.side)
         report.extra["warnings"] = (segmenters[0][1] if segmenters else []) + noted.messages
+        if read_out is not None:
+            write_aspects(out, case, scan, labels, read_out, report.extra)
         output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
         output.write_text_atomic(json.dumps(report.to_json(), indent=2), out.path(f"{case}-stats.json"))
         files = out.commit()
     print_summary(report)
+    if read_out is not None:
+        print_aspects(read_out)
     for f in files:
         print(f"output: {f}")
+
+
+# ----------------------------------------------------------------------------- ASPECTS read-out
+
+#: Start of the warning line when the read-out cannot be made (the statistics still are).
+SKIPPED = "ASPECTS read-out skipped"
+
+
+def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str]
+                   ) -> Tuple[Optional["AspectsResult"], Optional[str]]:
+    """(the :class:`aspects.AspectsResult` of the case, None), or (None, the one warning
+    line it gave) when there can be none.
+
+    Labels that do not define the mid-sagittal plane (fewer than 3 left/right region
+    pairs) or hold no soft tissue cannot give a score; the volumes and densities of the
+    regions that are there still can, so the run goes on. Regions present but too small to
+    measure are counted as not affected by the engine; the warning says so.
+    """
+    from . import aspects
+    try:
+        result = aspects.assess(scan, labels, side=side)
+    except InputError as exc:
+        message = f"{SKIPPED}: {exc}"
+        warnings.warn(InputWarning(message), stacklevel=2)
+        return None, message
+    unmeasured = [r.region for r in result.regions if r.affected_fraction is None]
+    if unmeasured:
+        warnings.warn(InputWarning(
+            f"ASPECTS: {', '.join(unmeasured)}: too little tissue to measure (missing, or under "
+            f"{aspects.MIN_MEASURED_ML:g} ml): not called, so the score counts them as not affected; "
+            "check the segmentation there."), stacklevel=2)
+    return result, None
+
+
+def _read_out(report, case: str, scan: sitk.Image, labels: sitk.Image, side: Optional[str]
+              ) -> Optional["AspectsResult"]:
+    """The read-out of the case, its summary (or why there is none) put in the report."""
+    result, skipped = assess_or_warn(scan, labels, side)
+    report.extra["aspects"] = (aspects_summary(result, f"{case}-aspects-score.json")
+                               if result is not None else {"skipped": skipped})
+    return result
+
+
+def aspects_summary(result: "AspectsResult", details: str) -> dict:
+    """The read-out in brief for ``<case>-stats.json``: scores, side and affected regions."""
+    from .aspects import SIDES
+    return {"score": result.score(), "side": result.side, "side_source": result.side_source,
+            "side_reason": result.side_reason,
+            **{f"score_{s}": result.score(s) for s in SIDES},
+            "affected": {s: [r.region for r in result.affected(s)] for s in SIDES},
+            "details": details, "notice": "Decision support, not a diagnosis."}
+
+
+def write_aspects(out, case: str, scan: sitk.Image, labels: sitk.Image, result: "AspectsResult",
+                  extra: dict) -> None:
+    """The three read-out files into the case's :class:`output.OutputSet` (all or none):
+    the calls with their evidence (strict JSON), the evidence map and the preview."""
+    from . import imageio, output
+    from .aspects_preview import write_aspects_preview
+    from .cli import labelmap_suffix
+    data = result.to_json()
+    data.update({k: extra[k] for k in ("scan", "labels", "warnings") if k in extra})
+    output.write_text_atomic(json.dumps(data, indent=2, allow_nan=False), out.path(f"{case}-aspects-score.json"))
+    imageio.write_image_atomic(sitk.Cast(result.evidence, sitk.sitkFloat32),
+                               out.path(f"{case}-aspects-evidence{labelmap_suffix(scan)}"))
+    write_aspects_preview(scan, labels, result, out.path(f"{case}-aspects-score.png"))
+
+
+def print_aspects(result: "AspectsResult", stream: Optional[TextIO] = None) -> None:
+    """The read-out after the statistics table: the symptomatic side and why, one line per
+    side with its score and each affected region's first reason, and the notice."""
+    from .aspects import SIDES
+    stream = stream or sys.stdout
+    how = "chosen by the user" if result.side_source == "user" else f"proposed: {result.side_reason}"
+    print(f"ASPECTS, symptomatic side {result.side} ({how})", file=stream)
+    for side in SIDES:
+        calls: List[str] = [f"{r.region} ({_first_reason(r)})" for r in result.affected(side)]
+        mark = "  <- symptomatic side" if side == result.side else ""
+        print(f"ASPECTS {side} {result.score(side)}: {'; '.join(calls) or 'no region called'}{mark}",
+              file=stream)
+    print(result.notice, file=stream)
+
+
+def _first_reason(call: "RegionCall") -> str:
+    """Why a region counts as affected, in a few words."""
+    if call.override is not None:
+        return "set by the clinician"
+    return call.reasons[0] if call.reasons else "called"
 
 
 def cmd_save_case(args: argparse.Namespace) -> int:
@@ -138,8 +238,9 @@ def register_cli(sub) -> None:
     from .cli import _model_options
     from .console import add_verbosity
 
-    s = sub.add_parser("stats", help="per-region volume, HU, left-right difference and "
-                                     "uncertainty (decision support, not a diagnosis)")
+    s = sub.add_parser("stats", help="per-region volume, HU, left-right difference, "
+                                     "uncertainty and the ASPECTS read-out (decision support, "
+                                     "not a diagnosis)")
     s.add_argument("scan", nargs="+", metavar="SCAN",
                    help="CT file (NIfTI, NRRD, MetaImage), DICOM series folder, dataset folder of "
                         "cases N.nii.gz (+ N.txt), or a glob pattern of these; several may be given")
@@ -157,6 +258,14 @@ def register_cli(sub) -> None:
     s.add_argument("--window", type=float, nargs=2, default=list(BRAIN_WINDOW_HU), metavar=("LOW", "HIGH"),
                    help=f"brain window in HU: voxels outside are not measured "
                         f"(default {BRAIN_WINDOW_HU[0]:g} {BRAIN_WINDOW_HU[1]:g}: no CSF, no calcification)")
+    read_out = s.add_mutually_exclusive_group()
+    read_out.add_argument("--side", choices=("left", "right"),
+                          help="the symptomatic side (from the clinical findings) for the ASPECTS "
+                               "read-out of every case given; left out, it is proposed from the "
+                               "asymmetry and the reason printed")
+    read_out.add_argument("--no-aspects", action="store_true",
+                          help="no ASPECTS read-out (<case>-aspects-score.json, "
+                               "-aspects-evidence.nii.gz, -aspects-score.png)")
     s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     s.add_argument("-o", "--output", required=True, help="output folder")
     add_verbosity(s)
