@@ -23,8 +23,9 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from BrainLobeSegLib import panel, slicer_views, terminology  # noqa: E402  (light: no numpy, no torch)
-from BrainLobeSegLib.parameters import (BrainLobeSegLogic, BrainLobeSegParameterNode,  # noqa: E402,F401
-                                        ComputeDevice, SegmentationMode, TransformSource)
+from BrainLobeSegLib.parameters import (AspectsSide, BrainLobeSegLogic,  # noqa: E402,F401
+                                        BrainLobeSegParameterNode, ComputeDevice, SegmentationMode,
+                                        TransformSource)
 
 #: 0 ms: a tick per event-loop turn, after pending events; each runs engine steps here for
 #: panel.STEP_BUDGET_S plus one step (a thread would crawl: Slicer's main thread holds the GIL).
@@ -46,7 +47,9 @@ class BrainLobeSeg(ScriptedLoadableModule):
             "the bundled models. Choose the CT and how the head is turned upright (an automatic "
             "estimate, which is added as a transform node to check; its parent transform; a "
             "transform node; or an ITK-SNAP transform file), press Segment, then correct the "
-            "result in the Segment Editor.<br><br>"
+            "result in the Segment Editor. 'Read out ASPECTS' scores each side from the density "
+            "of each region against its mirror region, highlights the affected regions, adds the "
+            "evidence map as a volume, and lets you change any call.<br><br>"
             "Not a medical device: for research and decision support; every region must be "
             "checked by a clinician."
         )
@@ -89,6 +92,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.estimateTransformButton, self.onEstimateTransformButton),
                              (self.ui.openEditorButton, self.onOpenEditorButton),
                              (self.ui.statisticsButton, self.onStatisticsButton),
+                             (self.ui.aspectsButton, self.onAspectsButton),
                              (self.ui.saveCaseButton, self.onSaveCaseButton)):
             button.connect("clicked(bool)", slot)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
@@ -100,6 +104,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Slicer closing or Reload: stop a run, disconnect the GUI, observe nothing."""
         self._stopRun()
+        self._session.clear()
         self.setParameterNode(None)
         self._watcher.stop()
         self.removeObservers()
@@ -112,7 +117,8 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._stopRun()    # its nodes are about to disappear
-        self._session.result = None
+        self._session.clear()
+        self.ui.aspectsTableView.setMRMLTableNode(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -151,6 +157,8 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
             self.ui.modelPathLineEdit.currentPath = p.modelFolder
             self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+        if p is not None:   # a read-out follows the symptomatic side the user picks
+            self._session.choose_aspects_side(p.aspectsSide.value)
         state = panel.gui_state(self._session, *((p.inputVolume, p.transformSource.value, p.transformNode,
                                                   p.invertTransform, p.modelFolder) if p else ()))
         for name, properties in state.items():
@@ -248,6 +256,14 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = self._session.measure()
         slicer_views.show_table(self._session.result.table)
 
+    def onAspectsButton(self) -> None:
+        """Read out ASPECTS of the last result as it is now and show its table, whose
+        check boxes take the clinician's overrides (the scores line follows, via _updateGUI)."""
+        with slicer.util.tryWithErrorDisplay(_("The ASPECTS read-out failed."), waitCursor=True):
+            self._session.read_aspects(self._parameterNode.aspectsSide.value, self._updateGUI)
+            self.ui.aspectsTableView.setMRMLTableNode(self._session.result.aspects.table)
+        self._updateGUI()
+
     def onSaveCaseButton(self) -> None:
         """Save the (corrected) last result with its CT and ``R`` as a training case."""
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Training dataset folder"))
@@ -314,11 +330,12 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    @staticmethod
-    def _phantomVolume():
-        """The engine's phantom head, upright, 48x48x32 voxels at 4 mm."""
+    #: The engine's phantom head, upright, 48x48x32 voxels at 4 mm.
+    PHANTOM = dict(size=(48, 48, 32), spacing=(4.0, 4.0, 4.0), angles_deg=(0, 0, 0), seed=3)
+
+    def _phantomVolume(self):
         from BrainLobeSegLib import phantom, slicer_tools
-        case = phantom.make_scan(size=(48, 48, 32), spacing=(4.0, 4.0, 4.0), angles_deg=(0, 0, 0), seed=3)
+        case = phantom.make_scan(**self.PHANTOM)
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom CT")
         slicer_tools.update_volume_from_image(node, case.ct)
         return node
@@ -381,6 +398,27 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         table = core.statistics_table(segmentation, volume, uncertainty)
         self.assertEqual(table.GetNumberOfRows(), 20)
         self.assertIn("not a diagnosis", table.GetAttribute("BrainLobeSeg.notice"))
+
+    def test_aspects_readout_and_override(self) -> None:
+        """The phantom's own regions (no model needed) with M2 left 8 HU darker: ASPECTS 9
+        left, 10 right, M2 left drawn in red; un-calling it scores 10 and takes the red away;
+        reading out again refills the same nodes."""
+        import SimpleITK as sitk
+        from BrainLobeSegLib import phantom, regions, slicer_tools
+        case, m2 = phantom.make_scan(**self.PHANTOM), regions.region("M2", "left").label
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom CT")
+        slicer_tools.update_volume_from_image(volume, phantom.lower_region(case.ct, case.labels_scan, m2))
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Phantom regions")
+        slicer_tools.fill_segmentation(segmentation, sitk.GetArrayFromImage(case.labels_scan), volume)
+        core = BrainLobeSegLogic().core
+        readout = core.aspects_readout(segmentation, volume)
+        self.assertEqual((readout.score("left"), readout.score("right"), readout.result.side), (9, 10, "left"))
+        self.assertEqual(slicer_tools.highlighted_segments(segmentation), [f"Segment_{m2}"])
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        core.apply_override(readout, "M2 left", False)
+        self.assertEqual((readout.score("left"), slicer_tools.highlighted_segments(segmentation)), (10, []))
+        self.assertIs(core.aspects_readout(segmentation, volume, previous=readout).table, readout.table)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
 
     def test_automatic_estimate_adds_a_node(self) -> None:
         """A run with the automatic estimate adds with its result one transform node, within

@@ -135,19 +135,19 @@ def test_self_test_passes_under_unittest_loader(module):
     result = run_loader(module)
     problems = [f"{t}: {e}" for t, e in result.failures + result.errors]
     assert result.wasSuccessful(), "\n".join(problems)
-    assert result.testsRun == 4 and not result.skipped
+    assert result.testsRun == 5 and not result.skipped
     assert module.BrainLobeSegTest._tmp is None
 
 
 def test_without_torch_the_loader_skips_and_run_test_logs(module, monkeypatch, caplog):
-    """No PyTorch: under the loader the tests are skipped (all four run a model; the
-    automatic estimate, too, is now made by a run); Reload & Test (runTest) logs and
-    returns instead of failing."""
+    """No PyTorch: under the loader the tests that run a model are skipped (four; the
+    automatic estimate, too, is made by a run) and the ASPECTS read-out, which needs no
+    model, runs; Reload & Test (runTest) logs and returns instead of failing."""
     monkeypatch.setattr(torch_install, "torch_available", lambda: False)
     monkeypatch.setattr(torch_install, "install_without_asking", lambda: False)
     start_slicer(module)
     result = run_loader(module)
-    assert result.wasSuccessful() and len(result.skipped) == 4 and result.testsRun == 4
+    assert result.wasSuccessful() and len(result.skipped) == 4 and result.testsRun == 5
     with caplog.at_level(logging.WARNING):
         assert module.BrainLobeSegTest().runTest() is None
     assert "did not run" in caplog.text
@@ -187,7 +187,8 @@ def make_widget(module, volume):
     widget._timer = mock.MagicMock()
     widget._parameterNode = FakeParameterNode(
         inputVolume=volume, transformSource=module.TransformSource.PARENT, transformNode=None,
-        invertTransform=False, modelFolder="", outputSegmentation=None)
+        invertTransform=False, modelFolder="", outputSegmentation=None,
+        aspectsSide=module.AspectsSide.AUTO)
     widget._parameterNodeGuiTag = "gui-tag"
     widget.addObserver(widget._parameterNode, vtk.vtkCommand.ModifiedEvent, widget._updateGUI)
     widget._sourceChosenFor = volume       # the user has chosen "the CT's own transform"
@@ -261,3 +262,45 @@ def test_the_widget_timer_steps_a_run_and_selects_the_estimate(module, monkeypat
     assert len(shown) == 1 and shown[0].job.estimated_node is node
     assert "head pose used is the automatic estimate" in widget.ui.statusLabel.text
     widget.ui.progressBar.setValue.assert_called_with(100)
+
+
+def test_the_aspects_button_shows_scores_and_follows_overrides_and_the_side(module, monkeypatch):
+    """The Widget's ASPECTS wiring: the button reads out the last result and shows its
+    table in the panel's table view; a box ticked there (as Slicer's table view writes
+    it) and a side picked in the combo box (the parameter node changes) update the
+    scores line; closing the scene empties the view. The error display and wait cursor
+    are Qt: stood in for by a plain context."""
+    import contextlib
+    import SimpleITK as sitk
+    from BrainLobeSegLib import panel, phantom, slicer_tools
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
+    case, m2 = phantom.make_scan(**module.BrainLobeSegTest.PHANTOM), regions.region("M2", "left").label
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    slicer_tools.update_volume_from_image(volume, phantom.lower_region(case.ct, case.labels_scan, m2))
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
+    slicer_tools.fill_segmentation(segmentation, sitk.GetArrayFromImage(case.labels_scan), volume)
+    widget = make_widget(module, volume)
+    job = widget.logic.core.prepare(volume, "none").without_scan()
+    widget._session.result = panel.LastResult(segmentation, volume, job)
+    widget._updateGUI()
+    assert widget.ui.aspectsButton.enabled is True and widget.ui.aspectsLabel.text == ""
+    assert widget.ui.aspectsTableView.visible is False
+    widget.onAspectsButton()
+    assert widget.ui.aspectsTableView.visible is True
+    table = widget._session.result.aspects.table
+    widget.ui.aspectsTableView.setMRMLTableNode.assert_called_with(table)
+    assert widget.ui.aspectsLabel.text.startswith("ASPECTS left: 9 (left 9, right 10)")
+    column = table.GetTable().GetColumnByName("affected")
+    column.SetValue(m2 - 1, 0)                     # unticked in the table view
+    column.Modified()
+    table.GetTable().Modified()
+    assert widget.ui.aspectsLabel.text.startswith("ASPECTS left: 10 (left 10, right 10)")
+    widget._parameterNode.aspectsSide = module.AspectsSide.RIGHT
+    widget._parameterNode.node.Modified()          # what the parameter node wrapper sends
+    assert widget.ui.aspectsLabel.text.startswith("ASPECTS right: 10") and "your choice" in widget.ui.aspectsLabel.text
+    parameters = widget._parameterNode
+    widget.onSceneStartClose(None, None)
+    widget.ui.aspectsTableView.setMRMLTableNode.assert_called_with(None)
+    assert widget._session.result is None
+    widget.setParameterNode(parameters)            # what onSceneEndClose does with the new scene's
+    assert widget.ui.aspectsTableView.visible is False and widget.ui.aspectsLabel.text == ""

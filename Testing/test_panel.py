@@ -138,7 +138,10 @@ def test_gui_state_names_widgets_of_the_ui_file(scene, core):
     assert set(state) <= ui_widget_names()
     assert state["segmentButton"] == {"text": "Segment", "enabled": True,
                                       "toolTip": "Segment the 20 ASPECTS regions of the selected CT."}
-    assert not any(state[b]["enabled"] for b in ("openEditorButton", "statisticsButton", "saveCaseButton"))
+    assert not any(state[b]["enabled"] for b in ("openEditorButton", "statisticsButton", "saveCaseButton",
+                                                 "aspectsButton"))
+    assert state["aspectsLabel"] == {"text": ""}                  # no read-out yet
+    assert state["aspectsTableView"] == {"visible": False}
     assert state["transformNodeSelector"]["enabled"] is False
     assert state["estimateTransformButton"]["enabled"] is True
     no_ct = panel.gui_state(session, None, "node")

@@ -4,7 +4,7 @@
   ``self.ui.<name>`` exists in it;
 - widgets bound to the parameter node name real parameters, and MRML combo boxes get
   the scene and know their node types;
-- ``BrainLobeSeg.py`` parses, stays under 400 lines with only the Module/Widget/Test
+- ``BrainLobeSeg.py`` parses, stays under 440 lines with only the Module/Widget/Test
   classes (the parameter node and Logic class are in ``BrainLobeSegLib/parameters.py``),
   does not import the engine at import time, and passes user-visible strings through
   ``_()``, as do the panel texts in ``BrainLobeSegLib/panel.py``;
@@ -102,7 +102,7 @@ def test_every_widget_the_module_uses_exists(ui_tree, module_ast):
     used = used_ui_names(module_ast)
     assert {"segmentButton", "progressBar", "statusLabel", "openEditorButton",
             "loadTransformButton", "estimateTransformButton", "statisticsButton",
-            "saveCaseButton"} <= used
+            "saveCaseButton", "aspectsButton", "aspectsTableView"} <= used
     missing = used - set(ui_widgets(ui_tree))
     assert not missing, f"BrainLobeSeg.py uses widgets that BrainLobeSeg.ui lacks: {sorted(missing)}"
 
@@ -121,6 +121,9 @@ def test_required_widgets_have_the_right_classes(ui_tree):
         "outputCollapsibleButton": "ctkCollapsibleButton",
         "estimateTransformButton": "QPushButton", "statisticsButton": "QPushButton",
         "saveCaseButton": "QPushButton", "resultsCollapsibleButton": "ctkCollapsibleButton",
+        "aspectsCollapsibleButton": "ctkCollapsibleButton", "aspectsSideComboBox": "QComboBox",
+        "aspectsButton": "QPushButton", "aspectsLabel": "QLabel", "aspectsTableView": "qMRMLTableView",
+        "aspectsNoticeLabel": "QLabel",
     }
     for name, cls in expected.items():
         assert widgets.get(name) == cls, name
@@ -128,7 +131,8 @@ def test_required_widgets_have_the_right_classes(ui_tree):
 
 def test_buttons_sit_in_their_sections(ui_tree):
     """The estimate button is an input (next to loading a transform); what acts on a
-    result is in the Results section; result buttons start disabled (no result yet)."""
+    result is in the Results section, the ASPECTS read-out in its own section with the
+    "decision support, not a diagnosis" line; result buttons start disabled (no result yet)."""
     def names_under(section: str) -> set:
         top = next(w for w in ui_tree.iter("widget") if w.get("name") == section)
         return {w.get("name") for w in top.iter("widget")} - {section}
@@ -136,9 +140,16 @@ def test_buttons_sit_in_their_sections(ui_tree):
     assert {"loadTransformButton", "estimateTransformButton"} <= names_under("inputsCollapsibleButton")
     assert names_under("resultsCollapsibleButton") == {"openEditorButton", "statisticsButton",
                                                        "saveCaseButton"}
+    assert names_under("aspectsCollapsibleButton") == {
+        "aspectsSideLabel", "aspectsSideComboBox", "aspectsButton", "aspectsLabel", "aspectsTableView",
+        "aspectsNoticeLabel"}
+    section = next(w for w in ui_tree.iter("widget") if w.get("name") == "aspectsCollapsibleButton")
+    assert dynamic_property(section, "text") == "ASPECTS (decision support)"
+    notice = next(w for w in section.iter("widget") if w.get("name") == "aspectsNoticeLabel")
+    assert dynamic_property(notice, "text").startswith("Decision support, not a diagnosis")
     for w in ui_tree.iter("widget"):
         if w.get("name") in ("openEditorButton", "statisticsButton", "saveCaseButton",
-                             "estimateTransformButton"):
+                             "estimateTransformButton", "aspectsButton"):
             assert dynamic_property(w, "enabled") == "false", w.get("name")
 
 
@@ -156,6 +167,7 @@ def test_mrml_combo_boxes_get_the_scene_and_node_types(ui_tree):
     assert types_of == {"inputVolumeSelector": ["vtkMRMLScalarVolumeNode"],
                         "transformNodeSelector": ["vtkMRMLTransformNode"],
                         "outputSegmentationSelector": ["vtkMRMLSegmentationNode"]}
+    assert "aspectsTableView" in receivers       # qMRMLTableView::setMRMLScene, as Slicer's Tables module
 
 
 def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, parameters_ast):
@@ -179,9 +191,10 @@ def test_bound_widgets_name_parameters_of_the_parameter_node(ui_tree, parameters
 # ----------------------------------------------------------------------------- module file
 
 def test_module_has_only_module_widget_and_test_classes(module_ast, parameters_ast):
-    """A thin module file: three classes, under 400 lines; the parameter node and the
+    """A thin module file: three classes, under 440 lines (400 until the ASPECTS read-out
+    added its button, side and table wiring and a self-test); the parameter node and the
     Logic class (scripts use ``BrainLobeSeg.BrainLobeSegLogic``) come from parameters.py."""
-    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) < 400
+    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) < 440
     found = classes(module_ast)
     bases = {name: [ast.unparse(b) for b in cls.bases] for name, cls in found.items()}
     assert bases == {"BrainLobeSeg": ["ScriptedLoadableModule"],
@@ -200,7 +213,8 @@ def test_module_has_only_module_widget_and_test_classes(module_ast, parameters_a
     widget_methods = {f.name for f in found["BrainLobeSegWidget"].body if isinstance(f, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "onSegmentButton", "onLoadTransformButton",
             "onOpenEditorButton", "initializeParameterNode", "setParameterNode", "onReload",
-            "onEstimateTransformButton", "onStatisticsButton", "onSaveCaseButton"} <= widget_methods
+            "onEstimateTransformButton", "onStatisticsButton", "onSaveCaseButton",
+            "onAspectsButton"} <= widget_methods
 
 
 def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast, parameters_ast):

@@ -18,7 +18,10 @@ every decision it used to make itself is here, where the tests can reach it on a
   Python thread would crawl (the main thread holds the GIL while Qt idles, see
   :mod:`steps`); the rest only starts, polls, cancels and finishes it;
 - how a finished run is reported (:class:`RunOutcome`), the PyTorch installation, the
-  statistics message, and the order in which the developer Reload reloads the modules.
+  statistics message, and the order in which the developer Reload reloads the modules;
+- the ASPECTS read-out (:meth:`Session.read_aspects`): its scores line
+  (:func:`aspects_message`), the symptomatic side the user picks, and the clinician's
+  overrides, ticked in its table and applied by :class:`AspectsTableWatcher`.
 
 Dependencies run one way: this module uses :mod:`slicer_logic` (imported where needed,
 so that ``BrainLobeSeg.py`` can import this at Slicer's start-up without numpy and
@@ -41,6 +44,7 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set
 
+import vtk
 from slicer.util import VTKObservationMixin
 
 from . import steps, torch_install
@@ -167,6 +171,10 @@ def gui_state(session: "Session", volume=None, source: Optional[str] = None, tra
         "openEditorButton": {"enabled": session.can_edit()},
         "statisticsButton": {"enabled": session.can_measure()},
         "saveCaseButton": {"enabled": session.can_save()},
+        "aspectsButton": {"enabled": session.can_measure()},
+        "aspectsLabel": {"text": session.aspects_status()},
+        # the table view shows the read-out of the last result only (none yet: hidden)
+        "aspectsTableView": {"visible": session.aspects is not None},
     })
     return state
 
@@ -237,6 +245,7 @@ class LastResult:
     job: slicer_logic.SegmentationJob      # without its scan copy: R and the CT's grid
     uncertainty: Any = None
     table: Any = None
+    aspects: Optional[slicer_logic.AspectsReadout] = None
 
     def can_edit(self) -> bool:
         return in_scene(self.segmentation)
@@ -252,6 +261,35 @@ class LastResult:
 
     def table_in_scene(self):
         return self.table if in_scene(self.table) else None
+
+
+class AspectsTableWatcher(VTKObservationMixin):
+    """Applies the clinician's overrides when the ASPECTS table's check boxes change.
+
+    Slicer's table view writes a ticked box into the table node (which then sends
+    ModifiedEvent); the Widget only shows the table. On each change the calls are taken
+    from the table (:meth:`slicer_logic.BrainLobeSegLogic.overrides_from_table`) and, if
+    one changed, ``callback()`` is called so the panel shows the new scores.
+    """
+
+    def __init__(self, core: slicer_logic.BrainLobeSegLogic) -> None:
+        VTKObservationMixin.__init__(self)
+        self._core = core
+        self._readout: Optional[slicer_logic.AspectsReadout] = None
+        self._callback: Callable[[], None] = lambda: None
+
+    def watch(self, readout: slicer_logic.AspectsReadout, callback: Callable[[], None]) -> None:
+        self.stop()
+        self._readout, self._callback = readout, callback
+        self.addObserver(readout.table, vtk.vtkCommand.ModifiedEvent, self._modified)
+
+    def stop(self) -> None:
+        self.removeObservers()
+        self._readout = None
+
+    def _modified(self, caller, event) -> None:
+        if self._readout is not None and self._core.overrides_from_table(self._readout):
+            self._callback()
 
 
 @dataclass
@@ -396,6 +434,7 @@ class Session:
         self.core = core
         self.run: Optional[PanelRun] = None
         self.result: Optional[LastResult] = None
+        self._aspects_watcher = AspectsTableWatcher(core)
 
     @property
     def running(self) -> bool:
@@ -422,8 +461,14 @@ class Session:
         run, self.run = self.run, None
         outcome = run.finish()
         if outcome.result is not None:
+            self._aspects_watcher.stop()   # the read-out of the previous result stays as it is
             self.result = outcome.result
         return outcome
+
+    def clear(self) -> None:
+        """Forget the last result and stop observing its nodes (scene or module closing)."""
+        self._aspects_watcher.stop()
+        self.result = None
 
     def stop(self) -> bool:
         """Cancel a run and drop its result (scene or module closing); False if none ran."""
@@ -453,6 +498,42 @@ class Session:
                                              r.table_in_scene())
         return statistics_message(r.segmentation, r.table)
 
+    def read_aspects(self, side: str = "auto", on_change: Callable[[], None] = lambda: None) -> str:
+        """The ASPECTS read-out of the last result as it is now (its table and evidence
+        volume refilled on each read-out); returns the scores line. ``side``: "auto" (the
+        proposed side), "left" or "right". When the clinician ticks a box in its table,
+        the override is applied and ``on_change()`` is called."""
+        if not self.can_measure():
+            raise InputError("the segmentation or its CT is no longer in the scene.",
+                             "Segment the CT again.")
+        r = self.result
+        r.aspects = self.core.aspects_readout(r.segmentation, r.volume, side, previous=r.aspects)
+        self._aspects_watcher.watch(r.aspects, on_change)
+        return aspects_message(r.aspects)
+
+    @property
+    def aspects(self) -> Optional[slicer_logic.AspectsReadout]:
+        """The ASPECTS read-out of the last result, if it has been read out."""
+        return self.result.aspects if self.result is not None else None
+
+    def aspects_status(self) -> str:
+        """The scores line of the last read-out, or "" when there is none."""
+        return aspects_message(self.aspects) if self.aspects is not None else ""
+
+    def choose_aspects_side(self, side: str) -> bool:
+        """The user picked the symptomatic side ("auto", "left", "right"): the last read-out
+        follows it at once (nothing is measured again); False if there is nothing to change."""
+        return self.aspects is not None and self.core.set_aspects_side(self.aspects, side)
+
+    def override_aspects(self, region, affected: Optional[bool]) -> str:
+        """The clinician's call for one region of the last read-out (None: the automatic
+        call again); returns the new scores line."""
+        readout = self.aspects
+        if readout is None:
+            raise InputError("there is no ASPECTS read-out to change.", "Press 'Read out ASPECTS' first.")
+        self.core.apply_override(readout, region, affected)
+        return aspects_message(readout)
+
     def save(self, folder: str) -> str:
         """Save the (corrected) last result as a training case; returns the status line."""
         if not self.can_save():
@@ -478,6 +559,28 @@ def statistics_message(segmentation_node, table_node) -> str:
              "than the other side. Decision support, not a diagnosis: this does not exclude a "
              "stroke; read the images.").format(name=segmentation_node.GetName(),
                                                 table=table_node.GetName())
+
+
+def aspects_message(readout: slicer_logic.AspectsReadout) -> str:
+    """The ASPECTS line of the panel: the score of each side, the symptomatic side (the
+    user's, or the proposed one with its reason), the affected regions, and that it is
+    decision support, not a diagnosis."""
+    r = readout.result
+    affected = ", ".join(c.region for c in r.regions if c.affected) or _("none")
+    if r.side_source == "user":
+        side = _("Symptomatic side: {side} (your choice).").format(side=r.side)
+    else:
+        side = _("Symptomatic side: {side}, proposed ({reason}); choose the side above if the "
+                 "clinical findings say otherwise.").format(side=r.side, reason=r.side_reason)
+    overridden = sum(1 for c in r.regions if c.override is not None)
+    changed = (" " + _("{count} call(s) changed by you.").format(count=overridden)) if overridden else ""
+    return _("ASPECTS {side}: {score} (left {left}, right {right}). {side_line} Affected: "
+             "{affected}.{changed} Tick or untick a region's 'affected' box in the table to "
+             "change its call; '{evidence}' shows where the tissue is darker than on the "
+             "other side. Decision support, not a diagnosis: read the images.").format(
+        side=r.side, score=r.score(), left=r.score("left"), right=r.score("right"),
+        side_line=side, affected=affected, changed=changed,
+        evidence=readout.evidence.GetName() if readout.evidence is not None else "")
 
 
 def saved_case_status(segmentation_node, name: str, folder: str) -> str:

@@ -66,6 +66,21 @@ class ComputeDevice(enum.Enum):
         }[self.value]
 
 
+class AspectsSide(enum.Enum):
+    """The symptomatic side for the ASPECTS read-out (``slicer_logic.aspects_readout``)."""
+
+    AUTO = "auto"
+    LEFT = "left"
+    RIGHT = "right"
+
+    def label(self) -> str:
+        return {
+            "auto": _("Proposed from the scan (the reason is shown)"),
+            "left": _("Left"),
+            "right": _("Right"),
+        }[self.value]
+
+
 @parameterNodeWrapper
 class BrainLobeSegParameterNode:
     """The panel's state, saved with the scene.
@@ -83,6 +98,7 @@ class BrainLobeSegParameterNode:
     device: ComputeDevice = ComputeDevice.AUTO
     modelFolder: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
+    aspectsSide: AspectsSide = AspectsSide.AUTO
 
 
 class BrainLobeSegLogic(ScriptedLoadableModuleLogic):

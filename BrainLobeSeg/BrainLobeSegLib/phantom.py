@@ -367,3 +367,18 @@ def label_counts(labels: sitk.Image) -> List[int]:
     """Voxels per label id 0..20 (a quick check that every region is present)."""
     arr = sitk.GetArrayViewFromImage(labels)
     return np.bincount(arr.ravel(), minlength=regions.NUM_LABELS + 1).tolist()
+
+
+def lower_region(ct: sitk.Image, labels: sitk.Image, label: int, drop_hu: float = 8.0,
+                 window_hu: Tuple[float, float] = (20.0, 50.0)) -> sitk.Image:
+    """``ct`` with the parenchyma of one region (its voxels within ``window_hu``) made
+    ``drop_hu`` darker: an early-ischaemia-like density drop for tests of the ASPECTS
+    read-out. Only brain tissue is lowered, so the region's CSF and any calcification stay
+    as they were (as in a real infarct). The type of ``ct`` is kept."""
+    arr = sitk.GetArrayFromImage(ct)
+    lab = sitk.GetArrayViewFromImage(labels)
+    inside = (lab == label) & (arr >= window_hu[0]) & (arr <= window_hu[1])
+    arr[inside] = arr[inside] - np.asarray(drop_hu).astype(arr.dtype)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(ct)
+    return out

@@ -32,7 +32,9 @@ Work is split in three parts so that a GUI can keep responding:
 After a run, on the main thread, the panel's Results section uses
 :meth:`~BrainLobeSegLogic.create_uncertainty` (member disagreement on the CT grid),
 :meth:`~BrainLobeSegLogic.statistics_table` (per-region volumes and densities of the
-segmentation as corrected) and :meth:`~BrainLobeSegLogic.save_case` (the corrected case
+segmentation as corrected), :meth:`~BrainLobeSegLogic.aspects_readout` (the ASPECTS
+read-out: scores, a table with the clinician's overrides, the evidence volume, the
+affected regions highlighted) and :meth:`~BrainLobeSegLogic.save_case` (the corrected case
 as training data, with the ``R`` of the run). Before a run,
 :meth:`~BrainLobeSegLogic.estimate_upright_transform` offers an automatic ``R`` as a
 transform node for the user to check.
@@ -171,6 +173,31 @@ class SegmentationJob:
         node, which is what the user may have looked at since). Such a job cannot be run.
         """
         return replace(self, scan=None)
+
+
+def _in_scene(node) -> bool:
+    return node is not None and node.GetScene() is not None
+
+
+@dataclass
+class AspectsReadout:
+    """An ASPECTS read-out in the scene (:meth:`BrainLobeSegLogic.aspects_readout`).
+
+    ``result`` is the engine's ``aspects.AspectsResult`` (calls, overrides, scores);
+    ``table`` and ``evidence`` are its nodes, any of which the user may delete;
+    ``side_choice`` is "auto" (the proposed side) or the side the user chose.
+    """
+
+    segmentation: Any
+    volume: Any
+    result: Any
+    table: Any
+    evidence: Any
+    side_choice: str = "auto"
+
+    def score(self, side: Optional[str] = None) -> int:
+        """ASPECTS of ``side`` (default: the symptomatic side), overrides counted."""
+        return self.result.score(side)
 
 
 class BrainLobeSegLogic:
@@ -404,6 +431,107 @@ class BrainLobeSegLogic:
         node.SetAttribute("BrainLobeSeg.segmentation", segmentation_node.GetID())
         node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID())
         return node
+
+    def aspects_readout(self, segmentation_node, volume_node, side: Optional[str] = None,
+                        previous: Optional["AspectsReadout"] = None) -> "AspectsReadout":
+        """The ASPECTS read-out of the segmentation as it is now, on its CT (decision support).
+
+        The regions are read back by segment name, as :meth:`statistics_table` does, so
+        corrections count; :func:`aspects.assess` makes the calls on the CT's own grid.
+        ``side`` is the symptomatic side ("left"/"right"), or None/"auto" to have it
+        proposed with its reason. Adds (or, with ``previous``, refills: one table and one
+        evidence volume per result, however often it is read out) a table node with one
+        row per region and a check box per call, and the evidence map as a volume on the
+        CT's grid, both named after the segmentation; the affected segments are
+        highlighted (:func:`slicer_tools.highlight_segments`). Everything is computed
+        before anything is added, so a failure leaves the scene as it was. The CT and the
+        segmentation's content are only read.
+        """
+        from . import aspects
+        if segmentation_node is None or segmentation_node.GetScene() is None:
+            raise InputError("there is no segmentation to read ASPECTS from.", "Segment the CT first.")
+        check_volume(volume_node)
+        source = segmentation_node.GetAttribute("BrainLobeSeg.sourceVolume")
+        if source and volume_node.GetID() and source != volume_node.GetID():
+            raise InputError(f"the segmentation '{segmentation_node.GetName()}' was made from "
+                             f"another CT than '{volume_node.GetName()}'.",
+                             "Read ASPECTS with the CT it was segmented from.")
+        choice = side or "auto"
+        ct = image_from_volume_node(volume_node)
+        labels = slicer_tools.labelmap_from_segmentation(segmentation_node, volume_node)
+        result = aspects.assess(ct, labels, side=None if choice == "auto" else choice)
+        scene, name = segmentation_node.GetScene(), segmentation_node.GetName()
+        reuse = previous if previous is not None and previous.segmentation is segmentation_node else None
+        table = slicer_tools.aspects_table_node(
+            scene, result, name=f"{name} ASPECTS read-out",
+            table_node=reuse.table if reuse is not None and _in_scene(reuse.table) else None)
+        evidence = slicer_tools.evidence_volume_node(
+            scene, result.evidence, volume_node, name=f"{name} ASPECTS evidence",
+            volume_node=reuse.evidence if reuse is not None and _in_scene(reuse.evidence) else None)
+        for node in (table, evidence):
+            node.SetAttribute("BrainLobeSeg.segmentation", segmentation_node.GetID())
+            node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID())
+        table.SetAttribute("BrainLobeSeg.evidenceVolume", evidence.GetID())
+        readout = AspectsReadout(segmentation_node, volume_node, result, table, evidence, choice)
+        self._show_calls(readout)
+        return readout
+
+    def apply_override(self, readout: "AspectsReadout", region, affected: Optional[bool]) -> None:
+        """The clinician's call for one region (its name, e.g. "M2 left", or label):
+        True or False, or None for the automatic call again. The scores, the table and
+        the highlight follow."""
+        try:
+            readout.result.set_override(region, affected)
+        except StopIteration:
+            raise InputError(f"{region!r} is not an ASPECTS region.",
+                             "Use a segment name such as 'M2 left'.") from None
+        self._show_calls(readout)
+
+    def overrides_from_table(self, readout: "AspectsReadout") -> bool:
+        """Take the clinician's calls from the table's check boxes (ticked in Slicer's table
+        view); returns whether any call changed. A box set back to the automatic call
+        removes the override. Called on every change of the table, so it does nothing
+        when the boxes already match (also when the table has been deleted)."""
+        if not _in_scene(readout.table):
+            return False
+        calls = slicer_tools.table_calls(readout.table)
+        if len(calls) != len(readout.result.regions):
+            return False
+        changed = False
+        for checked, r in zip(calls, readout.result.regions):
+            if checked != r.affected:
+                r.override = None if checked == r.called else checked
+                changed = True
+        if changed:
+            self._show_calls(readout)
+        return changed
+
+    def set_aspects_side(self, readout: "AspectsReadout", side: Optional[str]) -> bool:
+        """Change the symptomatic side of a read-out ("left", "right", or None/"auto" for the
+        proposed one); returns whether it changed. Nothing is measured again."""
+        from . import aspects
+        choice = side or "auto"
+        if choice == readout.side_choice:
+            return False
+        if choice == "auto":
+            r = readout.result
+            r.side, r.side_reason = aspects.propose_side(r.regions)
+            r.side_source = "proposed"
+        else:
+            readout.result.set_side(choice)
+        readout.side_choice = choice
+        self._show_calls(readout)
+        return True
+
+    @staticmethod
+    def _show_calls(readout: "AspectsReadout") -> None:
+        """The calls that count, in the table (if still there) and as the highlight."""
+        if _in_scene(readout.table):
+            slicer_tools.update_aspects_table(readout.table, readout.result)
+        if _in_scene(readout.segmentation):
+            ids = slicer_tools.region_segment_ids(readout.segmentation)
+            slicer_tools.highlight_segments(readout.segmentation, [
+                ids[r.label] for r in readout.result.regions if r.affected and r.label in ids])
 
     def estimate_upright_transform(self, volume_node, progress: Optional[ProgressFn] = None,
                                    name: Optional[str] = None):

@@ -19,13 +19,16 @@ is used) explicitly for that reason.
   without temporary nodes.
 - results: the statistics table, the uncertainty volume, a corrected case saved for
   training.
+- the ASPECTS read-out: its table (with the clinician's check boxes), the evidence
+  volume, and the undoable highlight of the affected segments.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -520,31 +523,49 @@ def uncertainty_volume_node(scene, uncertainty: sitk.Image, ct_node=None,
     0-1, and voxels where all members agree (0) are thresholded out, so they are
     transparent when the node is shown over the CT.
     """
+    node = _overlay_volume_node(scene, uncertainty, ct_node, name, volume_node, "uncertainty volume",
+                                window=(0.0, 1.0), shown=(1e-6, 1.0),   # agreement (0) transparent
+                                color_ids=UNCERTAINTY_COLOR_IDS)
+    node.SetAttribute("BrainLobeSeg.uncertainty", "fraction of planes/models disagreeing (0-1)")
+    return node
+
+
+def _overlay_volume_node(scene, image: sitk.Image, ct_node, name: str, volume_node, what: str,
+                         window: Tuple[float, float], shown: Tuple[float, float],
+                         color_ids: Sequence[str]):
+    """A float scalar volume node holding ``image``, displayed as an overlay of the CT.
+
+    Shared by the uncertainty and the ASPECTS evidence volumes, so that both overlay the
+    CT the same way: with ``ct_node`` the node takes the CT's exact geometry and parent
+    transform (the image must lie on the CT's grid); ``window`` is the colour range,
+    voxels outside ``shown`` are thresholded out (transparent over the CT), and the
+    colour table is the first of ``color_ids`` the scene has (Slicer's colour logic adds
+    them at start-up; a bare scene has none, and the default stays). ``volume_node`` is
+    refilled instead of adding a new node.
+    """
     if ct_node is not None:
-        diff = grid_difference(ct_node, uncertainty)
+        diff = grid_difference(ct_node, image)
         if diff is not None:
-            raise InputError(f"the uncertainty volume is not on the CT's grid ({diff}).",
-                             "Compute it for this CT.")
+            raise InputError(f"the {what} is not on the CT's grid ({diff}).", "Compute it for this CT.")
     node = volume_node or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(uncertainty).astype(np.float32))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image).astype(np.float32))
     if ct_node is not None:
         node.CopyOrientation(ct_node)
         node.SetAndObserveTransformNodeID(ct_node.GetTransformNodeID())
     else:
-        set_volume_geometry(node, uncertainty)
+        set_volume_geometry(node, image)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None:
         display.SetAutoWindowLevel(False)
-        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetWindowLevelMinMax(*window)
         display.SetAutoThreshold(False)
-        display.SetThreshold(1e-6, 1.0)    # agreement (0) transparent
+        display.SetThreshold(*shown)
         display.SetApplyThreshold(True)
-        color_id = next((c for c in UNCERTAINTY_COLOR_IDS if scene.GetNodeByID(c) is not None), None)
+        color_id = next((c for c in color_ids if scene.GetNodeByID(c) is not None), None)
         if color_id is not None:
             display.SetAndObserveColorNodeID(color_id)
-    node.SetAttribute("BrainLobeSeg.uncertainty", "fraction of planes/models disagreeing (0-1)")
     return node
 
 
@@ -573,3 +594,238 @@ def statistics_from_nodes(segmentation_node, volume_node, uncertainty_node=None,
     unc = image_from_volume_node(uncertainty_node) if uncertainty_node is not None else None
     return statistics.region_statistics(ct, labels, unc, uncertainty_source=(
         statistics.UNCERTAINTY_DISAGREEMENT if unc is not None else None), **settings)
+
+
+# ----------------------------------------------------------------------------- ASPECTS read-out
+
+#: Colour tables for the ASPECTS evidence volume, in order of preference: diverging, so
+#: that darker than the mirror side (negative) and lighter (positive) differ in hue with
+#: 0 in the middle. ``DivergingBlueRed`` (blue = darker) is one of the tables Slicer's
+#: colour logic adds from Base/Logic/Resources/ColorFiles at start-up; ``fMRI`` (negative
+#: blue/cyan, positive red/yellow) is built into MRML's own colour logic, which is what a
+#: ``slicer-core`` scene gets from ``vtkMRMLColorLogic.AddDefaultColorNodes``. A bare scene
+#: has neither: the volume then keeps the default grey table.
+EVIDENCE_COLOR_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt", "vtkMRMLColorTableNodefMRI")
+#: Colour range of the evidence volume (HU around 0): an early infarct is a few HU.
+EVIDENCE_WINDOW_HU = 8.0
+
+#: Display node attribute holding the highlighted segments and their display properties
+#: from before (JSON), so that any later call, even from a new session, can undo them.
+HIGHLIGHT_ATTRIBUTE = "BrainLobeSeg.highlighted"
+#: Colour of a highlighted (affected) region in the views: pure red, which no region has.
+HIGHLIGHT_COLOR = (1.0, 0.0, 0.0)
+
+#: The ASPECTS table's columns: key, title, kind ("text", "check" or a unit for numbers).
+#: "affected" is a ``vtkBitArray``: Slicer's table view shows it as check boxes, and
+#: ticking one is the clinician's override (:func:`table_calls` reads them back).
+ASPECTS_COLUMNS = (
+    ("region", "region", "text"),
+    ("affected", "affected", "check"),
+    ("called", "automatic call", "text"),
+    ("override", "clinician", "text"),
+    ("affected_percent", "darker part [%]", "%"),
+    ("affected_ml", "darker part [ml]", "ml"),
+    ("median_drop_hu", "median drop [HU]", "HU"),
+    ("diff_to_mirror_hu", "vs mirror [HU]", "HU"),
+    ("diff_to_expected_hu", "vs expected [HU]", "HU"),
+    ("gw_loss_hu", "grey/white loss [HU]", "HU"),
+    ("parenchyma_ml", "tissue measured [ml]", "ml"),
+    ("reasons", "reasons", "text"),
+)
+
+
+def region_segment_ids(segmentation_node) -> Dict[int, str]:
+    """Region label -> segment ID, by segment *name* (as :func:`labelmap_from_segmentation`
+    reads a corrected segmentation), so that the highlight lands on the segment that was
+    measured; segments whose names denote no region are left out."""
+    segmentation = segmentation_node.GetSegmentation()
+    out: Dict[int, str] = {}
+    for i in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(i)
+        label = label_for_segment_name(segmentation.GetSegment(sid).GetName())
+        if label is not None:
+            out.setdefault(label, sid)
+    return out
+
+
+def _segment_display(display, sid: str) -> dict:
+    """The per-segment display properties a highlight changes (override colour,
+    visibility, 2D fill and outline), as plain values for :data:`HIGHLIGHT_ATTRIBUTE`."""
+    color = display.GetSegmentOverrideColor(sid)
+    return {"color": [color.GetX(), color.GetY(), color.GetZ()],
+            "visible": bool(display.GetSegmentVisibility(sid)),
+            "fill": bool(display.GetSegmentVisibility2DFill(sid)),
+            "outline": bool(display.GetSegmentVisibility2DOutline(sid)),
+            "fillOpacity": display.GetSegmentOpacity2DFill(sid),
+            "outlineOpacity": display.GetSegmentOpacity2DOutline(sid)}
+
+
+def _set_segment_display(display, sid: str, props: dict) -> None:
+    if min(props["color"]) < 0:     # SEGMENT_COLOR_NO_OVERRIDE: the segment's own colour
+        display.UnsetSegmentOverrideColor(sid)
+    else:
+        display.SetSegmentOverrideColor(sid, *props["color"])
+    display.SetSegmentVisibility(sid, props["visible"])
+    display.SetSegmentVisibility2DFill(sid, props["fill"])
+    display.SetSegmentVisibility2DOutline(sid, props["outline"])
+    display.SetSegmentOpacity2DFill(sid, props["fillOpacity"])
+    display.SetSegmentOpacity2DOutline(sid, props["outlineOpacity"])
+
+
+def highlighted_segments(segmentation_node) -> List[str]:
+    """IDs of the segments :func:`highlight_segments` has highlighted now."""
+    display = segmentation_node.GetDisplayNode()
+    text = display.GetAttribute(HIGHLIGHT_ATTRIBUTE) if display is not None else None
+    return sorted(json.loads(text)) if text else []
+
+
+def highlight_segments(segmentation_node, segment_ids) -> None:
+    """Highlight exactly ``segment_ids`` in the segmentation's views; undo the others.
+
+    Slicer has no per-segment outline width (``SliceIntersectionThickness`` is the whole
+    node's), so a highlighted segment is drawn in :data:`HIGHLIGHT_COLOR` (a per-view
+    override colour: the segment's own colour and terminology are untouched), shown,
+    with full 2D fill and outline opacity. Its previous display properties are kept in
+    the display node's :data:`HIGHLIGHT_ATTRIBUTE` and put back exactly when it is no
+    longer in ``segment_ids``, so un-highlighting leaves the display as it was. Nothing
+    else is changed; a segmentation without a display node is not shown anywhere and is
+    left alone.
+    """
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        return
+    segmentation = segmentation_node.GetSegmentation()
+    text = display.GetAttribute(HIGHLIGHT_ATTRIBUTE)
+    saved: Dict[str, dict] = json.loads(text) if text else {}
+    wanted = {sid for sid in segment_ids if segmentation.GetSegment(sid) is not None}
+    was_modifying = display.StartModify()
+    try:
+        for sid in [s for s in saved if s not in wanted]:
+            props = saved.pop(sid)
+            if segmentation.GetSegment(sid) is not None:    # a deleted segment needs nothing
+                _set_segment_display(display, sid, props)
+        for sid in sorted(wanted - set(saved)):
+            saved[sid] = _segment_display(display, sid)
+            _set_segment_display(display, sid, {
+                "color": list(HIGHLIGHT_COLOR), "visible": True, "fill": True, "outline": True,
+                "fillOpacity": 1.0, "outlineOpacity": 1.0})
+        if saved:
+            display.SetAttribute(HIGHLIGHT_ATTRIBUTE, json.dumps(saved, sort_keys=True))
+        elif text is not None:
+            display.RemoveAttribute(HIGHLIGHT_ATTRIBUTE)
+    finally:
+        display.EndModify(was_modifying)
+
+
+def evidence_volume_node(scene, evidence: sitk.Image, ct_node, name: str = "ASPECTS evidence",
+                         volume_node=None):
+    """The ASPECTS evidence map (float32 HU on the CT's grid, negative = darker than the
+    mirror side) as a scalar volume node overlaying the CT.
+
+    Coloured with a diverging table (:data:`EVIDENCE_COLOR_IDS`) over
+    ±:data:`EVIDENCE_WINDOW_HU`; only voxels at least ``aspects.VOXEL_DROP_HU`` darker
+    than the mirror side (those counted as affected) are shown over the CT, the rest is
+    transparent (the Volumes module's threshold shows more). ``volume_node`` is
+    refilled instead of adding a new node.
+    """
+    from . import aspects
+    node = _overlay_volume_node(scene, evidence, ct_node, name, volume_node, "evidence map",
+                                window=(-EVIDENCE_WINDOW_HU, EVIDENCE_WINDOW_HU),
+                                shown=(-1000.0, -aspects.VOXEL_DROP_HU), color_ids=EVIDENCE_COLOR_IDS)
+    node.SetAttribute("BrainLobeSeg.aspectsEvidence",
+                      "smoothed HU difference to the mirror side; negative: darker (0 outside tissue)")
+    return node
+
+
+def _number(value: Optional[float], scale: float = 1.0) -> float:
+    return float("nan") if value is None else float(value) * scale
+
+
+def aspects_table_node(scene, result, name: str = "ASPECTS", table_node=None):
+    """A ``vtkMRMLTableNode`` with one row per region of an ``aspects.AspectsResult``, in
+    the result's order (creates one, or refills ``table_node``).
+
+    Numbers are doubles with NaN for "not measured", titles carry the units. The calls,
+    overrides, scores and side are written by :func:`update_aspects_table`.
+    """
+    node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    was_modifying = node.StartModify()
+    try:
+        node.RemoveAllColumns()
+        table = node.GetTable()
+        for key, _title, kind in ASPECTS_COLUMNS:
+            col = (vtk.vtkStringArray() if kind == "text" else vtk.vtkBitArray() if kind == "check"
+                   else vtk.vtkDoubleArray())
+            col.SetName(key)
+            table.AddColumn(col)
+        table.SetNumberOfRows(len(result.regions))
+        for i, r in enumerate(result.regions):
+            values = {"region": r.region, "affected": 0, "called": "yes" if r.called else "no",
+                      "override": "", "affected_percent": _number(r.affected_fraction, 100.0),
+                      "affected_ml": _number(r.affected_ml), "median_drop_hu": _number(r.median_drop_hu),
+                      "diff_to_mirror_hu": _number(r.diff_to_mirror_hu),
+                      "diff_to_expected_hu": _number(r.diff_to_expected_hu),
+                      "gw_loss_hu": _number(r.gw_loss_hu), "parenchyma_ml": _number(r.parenchyma_ml),
+                      "reasons": "; ".join(r.reasons)}
+            for key, value in values.items():
+                table.GetColumnByName(key).SetValue(i, value)
+        for key, title, kind in ASPECTS_COLUMNS:
+            node.SetColumnTitle(key, title)
+            if kind not in ("text", "check"):
+                node.SetColumnUnitLabel(key, kind)
+        node.SetUseColumnTitleAsColumnHeader(True)
+        node.SetAttribute("BrainLobeSeg.notice", result.notice)
+        node.SetAttribute("BrainLobeSeg.settings", json.dumps(result.settings, sort_keys=True))
+        update_aspects_table(node, result)
+        table.Modified()
+    finally:
+        node.EndModify(was_modifying)
+    return node
+
+
+def update_aspects_table(node, result) -> bool:
+    """Write the calls that count (the check boxes), the overrides and the scores into
+    ``node``; returns whether anything changed.
+
+    Only cells and attributes that differ are written, so calling it from the table's
+    own ModifiedEvent (a check box was ticked) ends there instead of looping.
+    """
+    table = node.GetTable()
+    affected, override = table.GetColumnByName("affected"), table.GetColumnByName("override")
+    if affected is None or override is None or table.GetNumberOfRows() != len(result.regions):
+        raise InputError(f"the table '{node.GetName()}' is not the table of this ASPECTS read-out.",
+                         "Read out ASPECTS again.")
+    changed = False
+    for i, r in enumerate(result.regions):
+        text = "" if r.override is None else ("affected" if r.override else "not affected")
+        if bool(affected.GetValue(i)) != r.affected:
+            affected.SetValue(i, int(r.affected))
+            changed = True
+        if override.GetValue(i) != text:
+            override.SetValue(i, text)
+            changed = True
+    attributes = {"BrainLobeSeg.aspectsLeft": str(result.score("left")),
+                  "BrainLobeSeg.aspectsRight": str(result.score("right")),
+                  "BrainLobeSeg.aspectsSide": result.side,
+                  "BrainLobeSeg.aspectsSideSource": result.side_source,
+                  "BrainLobeSeg.aspectsSideReason": result.side_reason,
+                  "BrainLobeSeg.affected": ", ".join(r.region for r in result.regions if r.affected)}
+    was_modifying = node.StartModify()
+    try:
+        for key, value in attributes.items():
+            if node.GetAttribute(key) != value:
+                node.SetAttribute(key, value)
+                changed = True
+        if changed:
+            affected.Modified()
+            override.Modified()
+            table.Modified()
+    finally:
+        node.EndModify(was_modifying)
+    return changed
+
+
+def table_calls(node) -> List[bool]:
+    """The "affected" check boxes of an ASPECTS table, row by row (the clinician's view)."""
+    column = node.GetTable().GetColumnByName("affected")
+    return [bool(column.GetValue(i)) for i in range(column.GetNumberOfTuples())] if column is not None else []
