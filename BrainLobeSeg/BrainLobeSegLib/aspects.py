@@ -70,10 +70,24 @@ TISSUE_WINDOW_HU: Tuple[float, float] = (-17.0, 25.0)
 #: the hemispheres, would look like a density drop.
 CSF_MARGIN_MM = 1.5
 CSF_GAP_HU = 3.0
+#: Where the mirror region's smoothed weight is below this, its mean is the reference.
+MIRROR_WEIGHT = 0.1
+#: A left/right pair whose median evidence is further from 0 than this (HU) after the
+#: first shading fit is left out of the second (it holds an infarct or its mirror).
+PAIR_EXCLUDE_HU = 1.5
+#: Tissue this close (mm) to dense voxels (calcification, blood, bone: more than
+#: ``DENSE_GAP_HU`` above the window) is not measured: their partial-volume rim would make
+#: the region brighter and its mirror look darker.
+DENSE_MARGIN_MM = 3.0
+DENSE_GAP_HU = 5.0
 #: A voxel counts as affected when its evidence is at least this many HU below the mirror.
 VOXEL_DROP_HU = 2.0
 #: A region is called when at least this share of its parenchyma is affected ...
-MIN_AFFECTED_FRACTION = 0.25
+MIN_AFFECTED_FRACTION = 0.35
+#: ... or when at least :data:`MIN_STRONG_FRACTION` of it is :data:`STRONG_DROP_HU` darker
+#: (a smaller, denser infarct) ...
+STRONG_DROP_HU = 4.0
+MIN_STRONG_FRACTION = 0.15
 #: ... or when its mean density is this far below the median of its kind (both sides).
 EXPECTED_DROP_HU = 6.0
 #: Regions with fewer parenchyma voxels than this (ml) are not called (slivers at the
@@ -104,7 +118,8 @@ class RegionCall:
     code: str
     side: str
     parenchyma_ml: float      # measured tissue (parenchyma window, mirror point also tissue)
-    affected_fraction: Optional[float]
+    affected_fraction: Optional[float]  # share of the tissue >= VOXEL_DROP_HU darker than the mirror
+    strong_fraction: Optional[float]    # share >= STRONG_DROP_HU darker
     affected_ml: Optional[float]
     median_drop_hu: Optional[float]      # median evidence over the affected voxels (negative)
     diff_to_mirror_hu: Optional[float]   # mean evidence over the region (negative: darker)
@@ -303,14 +318,86 @@ def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
     soft = (hu > -200) & (hu < 300)
     hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
     lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
-    tissue = (hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(soft & (hu1 < lo - CSF_GAP_HU), CSF_MARGIN_MM)
+    tissue = (hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(soft & (hu1 < lo - CSF_GAP_HU), CSF_MARGIN_MM) \
+        & ~_near_regions(hu1 > hi + DENSE_GAP_HU, DENSE_MARGIN_MM)
     smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
     both = tissue & tissue[..., ::-1]
     raw = np.where(both, smooth - smooth[..., ::-1], 0.0).astype(np.float32)
     brain = _near_regions(lab > 0, 10.0)
     brain |= brain[..., ::-1]
-    evidence = np.where(both, raw - shading_difference(raw, both & brain), 0.0).astype(np.float32)
-    return EvidenceMaps(grid, lab, hu1, both, evidence, level)
+    shade = robust_shading(raw, both & brain, lab)
+    evidence = np.where(both, raw - shade, 0.0).astype(np.float32)
+    in_region = tissue & (lab > 0)
+    evidence[lab > 0] = 0.0
+    for r in regions.REGIONS:
+        if r.side == "left":
+            region_pair_evidence(hu1, lab, tissue, r.label, r.mirror_label, evidence)
+    evidence[in_region] -= shade[in_region]
+    return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
+
+
+def _region_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, mask.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def region_pair_evidence(hu: np.ndarray, lab: np.ndarray, tissue: np.ndarray, left: int, right: int,
+                         out: np.ndarray) -> None:
+    """Evidence of a left/right region pair, written into ``out`` at their tissue voxels.
+
+    Each side is smoothed over its *own* region's tissue only (normalised convolution),
+    so neither the CSF, the white matter outside the region nor a neighbouring region
+    dilutes a drop; a voxel's evidence is its value minus the mirror region's smoothed
+    value at the mirror point (or, where the mirror region does not reach, its mean).
+    """
+    a = (lab == left) & tissue
+    b_flipped = ((lab == right) & tissue)[..., ::-1]
+    if not a.any() or not b_flipped.any():
+        return
+    margin = int(math.ceil(3 * EVIDENCE_SIGMA_MM / GRID_MM))
+    box = _region_box(a | b_flipped, margin)
+    hu_a, hu_b = hu[box], hu[..., ::-1][box]
+    ma, mb = a[box], b_flipped[box]
+    sa, wa = _normalised(hu_a, ma)
+    sb, wb = _normalised(hu_b, mb)
+    mean_a, mean_b = float(hu_a[ma].mean()), float(hu_b[mb].mean())
+    ref_b = np.where(wb > MIRROR_WEIGHT, sb, mean_b)
+    ref_a = np.where(wa > MIRROR_WEIGHT, sa, mean_a)
+    out[box][ma] = (sa - ref_b)[ma]
+    out[..., ::-1][box][mb] = (sb - ref_a)[mb]
+
+
+def _normalised(hu: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(Gaussian mean of ``hu`` over ``mask``, the mask's smoothed weight)."""
+    w = _smooth(mask.astype(np.float32), EVIDENCE_SIGMA_MM, GRID_MM)
+    s = _smooth(np.where(mask, hu, 0).astype(np.float32), EVIDENCE_SIGMA_MM, GRID_MM)
+    return s / np.maximum(w, 1e-6), w
+
+
+def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """The shading field, fitted again without the region pairs that stand out.
+
+    A large infarct (a whole region or several) is a big share of the tissue and would
+    pull the fit towards itself, halving its own evidence. After a first fit, every
+    left/right pair whose median corrected difference exceeds :data:`PAIR_EXCLUDE_HU`
+    (an infarct, or its mirror) is left out and the field is fitted again.
+    """
+    shade = shading_difference(raw, fit_mask)
+    mirrored = lab[..., ::-1]
+    idx = np.flatnonzero(fit_mask & (lab > 0))
+    lab_fit = lab.ravel()[idx]
+    for _ in range(2):
+        corrected = (raw - shade).ravel()[idx]
+        odd = [r for r in regions.REGIONS if (lab_fit == r.label).sum() > 50
+               and abs(float(np.median(corrected[lab_fit == r.label]))) > PAIR_EXCLUDE_HU]
+        if not odd:
+            break
+        ids = sorted({r.label for r in odd} | {r.mirror_label for r in odd})
+        excluded = np.isin(lab, ids) | np.isin(mirrored, ids)
+        shade = shading_difference(raw, fit_mask & ~excluded)
+    return shade
 
 
 def _near_regions(mask: np.ndarray, mm: float) -> np.ndarray:
@@ -392,7 +479,7 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
     ml = GRID_MM ** 3 / 1000.0
     measured = me["ml"] >= MIN_MEASURED_ML
     ev = me["ev"]
-    frac = aff_ml = drop = mean_ev = gw_loss = None
+    frac = aff_ml = drop = mean_ev = gw_loss = strong = None
     reasons: List[str] = []
     called = False
     if measured:
@@ -402,10 +489,12 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         mean_ev = float(ev.mean())
         if me["gw"] is not None and mirror["gw"] is not None:
             gw_loss = mirror["gw"] - me["gw"]
-        if frac >= MIN_AFFECTED_FRACTION and drop <= -VOXEL_DROP_HU:
+        strong = float((ev <= -STRONG_DROP_HU).mean())
+        if frac >= MIN_AFFECTED_FRACTION or strong >= MIN_STRONG_FRACTION:
             called = True
             reasons.append(f"{100 * frac:.0f}% of the region ({aff_ml:.1f} ml) is {-drop:.1f} HU "
-                           "darker than the mirror side")
+                           f"darker than the mirror side ({100 * strong:.0f}% by {STRONG_DROP_HU:g} HU "
+                           "or more)")
         if expected is not None and expected <= -EXPECTED_DROP_HU:
             called = True
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
@@ -414,7 +503,8 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
     else:
         reasons.append(f"too little tissue measured ({me['ml']:.1f} ml): not called")
     return RegionCall(label=r.label, region=r.segment_name, code=r.code, side=r.side,
-                      parenchyma_ml=me["ml"], affected_fraction=frac, affected_ml=aff_ml,
+                      parenchyma_ml=me["ml"], affected_fraction=frac, strong_fraction=strong,
+                      affected_ml=aff_ml,
                       median_drop_hu=drop, diff_to_mirror_hu=mean_ev, diff_to_expected_hu=expected,
                       gw_contrast_hu=me["gw"], gw_loss_hu=gw_loss, called=called, reasons=reasons)
 
@@ -458,6 +548,14 @@ def assess(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
     if side is not None and side not in SIDES:
         raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
     maps = evidence_maps(ct, labels)
+    result = read_out(maps, side)
+    if with_evidence_map:
+        result.evidence = evidence_on_scan(maps, ct)
+    return result
+
+
+def read_out(maps: EvidenceMaps, side: Optional[str] = None) -> AspectsResult:
+    """The calls, the side and the scores from the evidence maps (no evidence volume)."""
     measures = _region_measures(maps)
     expected = _expected_diffs(measures)
     calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label])
@@ -469,8 +567,7 @@ def assess(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
         source, reason = "user", "chosen by the user"
     settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
                 "tissue_window_hu": list(TISSUE_WINDOW_HU), "voxel_drop_hu": VOXEL_DROP_HU,
-                "min_affected_fraction": MIN_AFFECTED_FRACTION, "expected_drop_hu": EXPECTED_DROP_HU,
+                "min_affected_fraction": MIN_AFFECTED_FRACTION, "strong_drop_hu": STRONG_DROP_HU,
+                "min_strong_fraction": MIN_STRONG_FRACTION, "expected_drop_hu": EXPECTED_DROP_HU,
                 "min_measured_ml": MIN_MEASURED_ML}
-    return AspectsResult(calls, side, source, reason, maps.level,
-                         evidence_on_scan(maps, ct) if with_evidence_map else None,
-                         settings=settings)
+    return AspectsResult(calls, side, source, reason, maps.level, settings=settings)

@@ -142,44 +142,62 @@ class Tally:
         return sens, spec, self.exact / max(1, self.scans), self.within1 / max(1, self.scans)
 
 
-def features(result: aspects.AspectsResult) -> List[dict]:
-    return [{"label": r.label, "frac": r.affected_fraction, "drop": r.median_drop_hu,
-             "mean": r.diff_to_mirror_hu, "exp": r.diff_to_expected_hu, "ml": r.parenchyma_ml,
-             "called": r.called} for r in result.regions]
+def features(result: aspects.AspectsResult, maps: aspects.EvidenceMaps) -> List[dict]:
+    """Per region, the calls' inputs and the evidence distribution (for tuning)."""
+    measures = aspects._region_measures(maps)
+    sigma = float(1.4826 * np.median(np.abs(maps.evidence[maps.tissue & (maps.labels > 0)])))
+    out = []
+    for r in result.regions:
+        ev = np.sort(measures[r.label]["ev"])
+        low = {str(q): float(ev[:max(1, int(q * ev.size))].mean()) if ev.size else None
+               for q in (0.1, 0.2, 0.3, 0.5, 1.0)}
+        frac = {str(t): float((ev <= -t).mean()) if ev.size else None for t in (1.5, 2.0, 3.0, 4.0)}
+        out.append({"label": r.label, "frac": r.affected_fraction, "drop": r.median_drop_hu,
+                    "mean": r.diff_to_mirror_hu, "exp": r.diff_to_expected_hu, "ml": r.parenchyma_ml,
+                    "called": r.called, "low": low, "fracs": frac, "sigma": sigma})
+    return out
 
 
 def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed: int,
-        dump: Optional[Path]) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
+        dump: Optional[Path], cache: Optional[Path] = None) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
     tallies = {(d, e): Tally() for d in drops for e in extents}
     normal = Tally()
     records: List[dict] = []
     timing = {"segment_s": 0.0, "assess_s": 0.0, "runs": 0}
 
-    def read_out(ct: sitk.Image, case: Case):
+    def read_out(ct: sitk.Image, case: Case, key: str):
         t0 = time.perf_counter()
-        labels = segmenter.segment(ct, case.transform).labels_scan
+        stored = cache / f"{case.name}-{key}.nii.gz" if cache else None
+        if stored is not None and stored.is_file():
+            labels = sitk.ReadImage(str(stored))
+            labels.CopyInformation(ct)
+        else:
+            labels = segmenter.segment(ct, case.transform).labels_scan
+            if stored is not None:
+                sitk.WriteImage(labels, str(stored))
         t1 = time.perf_counter()
-        res = aspects.assess(ct, labels, with_evidence_map=False)
+        maps = aspects.evidence_maps(ct, labels)
+        res = aspects.read_out(maps)
         timing["segment_s"] += t1 - t0
         timing["assess_s"] += time.perf_counter() - t1
         timing["runs"] += 1
-        return res
+        return res, (features(res, maps) if dump else [])
 
     for i, case in enumerate(cases):
-        res = read_out(case.ct, case)
+        res, feats = read_out(case.ct, case, "normal")
         called = {r.label for r in res.regions if r.called}
         normal.add(set(), called, 10, 10)
-        records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": features(res)})
+        records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": feats})
         for j, (d, e) in enumerate((d, e) for d in drops for e in extents):
             rng = np.random.default_rng([seed, int(case.name), j])
             kind = KINDS[(i + j) % len(KINDS)]
             labs = choose_regions(case, kind, rng)
-            res = read_out(insert_infarcts(case, labs, e, d, rng), case)
+            res, feats = read_out(insert_infarcts(case, labs, e, d, rng), case, f"{d:g}-{e:g}")
             side = regions.REGION_BY_LABEL[labs[0]].side
             called = {r.label for r in res.regions if r.called}
             tallies[(d, e)].add(set(labs), called, 10 - len(labs), res.score(side))
             records.append({"case": case.name, "drop": d, "extent": e, "kind": kind, "truth": labs,
-                            "regions": features(res)})
+                            "regions": feats})
         print(f"[{i + 1}/{len(cases)}] case {case.name}: {normal.fp} normal-scan calls so far, "
               f"{timing['segment_s'] / timing['runs']:.2f} s segment, "
               f"{timing['assess_s'] / timing['runs']:.2f} s read-out per run", flush=True)
@@ -218,18 +236,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--drops", type=float, nargs="+", default=list(DROPS))
     p.add_argument("--extents", type=float, nargs="+", default=list(EXTENTS))
     p.add_argument("--dump", type=Path, help="write per-region features of every run (JSON, for tuning)")
+    p.add_argument("--cache", type=Path, help="folder to keep (and reuse) each run's segmentation")
     p.add_argument("--markdown", type=Path, help="write the result table there")
     args = p.parse_args(argv)
     cases = load_cases(args.data, args.cases)
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
     segmenter = inference.Segmenter(args.mode, args.model, "cpu")
     t0 = time.perf_counter()
-    tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump)
+    tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache)
+
     lines = table(tallies, normal, args.drops, args.extents)
     print("\n".join(lines))
     print(f"{timing['runs']} read-outs in {time.perf_counter() - t0:.0f} s; per run "
           f"{timing['segment_s'] / timing['runs']:.2f} s segmentation, {timing['assess_s'] / timing['runs']:.2f} s ASPECTS")
     if args.markdown:
-        head = [f"# ASPECTS read-out on graded synthetic infarcts", "",
+        head = ["# ASPECTS read-out on graded synthetic infarcts", "",
                 f"Data: {len(cases)} normal synthetic scans from `{args.data}` (synthetic, made from one "
                 "atlas by `python -m training synth --no-infarcts`), infarcts inserted as in "
                 "`Testing/benchmarks/aspects_bench.py`; segmentation mode "
