@@ -11,19 +11,25 @@ region by region, on the segmented scan:
    lies on the plane, so mirroring is an index flip (no second interpolation).
 2. **Calibration.** The parenchyma level is the mode of the labelled voxels' HU, so a
    scanner offset of tens of HU moves the tissue window with it.
-3. **Parenchyma.** Voxels whose lightly smoothed HU lies in ``level -17 .. level +25``:
-   CSF, sulci, old infarcts and lacunes (near-CSF density) fall below, calcification,
-   blood and bone above; neither is ever counted as early ischaemia.
-4. **Evidence map.** Parenchyma-only Gaussian smoothing (normalised convolution, 3 mm),
-   minus the same at the mirror point: negative where the tissue is darker than on the
-   other side. Mapped back to the scan grid, it is the volume a reader overlays.
-5. **Per region.** The share of the region's parenchyma with evidence <= -:data:`VOXEL_DROP_HU`
-   (the affected fraction), the median drop there, the mean difference to the mirror
-   region, the difference to the density expected from the scan's other regions of the
-   same kind, and the grey/white contrast against the mirror region. A region is called
-   when its affected fraction reaches :data:`MIN_AFFECTED_FRACTION` with a median drop of at
-   least :data:`VOXEL_DROP_HU`, or when it is darker than every comparable region by
-   :data:`EXPECTED_DROP_HU` (bilateral change, which a mirror comparison cannot see).
+3. **Parenchyma.** Voxels whose lightly smoothed HU lies in ``level -17 .. level +25`` and
+   that are not within 1.5 mm of fluid or 3 mm of dense voxels: CSF, sulci, old infarcts
+   and lacunes (near-CSF density) fall below, calcification, blood and bone above, and
+   their partial-volume rims are left out; none of it is ever counted as early ischaemia.
+4. **Evidence.** For each left/right pair, each side is smoothed (3 mm Gaussian) over its
+   own region's parenchyma only (normalised convolution, so CSF, white matter outside the
+   region or a neighbour do not dilute a drop); a voxel's evidence is its value minus the
+   mirror region's at the mirror point. A smooth shading difference between the
+   hemispheres (scanner shading, positioning), fitted to the whole brain's mirror
+   difference and fitted again without the pairs that stand out, is subtracted. Mapped
+   back to the scan grid this is the evidence volume a reader overlays (negative: darker).
+5. **Per region.** The share of the region's parenchyma at least :data:`VOXEL_DROP_HU`
+   darker (the affected fraction) and at least :data:`STRONG_DROP_HU` darker, the median
+   drop there, the mean difference to the mirror region, the difference to the regions of
+   the same kind in the scan, and the grey/white contrast against the mirror region. A
+   region is called when :data:`MIN_AFFECTED_FRACTION` of it is :data:`VOXEL_DROP_HU`
+   darker, or :data:`MIN_STRONG_FRACTION` of it :data:`STRONG_DROP_HU` darker, or when it is
+   :data:`EXPECTED_DROP_HU` darker than the regions of its kind (bilateral change, which a
+   mirror comparison cannot see). Grey/white contrast loss is reported as a reason only.
 
 ASPECTS per side = 10 minus the regions called on that side; the clinician can override
 any call (:meth:`AspectsResult.set_override`). The symptomatic side is the user's, or is
