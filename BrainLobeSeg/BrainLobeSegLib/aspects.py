@@ -294,9 +294,16 @@ def _smooth(arr: np.ndarray, sigma_mm: float, spacing: float) -> np.ndarray:
 def masked_smooth(hu: np.ndarray, mask: np.ndarray, sigma_mm: float, spacing: float) -> np.ndarray:
     """Gaussian mean of ``hu`` over ``mask`` only (normalised convolution); 0 where the
     mask has no weight. CSF next to cortex therefore does not darken the cortex."""
+    s, w = _normalised(hu, mask, sigma_mm, spacing)
+    return np.where(w > 0.05, s, 0.0).astype(np.float32)
+
+
+def _normalised(hu: np.ndarray, mask: np.ndarray, sigma_mm: float,
+                spacing: float = GRID_MM) -> Tuple[np.ndarray, np.ndarray]:
+    """(Gaussian mean of ``hu`` over ``mask``, the mask's smoothed weight)."""
     w = _smooth(mask.astype(np.float32), sigma_mm, spacing)
     s = _smooth(np.where(mask, hu, 0).astype(np.float32), sigma_mm, spacing)
-    return np.where(w > 0.05, s / np.maximum(w, 1e-6), 0.0).astype(np.float32)
+    return s / np.maximum(w, 1e-6), w
 
 
 @dataclass
@@ -366,20 +373,13 @@ def region_pair_evidence(hu: np.ndarray, lab: np.ndarray, tissue: np.ndarray, le
     box = _region_box(a | b_flipped, margin)
     hu_a, hu_b = hu[box], hu[..., ::-1][box]
     ma, mb = a[box], b_flipped[box]
-    sa, wa = _normalised(hu_a, ma)
-    sb, wb = _normalised(hu_b, mb)
+    sa, wa = _normalised(hu_a, ma, EVIDENCE_SIGMA_MM)
+    sb, wb = _normalised(hu_b, mb, EVIDENCE_SIGMA_MM)
     mean_a, mean_b = float(hu_a[ma].mean()), float(hu_b[mb].mean())
     ref_b = np.where(wb > MIRROR_WEIGHT, sb, mean_b)
     ref_a = np.where(wa > MIRROR_WEIGHT, sa, mean_a)
     out[box][ma] = (sa - ref_b)[ma]
     out[..., ::-1][box][mb] = (sb - ref_a)[mb]
-
-
-def _normalised(hu: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(Gaussian mean of ``hu`` over ``mask``, the mask's smoothed weight)."""
-    w = _smooth(mask.astype(np.float32), EVIDENCE_SIGMA_MM, GRID_MM)
-    s = _smooth(np.where(mask, hu, 0).astype(np.float32), EVIDENCE_SIGMA_MM, GRID_MM)
-    return s / np.maximum(w, 1e-6), w
 
 
 def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np.ndarray:
