@@ -36,10 +36,7 @@ def _image(case, arr: np.ndarray) -> sitk.Image:
 
 def _lowered(case, code: str, side: str, drop: float) -> sitk.Image:
     """The scan with the parenchyma (20-50 HU) of one region lowered by ``drop`` HU."""
-    hu, lab = _hu(case), sitk.GetArrayFromImage(case.labels_scan)
-    sel = (lab == regions.region(code, side).label) & (hu > 20) & (hu < 50)
-    hu[sel] -= drop
-    return _image(case, hu)
+    return phantom.lower_region(case.ct, case.labels_scan, regions.region(code, side).label, drop)
 
 
 def _ball(case, code: str, side: str, radius_mm: float) -> np.ndarray:
