@@ -141,16 +141,20 @@ def test_no_aspects_writes_none_of_the_read_out(files, tmp_path, capsys):
         cli.main(["stats", str(files["low"]), "--no-aspects", "--side", "left", "-o", str(tmp_path)])
 
 
+def _labels_file(case, arr: np.ndarray, path):
+    """``arr`` written as a label file on the phantom's grid."""
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.CopyInformation(case.labels_scan)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
 def test_too_few_regions_warn_instead_of_failing(files, case, tmp_path, capsys):
     """Two left/right pairs cannot define the midline: the statistics are written, the
     read-out is not, and one warning line says why (recorded in the stats JSON)."""
     kept = [regions.region(code, side).label for code in ("C", "M2") for side in aspects.SIDES]
     arr = sitk.GetArrayFromImage(case.labels_scan)
-    arr[~np.isin(arr, kept)] = 0
-    few = sitk.GetImageFromArray(arr)
-    few.CopyInformation(case.labels_scan)
-    path = tmp_path / "few.nii.gz"
-    sitk.WriteImage(few, str(path))
+    path = _labels_file(case, np.where(np.isin(arr, kept), arr, 0), tmp_path / "few.nii.gz")
     out = tmp_path / "out"
     code, stdout, err = run(["stats", str(files["low"]), "--labels", str(path), "-o", str(out)], capsys)
     assert code == 0, err
@@ -169,10 +173,7 @@ def test_missing_regions_are_named_in_a_warning(files, case, tmp_path, capsys):
     made, and one warning line says which regions the score counts as not affected."""
     arr = sitk.GetArrayFromImage(case.labels_scan)
     arr[np.isin(arr, [regions.region("M6", side).label for side in aspects.SIDES])] = 0
-    partial = sitk.GetImageFromArray(arr)
-    partial.CopyInformation(case.labels_scan)
-    path = tmp_path / "partial.nii.gz"
-    sitk.WriteImage(partial, str(path))
+    path = _labels_file(case, arr, tmp_path / "partial.nii.gz")
     out = tmp_path / "out"
     code, _, err = run(["stats", str(files["low"]), "--labels", str(path), "-o", str(out)], capsys)
     assert code == 0 and names(out) == sorted(STATS + READ_OUT)
