@@ -117,6 +117,8 @@ def test_override_and_side_change_the_score(case):
     assert result.score("left") == 8
     result.set_override("M6 left", None)
     assert result.score("left") == 9
+    with pytest.raises(InputError, match="not an ASPECTS region"):
+        result.set_override("M7 left", True)
     result.set_side("right")
     assert result.score() == 10 and result.side_source == "user"
     with pytest.raises(InputError):

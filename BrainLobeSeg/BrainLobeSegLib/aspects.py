@@ -156,8 +156,12 @@ class AspectsResult:
     settings: Dict[str, float] = field(default_factory=dict)
 
     def region(self, name_or_label) -> RegionCall:
-        key = name_or_label
-        return next(r for r in self.regions if key in (r.label, r.region))
+        """The call of one region, by segment name ("M2 left") or label id."""
+        for r in self.regions:
+            if name_or_label in (r.label, r.region):
+                return r
+        raise InputError(f"{name_or_label!r} is not an ASPECTS region.",
+                         "Use a segment name such as 'M2 left' or a label id 1-20.")
 
     def affected(self, side: str) -> List[RegionCall]:
         return [r for r in self.regions if r.side == side and r.affected]

@@ -480,11 +480,7 @@ class BrainLobeSegLogic:
         """The clinician's call for one region (its name, e.g. "M2 left", or label):
         True or False, or None for the automatic call again. The scores, the table and
         the highlight follow."""
-        try:
-            readout.result.set_override(region, affected)
-        except StopIteration:
-            raise InputError(f"{region!r} is not an ASPECTS region.",
-                             "Use a segment name such as 'M2 left'.") from None
+        readout.result.set_override(region, affected)   # InputError for an unknown region
         self._show_calls(readout)
 
     def overrides_from_table(self, readout: "AspectsReadout") -> bool:
