@@ -329,7 +329,8 @@ def test_nothing_else_in_the_scene_changes(scene, core, case, darker_ct):
 
 def test_reading_out_again_reuses_the_nodes(scene, core, case, darker_ct):
     """Twice through the logic with the previous read-out, and twice through the panel:
-    the same table and evidence volume, refilled; no node piles up. A deleted table is
+    the same table and evidence volume, refilled, the clinician's overrides kept; no node
+    piles up. A deleted table is
     made again, and an override still moves the highlight without it."""
     volume, segmentation = add_case(scene, darker_ct, case.labels_scan)
     first = core.aspects_readout(segmentation, volume)
@@ -338,8 +339,11 @@ def test_reading_out_again_reuses_the_nodes(scene, core, case, darker_ct):
     second = core.aspects_readout(segmentation, volume, previous=first)
     assert (second.table, second.evidence) == (first.table, first.evidence)
     assert scene.GetNumberOfNodes() == count
-    assert second.score("right") == 10 and slicer_tools.highlighted_segments(segmentation) == [
-        SEGMENT_ID(label=M2_LEFT.label)]                    # a new read-out: the new calls
+    assert second.score("right") == 9 and second.result.region("M4 right").override is True
+    assert sorted(slicer_tools.highlighted_segments(segmentation)) == sorted(
+        [SEGMENT_ID(label=M2_LEFT.label), SEGMENT_ID(label=regions.region("M4", "right").label)])
+    core.apply_override(second, "M4 right", None)           # back to the automatic call
+    assert core.aspects_readout(segmentation, volume, previous=second).score("right") == 10
 
     session = panel.Session(core)
     session.result = last_result(core, segmentation, volume, second)

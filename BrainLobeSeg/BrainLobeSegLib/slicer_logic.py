@@ -440,7 +440,8 @@ class BrainLobeSegLogic:
         corrections count; :func:`aspects.assess` makes the calls on the CT's own grid.
         ``side`` is the symptomatic side ("left"/"right"), or None/"auto" to have it
         proposed with its reason. Adds (or, with ``previous``, refills: one table and one
-        evidence volume per result, however often it is read out) a table node with one
+        evidence volume per result, however often it is read out, and the previous read-out's
+        overrides are kept) a table node with one
         row per region and a check box per call, and the evidence map as a volume on the
         CT's grid, both named after the segmentation; the affected segments are
         highlighted (:func:`slicer_tools.highlight_segments`). Everything is computed
@@ -462,6 +463,10 @@ class BrainLobeSegLogic:
         result = aspects.assess(ct, labels, side=None if choice == "auto" else choice)
         scene, name = segmentation_node.GetScene(), segmentation_node.GetName()
         reuse = previous if previous is not None and previous.segmentation is segmentation_node else None
+        if reuse is not None:   # the clinician's calls are kept: reading out again after a
+            for call in reuse.result.regions:   # correction must not silently drop them
+                if call.override is not None:
+                    result.set_override(call.label, call.override)
         table = slicer_tools.aspects_table_node(
             scene, result, name=f"{name} ASPECTS read-out",
             table_node=reuse.table if reuse is not None and _in_scene(reuse.table) else None)
