@@ -334,9 +334,7 @@ def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
     level = parenchyma_level(hu[lab > 0])
     soft = (hu > -200) & (hu < 300)
     hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
-    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
-    tissue = (hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(soft & (hu1 < lo - CSF_GAP_HU), CSF_MARGIN_MM) \
-        & ~_near_regions(hu1 > hi + DENSE_GAP_HU, DENSE_MARGIN_MM)
+    tissue = parenchyma_mask(hu1, soft, level)
     smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
     both = tissue & tissue[..., ::-1]
     raw = np.where(both, smooth - smooth[..., ::-1], 0.0).astype(np.float32)
@@ -351,6 +349,16 @@ def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
             region_pair_evidence(hu1, lab, tissue, r.label, r.mirror_label, evidence)
     evidence[in_region] -= shade[in_region]
     return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
+
+
+def parenchyma_mask(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarray:
+    """Measured tissue: inside the window around ``level`` and away from fluid and dense
+    voxels (their partial-volume rims differ between the hemispheres)."""
+    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+    fluid = soft & (hu1 < lo - CSF_GAP_HU)
+    dense = hu1 > hi + DENSE_GAP_HU
+    return ((hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(fluid, CSF_MARGIN_MM)
+            & ~_near_regions(dense, DENSE_MARGIN_MM))
 
 
 def _region_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
