@@ -4,7 +4,6 @@ The thin Slicer layer (module, panel, self-test). Decisions and texts: BrainLobe
 parameter node and Logic: .parameters; MRML work: .slicer_logic/.slicer_tools (headless).
 """
 
-import logging
 import os
 import sys
 
@@ -23,6 +22,7 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from BrainLobeSegLib import panel, slicer_views, terminology  # noqa: E402  (light: no numpy, no torch)
+from BrainLobeSegLib import self_test_fixtures as fixtures  # noqa: E402  (light too)
 from BrainLobeSegLib.parameters import (AspectsSide, BrainLobeSegLogic,  # noqa: E402,F401
                                         BrainLobeSegParameterNode, ComputeDevice, SegmentationMode,
                                         TransformSource)
@@ -282,63 +282,30 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class BrainLobeSegTest(ScriptedLoadableModuleTest):
-    """Self-test on the application's scene. Fixtures come from the engine
-    (``phantom.make_scan``, ``models.make_tiny_model``), made on first use and kept for
-    the class: ctest's ``unittest.TestLoader`` calls ``setUp`` and each ``test_`` method,
-    never ``runTest``; Reload & Test calls ``runTest``. Without PyTorch ``runTest`` logs
-    and returns (a skip there shows as a failure); under the loader each test is skipped."""
+    """Self-test on the application's scene, fixtures from ``self_test_fixtures`` (made on
+    first use, kept for the class): ctest's ``unittest.TestLoader`` calls ``setUp`` and each
+    ``test_`` method, Reload & Test calls ``runTest``. Without PyTorch each test is skipped."""
 
-    _tmp = None   # tempfile.TemporaryDirectory holding the tiny models
+    _models = None   # self_test_fixtures.TinyModels, made on first use
 
     @classmethod
     def tearDownClass(cls) -> None:
-        if cls._tmp is not None:
-            cls._tmp, tmp = None, cls._tmp
-            tmp.cleanup()
+        if cls._models is not None:
+            cls._models, models = None, cls._models
+            models.cleanup()
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        if not self._torchReady():
-            logging.warning("BrainLobeSegTest: PyTorch is not installed; the self-test did not run.")
-            return
-        try:
-            for name in sorted(n for n in dir(self) if n.startswith("test_")):
-                self.setUp()
-                getattr(self, name)()
-        finally:
-            self.tearDownClass()
-
-    @staticmethod
-    def _torchReady() -> bool:
-        """CI machines install PyTorch without asking, as other extensions' tests do."""
-        from BrainLobeSegLib import torch_install
-        return torch_install.torch_available() or torch_install.install_without_asking()
+        fixtures.run_all(self)   # Reload & Test: every test_ method, as the loader would
 
     def _folder(self, kind: str = "3d") -> str:
-        """A folder in the class's temporary folder; for "3d"/"planar" with a tiny model."""
-        import tempfile
-        from BrainLobeSegLib.models import make_tiny_model
-        if not self._torchReady():
+        if not fixtures.torch_ready():
             self.skipTest("PyTorch is not installed")
         cls = type(self)
-        cls._tmp = cls._tmp or tempfile.TemporaryDirectory(prefix="BrainLobeSegTest-")
-        folder = os.path.join(cls._tmp.name, kind)
-        if kind in ("3d", "planar") and not os.path.isdir(folder):
-            make_tiny_model(folder, kind)
-        os.makedirs(folder, exist_ok=True)
-        return folder
-
-    #: The engine's phantom head, upright, 48x48x32 voxels at 4 mm.
-    PHANTOM = dict(size=(48, 48, 32), spacing=(4.0, 4.0, 4.0), angles_deg=(0, 0, 0), seed=3)
-
-    def _phantomVolume(self):
-        from BrainLobeSegLib import phantom, slicer_tools
-        case = phantom.make_scan(**self.PHANTOM)
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom CT")
-        slicer_tools.update_volume_from_image(node, case.ct)
-        return node
+        cls._models = cls._models or fixtures.TinyModels()
+        return cls._models.folder(kind)
 
     def test_segment_phantom_with_itksnap_transform(self) -> None:
         """Labels equal to the engine's voxel for voxel, the terminology context loaded at
@@ -346,7 +313,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SimpleITK as sitk
         from BrainLobeSegLib import regions, slicer_tools, transforms
-        volume, R = self._phantomVolume(), transforms.rotation((10.0, -6.0, 8.0), center=(0.0, 0.0, 0.0))
+        volume, R = fixtures.phantom_volume(slicer.mrmlScene), transforms.rotation((10.0, -6.0, 8.0), center=(0.0, 0.0, 0.0))
         path = os.path.join(self._folder("files"), "pose.txt")
         transforms.write_transform(path, R)
         transformNode = slicer_tools.load_itksnap_transform(slicer.mrmlScene, path)
@@ -369,7 +336,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
     def test_panel_run_cancelled_and_into_a_deleted_output(self) -> None:
         """The panel's run (engine steps, polled): cancelled, the scene keeps its nodes;
         finished after the chosen output node was deleted, the result is in a new node."""
-        session, volume = panel.Session(BrainLobeSegLogic().core), self._phantomVolume()
+        session, volume = panel.Session(BrainLobeSegLogic().core), fixtures.phantom_volume(slicer.mrmlScene)
         for cancel in (True, False):
             output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
             session.start(volume, "none", None, False, "3d", "cpu", self._folder("3d"), output, lambda *a: True)
@@ -388,7 +355,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         """A planar model adds the uncertainty volume on the CT grid, shown cold to hot;
         the statistics table has the 20 regions."""
         from BrainLobeSegLib import slicer_tools
-        core, volume = BrainLobeSegLogic().core, self._phantomVolume()
+        core, volume = BrainLobeSegLogic().core, fixtures.phantom_volume(slicer.mrmlScene)
         core.segmenter_options["refine_mm"] = None   # 4 mm labels suffice here
         job = core.prepare(volume, "none", mode="planar", device="cpu", model_dir=self._folder("planar"))
         result = core.run(job)
@@ -403,13 +370,9 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         """The phantom's own regions (no model needed) with M2 left 8 HU darker: ASPECTS 9
         left, 10 right, M2 left drawn in red; un-calling it scores 10 and takes the red away;
         reading out again refills the same nodes."""
-        import SimpleITK as sitk
-        from BrainLobeSegLib import phantom, regions, slicer_tools
-        case, m2 = phantom.make_scan(**self.PHANTOM), regions.region("M2", "left").label
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom CT")
-        slicer_tools.update_volume_from_image(volume, phantom.lower_region(case.ct, case.labels_scan, m2))
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Phantom regions")
-        slicer_tools.fill_segmentation(segmentation, sitk.GetArrayFromImage(case.labels_scan), volume)
+        from BrainLobeSegLib import regions, slicer_tools
+        volume, segmentation = fixtures.darker_region_case(slicer.mrmlScene, "M2", "left")
+        m2 = regions.region("M2", "left").label
         core = BrainLobeSegLogic().core
         readout = core.aspects_readout(segmentation, volume)
         self.assertEqual((readout.score("left"), readout.score("right"), readout.result.side), (9, 10, "left"))
@@ -425,8 +388,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         2 degrees of the reference head's known pose; the CT is not moved under it."""
         from BrainLobeSegLib import alignment, phantom, slicer_tools
         ct, truth = phantom.make_reference_scan((18.0, -5.0, 7.0), seed=4)
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Posed head")
-        slicer_tools.update_volume_from_image(volume, ct)
+        volume = fixtures.volume_node(slicer.mrmlScene, ct, "Posed head")
         session = panel.Session(BrainLobeSegLogic().core)
         session.start(volume, "estimate", None, False, "3d", "cpu", self._folder("3d"), None, lambda *a: True)
         session.run.run_to_end()

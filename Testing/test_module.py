@@ -136,7 +136,7 @@ def test_self_test_passes_under_unittest_loader(module):
     problems = [f"{t}: {e}" for t, e in result.failures + result.errors]
     assert result.wasSuccessful(), "\n".join(problems)
     assert result.testsRun == 5 and not result.skipped
-    assert module.BrainLobeSegTest._tmp is None
+    assert module.BrainLobeSegTest._models is None
 
 
 def test_without_torch_the_loader_skips_and_run_test_logs(module, monkeypatch, caplog):
@@ -271,14 +271,10 @@ def test_the_aspects_button_shows_scores_and_follows_overrides_and_the_side(modu
     scores line; closing the scene empties the view. The error display and wait cursor
     are Qt: stood in for by a plain context."""
     import contextlib
-    import SimpleITK as sitk
-    from BrainLobeSegLib import panel, phantom, slicer_tools
+    from BrainLobeSegLib import panel, self_test_fixtures
     monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
-    case, m2 = phantom.make_scan(**module.BrainLobeSegTest.PHANTOM), regions.region("M2", "left").label
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
-    slicer_tools.update_volume_from_image(volume, phantom.lower_region(case.ct, case.labels_scan, m2))
-    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
-    slicer_tools.fill_segmentation(segmentation, sitk.GetArrayFromImage(case.labels_scan), volume)
+    volume, segmentation = self_test_fixtures.darker_region_case(slicer.mrmlScene, "M2", "left")
+    m2 = regions.region("M2", "left").label
     widget = make_widget(module, volume)
     job = widget.logic.core.prepare(volume, "none").without_scan()
     widget._session.result = panel.LastResult(segmentation, volume, job)

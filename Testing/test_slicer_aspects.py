@@ -18,11 +18,12 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from BrainLobeSegLib import aspects, panel, phantom, regions, slicer_logic, slicer_tools, transforms
+from BrainLobeSegLib import (aspects, panel, phantom, regions, self_test_fixtures, slicer_logic, slicer_tools,
+                             transforms)
 from BrainLobeSegLib.errors import InputError
 
-#: The self-test's phantom (BrainLobeSeg.py, ``BrainLobeSegTest.PHANTOM``).
-PHANTOM = dict(size=(48, 48, 32), spacing=(4.0, 4.0, 4.0), angles_deg=(0, 0, 0), seed=3)
+#: The self-test's phantom (``self_test_fixtures.PHANTOM``).
+PHANTOM = self_test_fixtures.PHANTOM
 M2_LEFT = regions.region("M2", "left")
 M4_RIGHT = regions.region("M4", "right")
 SEGMENT_ID = slicer_tools.SEGMENT_ID_FORMAT.format
