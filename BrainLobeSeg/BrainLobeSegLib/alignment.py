@@ -19,23 +19,19 @@ Two steps, both on a coarse (3.5 mm) isotropic copy of the head:
    needs no template and holds for any head.
 2. **The reference head** (pitch, and a refinement of all three angles): the upright
    reference, by default the bundled Rorden CT template in the MNI frame that the models
-   and label files use (:mod:`reference`), is registered to the scan with an affine map
-   (correlation of images clipped to -50..300 HU after the scan's calibration shift, so
-   scanner offsets and grey/white densities do not matter). The linear part absorbs
-   head size and proportions and is removed by a polar decomposition, leaving the
-   rotation. Pitch is what symmetry cannot see; starting pitches -20, 0 and +20 degrees
+   and label files use (:mod:`reference`), is registered to the scan (correlation of
+   images clipped to -50..300 HU after the scan's calibration shift, so scanner offsets
+   and grey/white densities do not matter). The map is a rotation, a shift and a size
+   per head axis (``M = s Q diag(a)``, no shear): heads differ in proportions along
+   their own axes, and a free affine map could trade rotation for shear wherever the
+   head's outline is smooth (on the code phantoms' ellipsoid it settled 3-16 degrees off
+   in pitch). Pitch is what symmetry cannot see; starting pitches -20, 0 and +20 degrees
    from the plane's roll and yaw cover heads pitched by +-30 degrees (scans angled along
    the orbitomeatal line), each started from the brain's and from the head's centroid
    and, for a head much larger or smaller than the reference, at its size too; the best
-   of these coarse runs is refined. Reference points that fall outside the scan's field
-   of view do not count, so a cut vertex or face does not bias it.
-
-   The code phantoms of :mod:`phantom` have region labels at MNI places but an
-   analytic, horizontal brain ellipsoid without a face: their pose is not the MNI head
-   shape's, and even against their own upright image (``template=``) a smooth
-   ellipsoid leaves the rotation poorly defined for a registration with free scales
-   (errors of several degrees; ``Testing/benchmarks/ALIGNMENT_RESULTS.md``). Give
-   phantoms their transform.
+   of these coarse similarity runs is refined by alternating the per-axis sizes and the
+   similarity. Reference points that fall outside the scan's field of view do not
+   count, so a cut vertex or face does not bias it.
 
 The rotation found is written about the head centre (``R(c) = c``), so the upright
 space overlaps the scan and the file's translation stays small and readable.
@@ -92,6 +88,13 @@ PITCH_STARTS_DEG = (-20.0, 0.0, 20.0)
 #: optimiser's iteration cap (it usually stops earlier on its step size).
 MATCH_SAMPLING = 0.2
 MATCH_ITERATIONS = 200
+#: Rounds of the head's proportions, then the similarity (see :func:`register_reference`);
+#: the proportions' search range per axis (heads differ by about +-12 % in the
+#: synthesis), its sample of reference points and its iteration cap.
+SIZE_ROUNDS = 2
+SIZE_RANGE = (0.8, 1.25)
+SIZE_POINTS = 20000
+SIZE_ITERATIONS = 40
 #: Below this correlation with the reference head the pose is not trusted (head CTs
 #: reach 0.86-0.96 on synthesised scans and 0.77 on the real scan with a craniotomy).
 MIN_MATCH = 0.5
@@ -444,16 +447,18 @@ def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
 class Match:
     """The reference head as registered to a scan: ``T(p) = M (p - c) + c + t``."""
 
-    transform: sitk.AffineTransform
+    transform: sitk.AffineTransform   # the whole map, proportions included
     correlation: float     # normalised correlation at the optimum (1: identical)
+    similarity: sitk.Similarity3DTransform   # its rotation, size and shift only
 
 
 def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Reference,
                        plane_rotation: np.ndarray, centres: Sequence[np.ndarray],
                        starts: Sequence[float] = PITCH_STARTS_DEG,
                        scales: Sequence[float] = (1.0,)) -> "Steps[Match]":
-    """Register the upright reference to the scan: rotation, shift and a linear map that
-    absorbs head size and proportions (removed afterwards by :func:`nearest_rotation`).
+    """Register the upright reference to the scan: ``T(p) = s Q diag(a) (p - c) + c + t``,
+    a rotation ``Q``, one size ``s`` and the head's proportions ``a`` along the
+    reference's axes (removed afterwards by :func:`nearest_rotation`).
 
     SimpleITK maps fixed (reference, upright) points to moving (scan) points, which is the
     direction of ``R`` itself. Starting from the mid-sagittal plane's roll and yaw, a few
@@ -462,26 +467,35 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
     scan's brain centroid on the reference's, and the head centroid on the reference's
     (``centres``, in that order; the first is robust to neck in view, the second when no
     brain is found), and from each of ``scales`` (a head much larger or smaller than the
-    reference can settle with the reference shrunk into its skull). The best is refined
-    at the working resolution. In steps of one registration each.
+    reference can settle with the reference shrunk into its skull). The best similarity
+    map is refined: :data:`SIZE_ROUNDS` rounds of fitting ``a`` with the similarity held,
+    then the similarity with ``a`` held, the last at the working resolution. In steps of
+    one registration each.
     """
     moving_mask = _mask_image(scan_fov, scan_img)
     best: Optional[Match] = None
     pairs = list(zip(centres, (ref.centre, ref.head_centre)))   # scan point <- reference point
     for scale, (scan_centre, ref_centre), pitch in itertools.product(scales, pairs, starts):
-        linear = plane_rotation @ rotation_x(pitch) * scale
-        tf = sitk.AffineTransform(3)
-        tf.SetCenter(tuple(float(c) for c in ref.centre))
-        tf.SetMatrix(tuple(float(v) for v in linear.ravel()))
+        rotation = plane_rotation @ rotation_x(pitch)
+        sim = sitk.Similarity3DTransform()
+        sim.SetCenter(tuple(float(c) for c in ref.centre))
+        sim.SetMatrix(tuple(float(v) for v in rotation.ravel()))
+        sim.SetScale(float(scale))
         # T(ref_centre) = scan_centre at the start
-        tf.SetTranslation(tuple(float(v) for v in scan_centre - ref.centre
-                                - linear @ (ref_centre - ref.centre)))
-        match = _run_registration(ref, scan_img, moving_mask, tf, shrink=2)
+        sim.SetTranslation(tuple(float(v) for v in scan_centre - ref.centre
+                                 - scale * rotation @ (ref_centre - ref.centre)))
+        match = _fit_similarity(ref, scan_img, moving_mask, sim, np.ones(3), shrink=2)
         if best is None or match.correlation > best.correlation:
             best = match
         yield
     assert best is not None
-    return _run_registration(ref, scan_img, moving_mask, best.transform, shrink=1)
+    sim, sizes = best.similarity, np.ones(3)
+    for k in range(SIZE_ROUNDS):
+        shrink = 1 if k == SIZE_ROUNDS - 1 else 2
+        sizes = _fit_sizes(ref, scan_img, scan_fov, sim, sizes)
+        best = _fit_similarity(ref, scan_img, moving_mask, sim, sizes, shrink)
+        yield
+    return best
 
 
 def starting_scales(brain_ml: float, reference_ml: float) -> Tuple[float, ...]:
@@ -494,15 +508,27 @@ def starting_scales(brain_ml: float, reference_ml: float) -> Tuple[float, ...]:
     return (1.0,) if abs(size - 1.0) <= 0.05 else (1.0, size)
 
 
-def _run_registration(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Image,
-                      tf: sitk.AffineTransform, shrink: int) -> Match:
-    """One registration of the reference to the scan from ``tf`` (changed in place),
-    on grids shrunk by ``shrink``."""
+def _stretched(img: sitk.Image, sizes: np.ndarray, centre: np.ndarray) -> sitk.Image:
+    """``img`` stretched by ``sizes`` along its axes about ``centre``: a new origin and
+    spacing only (reference images have identity direction), no resampling."""
+    out = sitk.Image(img)
+    out.SetSpacing(tuple(float(v) for v in np.asarray(img.GetSpacing()) * sizes))
+    out.SetOrigin(tuple(float(v) for v in centre + (np.asarray(img.GetOrigin()) - centre) * sizes))
+    return out
+
+
+def _fit_similarity(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Image,
+                    sim: sitk.Similarity3DTransform, sizes: np.ndarray, shrink: int) -> Match:
+    """Fit the similarity ``sim`` (changed in place) of the reference stretched by
+    ``sizes`` to the scan, on grids shrunk by ``shrink``. The match's transform is the
+    whole map ``sim ∘ diag(sizes)`` in the reference's own coordinates."""
+    centre = np.asarray(ref.centre)
+    fixed = _stretched(ref.image, sizes, centre)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()   # offset and gain of the scanner do not matter
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(MATCH_SAMPLING, seed=1)
-    reg.SetMetricFixedMask(ref.mask)
+    reg.SetMetricFixedMask(_stretched(ref.mask, sizes, centre))
     reg.SetMetricMovingMask(moving_mask)   # reference points outside the scan's view
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel([shrink])
@@ -511,9 +537,40 @@ def _run_registration(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Im
         learningRate=1.0, minStep=1e-3, numberOfIterations=MATCH_ITERATIONS,
         gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetInitialTransform(tf, inPlace=True)
-    reg.Execute(ref.image, scan_img)
-    return Match(tf, -float(reg.GetMetricValue()))
+    reg.SetInitialTransform(sim, inPlace=True)
+    reg.Execute(fixed, scan_img)
+    whole = sitk.AffineTransform(3)
+    whole.SetCenter(sim.GetCenter())
+    whole.SetMatrix(tuple(float(v) for v in (np.asarray(sim.GetMatrix()).reshape(3, 3)
+                                             @ np.diag(sizes)).ravel()))
+    whole.SetTranslation(sim.GetTranslation())
+    return Match(whole, -float(reg.GetMetricValue()), sim)
+
+
+def _fit_sizes(ref: Reference, scan_img: sitk.Image, scan_fov: np.ndarray,
+               sim: sitk.Similarity3DTransform, sizes: np.ndarray) -> np.ndarray:
+    """The head's proportions ``a`` (per reference axis, within :data:`SIZE_RANGE`) that
+    best correlate with the scan with ``sim`` held: Nelder-Mead over ``log a`` on a fixed
+    sample of the reference's points (ITK's registration cannot compose a similarity
+    after a per-axis scale with only the scale free)."""
+    centre = np.asarray(ref.centre)
+    mask = sitk.GetArrayViewFromImage(ref.mask) > 0
+    points = _index_points(ref.image, mask, max_points=SIZE_POINTS, seed=1)
+    values = _Sampler(ref.image, 0.0)(points)
+    scan = _Sampler(scan_img, float(MATCH_HU[0]), scan_fov)
+    m = np.asarray(sim.GetMatrix()).reshape(3, 3)
+    shift = centre + np.asarray(sim.GetTranslation())
+
+    def cost(log_sizes: np.ndarray) -> float:
+        a = np.exp(np.clip(log_sizes, *np.log(SIZE_RANGE)))
+        moved = ((points - centre) * a) @ m.T + shift
+        ok = scan.valid(moved)
+        f, g = values[ok] - values[ok].mean(), scan(moved[ok])
+        g = g - g.mean()
+        return -float(f @ g) / float(np.sqrt((f @ f) * (g @ g)) + 1e-9)
+
+    x, _ = nelder_mead(cost, np.log(sizes), [0.04, 0.04, 0.04], iterations=SIZE_ITERATIONS)
+    return np.exp(np.clip(x, *np.log(SIZE_RANGE)))
 
 
 def _mask_image(mask: np.ndarray, like: sitk.Image) -> sitk.Image:
