@@ -129,6 +129,21 @@ def test_override_and_side_change_the_score(case):
     assert [r["region"] for r in data["regions"] if r["affected"]] == ["C left"]
 
 
+def test_proposed_side_follows_the_overrides(case):
+    """A proposed side is proposed again from the calls that count once the clinician
+    overrides them; a side the user chose stays."""
+    result = aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan, with_evidence_map=False)
+    assert (result.side, result.side_source) == ("left", "proposed")
+    result.set_override("M2 left", False)
+    result.set_override("M4 right", True)
+    result.set_override("I right", True)
+    assert (result.side, result.side_source) == ("right", "proposed")
+    assert result.score() == 8 and "2 region(s) affected on the right" in result.side_reason
+    result.set_side("left")
+    result.set_override("L right", True)
+    assert (result.side, result.score()) == ("left", 10)
+
+
 def test_user_side_is_kept(case):
     result = aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan, side="right",
                             with_evidence_map=False)

@@ -149,7 +149,7 @@ def test_a_darker_region_is_called_and_its_side_scores_9(scene, core, case, dark
 
     message = panel.aspects_message(readout)
     assert "ASPECTS left: 9 (left 9, right 10)" in message and "Affected: M2 left." in message
-    assert "left, proposed (1 region(s) called on the left" in message and "not a diagnosis" in message
+    assert "left, proposed (1 region(s) affected on the left" in message and "not a diagnosis" in message
 
 
 def test_a_normal_phantom_scores_10_on_both_sides(scene, core, case):
@@ -282,10 +282,13 @@ def test_ticking_a_box_in_the_table_is_an_override(scene, core, case, darker_ct)
 
     assert session.override_aspects("M4 right", True).startswith("ASPECTS left: 9 (left 9, right 9)")
     assert column(table, "affected")[row_of(M4_RIGHT.label)] == 1 and len(changes) == 2
+    tick(table, M2_LEFT.label, False)           # the calls that count now point to the right:
+    assert changes[-1].startswith("ASPECTS right: 9 (left 10, right 9)")   # the proposed side follows
+    assert table.GetAttribute("BrainLobeSeg.aspectsSide") == "right"
 
     session.clear()                             # scene closing: no more observation
     tick(table, M4_RIGHT.label, False)
-    assert len(changes) == 2 and session.aspects_status() == ""
+    assert len(changes) == 3 and session.aspects_status() == ""
 
 
 def test_the_symptomatic_side_is_the_users_or_proposed(scene, core, case, darker_ct):

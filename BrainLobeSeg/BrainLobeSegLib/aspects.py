@@ -171,8 +171,12 @@ class AspectsResult:
         return 10 - len(self.affected(side or self.side))
 
     def set_override(self, name_or_label, affected: Optional[bool]) -> None:
-        """The clinician's call for one region (None: back to the automatic call)."""
+        """The clinician's call for one region (None: back to the automatic call). A side
+        that was proposed (not chosen by the user) is proposed again from the calls that
+        now count, so the side shown never contradicts the clinician's own calls."""
         self.region(name_or_label).override = affected
+        if self.side_source == "proposed":
+            self.side, self.side_reason = propose_side(self.regions)
 
     def set_side(self, side: str) -> None:
         if side not in SIDES:
@@ -528,12 +532,13 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
 
 
 def propose_side(calls: Sequence[RegionCall]) -> Tuple[str, str]:
-    """The side with more affected tissue, and why; ties go to the darker side."""
-    ml = {s: sum(c.affected_ml or 0.0 for c in calls if c.side == s and c.called) for s in SIDES}
-    n = {s: sum(1 for c in calls if c.side == s and c.called) for s in SIDES}
+    """The side with more affected regions (the clinician's overrides counted), then more
+    darker tissue, and why; ties go to the darker side."""
+    ml = {s: sum(c.affected_ml or 0.0 for c in calls if c.side == s and c.affected) for s in SIDES}
+    n = {s: sum(1 for c in calls if c.side == s and c.affected) for s in SIDES}
     if n["left"] != n["right"] or ml["left"] != ml["right"]:
         side = max(SIDES, key=lambda s: (n[s], ml[s]))
-        return side, (f"{n[side]} region(s) called on the {side} ({ml[side]:.1f} ml darker than "
+        return side, (f"{n[side]} region(s) affected on the {side} ({ml[side]:.1f} ml darker than "
                       f"the mirror side) against {n[_other(side)]} on the {_other(side)}")
     dark = {s: float(np.mean([c.diff_to_mirror_hu for c in calls if c.side == s
                               and c.diff_to_mirror_hu is not None] or [0.0])) for s in SIDES}

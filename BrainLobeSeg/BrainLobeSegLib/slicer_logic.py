@@ -500,8 +500,8 @@ class BrainLobeSegLogic:
             return False
         changed = False
         for checked, r in zip(calls, readout.result.regions):
-            if checked != r.affected:
-                r.override = None if checked == r.called else checked
+            if checked != r.affected:   # through set_override: a proposed side follows
+                readout.result.set_override(r.label, None if checked == r.called else checked)
                 changed = True
         if changed:
             self._show_calls(readout)
