@@ -72,7 +72,7 @@ def draw_panel(path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch, Rectangle
 
-    W, H = 520, 860
+    W, H = 520, 1160
     fig = plt.figure(figsize=(W / 100, H / 100), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, W)
@@ -139,7 +139,7 @@ def draw_panel(path: Path) -> None:
     box(col, yy - 11, W - col - 26, 22)
     label(col + 6, yy, "(empty: bundled models)", color="#888888")
     yy += 28
-    label(26, yy, "Models in bundled models: aspects-3d 1.0 (3d); aspects-planar 1.0 (planar)",
+    label(26, yy, "Models in bundled models: aspects-3d 1.2.0 (3d); aspects-planar 1.1.0 (planar)",
           size=7.5, color="#444444")
 
     y = 454
@@ -158,15 +158,41 @@ def draw_panel(path: Path) -> None:
     label(W / 2, y + 9, "62%", ha="center", size=8)
     label(14, y + 34, "3D window 5/8", size=8.5)
     y = 650
-    box(12, y, W - 24, 28, face="#fafafa")
-    label(W / 2, y + 14, "Open in Segment Editor", ha="center")
-    callout(4, W - 12, y + 14)
-    label(14, y + 50, "Research and decision support only, not a medical device:", size=8,
+    section(y, "Results", 118)
+    for k, (name, step) in enumerate((("Open in Segment Editor", 4), ("Region statistics", None),
+                                      ("Save case for training...", None))):
+        yy = y + 32 + k * 28
+        box(26, yy, W - 52, 22, face="#fafafa")
+        label(W / 2, yy + 11, name, ha="center")
+        if step:
+            callout(step, W - 12, yy + 11)
+
+    y = 780
+    section(y, "ASPECTS (decision support)", 236)
+    label(26, y + 44, "Symptomatic side:")
+    combo(col, y + 44, W - col - 26, "Proposed from the scan (the reason is shown)")
+    box(26, y + 64, W - 52, 22, face="#fafafa")
+    label(W / 2, y + 75, "Read out ASPECTS", ha="center")
+    callout(6, W - 12, y + 75)
+    label(26, y + 102, "ASPECTS left: 9 (left 9, right 10). Symptomatic side: left,", size=8.5, weight="bold")
+    label(26, y + 118, "proposed (1 region(s) affected on the left ...). Affected: M2 left. ...", size=8,
           color="#444444")
-    label(14, y + 64, "check and correct every region.", size=8, color="#444444")
+    columns = ("region", "affected", "darker share", "drop (HU)")
+    rows_t = (("M2 left", "\u2611", "0.86", "-5.1"), ("M2 right", "\u2610", "0.04", "-0.3"),
+              ("M3 left", "\u2610", "0.06", "-0.4"))
+    for r, cells in enumerate((columns,) + rows_t):
+        yy = y + 134 + r * 18
+        box(26, yy, W - 52, 18, face="#e6e6e6" if r == 0 else "white")
+        for c, cell in enumerate(cells):
+            red = r == 1 and c == 0
+            label(32 + c * 118, yy + 9, cell, size=8, color="#d6332a" if red else text)
+    label(14, y + 222, "Decision support, not a diagnosis: read the images.", size=8, color="#444444")
+    label(14, y + 250, "Research and decision support only, not a medical device:", size=8,
+          color="#444444")
+    label(14, y + 264, "check and correct every region.", size=8, color="#444444")
 
     # Legend of the 20 segments the result holds.
-    y = 745
+    y = 1085
     label(14, y, "Result: 20 segments (left = patient's left; right side lighter)", size=8.5,
           weight="bold")
     for i, code in enumerate(regions.CODES):
