@@ -176,7 +176,12 @@ class AspectsResult:
         now count, so the side shown never contradicts the clinician's own calls."""
         self.region(name_or_label).override = affected
         if self.side_source == "proposed":
-            self.side, self.side_reason = propose_side(self.regions)
+            self.use_proposed_side()
+
+    def use_proposed_side(self) -> None:
+        """The side proposed from the calls that count now (overrides included), and why."""
+        self.side, self.side_reason = propose_side(self.regions)
+        self.side_source = "proposed"
 
     def set_side(self, side: str) -> None:
         if side not in SIDES:
@@ -406,7 +411,8 @@ def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np
     left/right pair whose median corrected difference exceeds :data:`PAIR_EXCLUDE_HU`
     (an infarct, or its mirror) is left out and the field is fitted again.
     """
-    shade = shading_difference(raw, fit_mask)
+    basis = _odd_basis(raw.shape)
+    shade = shading_difference(raw, fit_mask, basis)
     mirrored = lab[..., ::-1]
     idx = np.flatnonzero(fit_mask & (lab > 0))
     lab_fit = lab.ravel()[idx]
@@ -418,7 +424,7 @@ def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np
             break
         ids = sorted({r.label for r in odd} | {r.mirror_label for r in odd})
         excluded = np.isin(lab, ids) | np.isin(mirrored, ids)
-        shade = shading_difference(raw, fit_mask & ~excluded)
+        shade = shading_difference(raw, fit_mask & ~excluded, basis)
     return shade
 
 
@@ -438,16 +444,18 @@ def _odd_basis(shape: Tuple[int, int, int]) -> List[np.ndarray]:
     return [x * t for t in (1, y, z, y * y, z * z, y * z, x * x)]
 
 
-def shading_difference(raw: np.ndarray, tissue: np.ndarray, rounds: int = 3) -> np.ndarray:
+def shading_difference(raw: np.ndarray, tissue: np.ndarray,
+                       basis: Optional[List[np.ndarray]] = None, rounds: int = 3) -> np.ndarray:
     """The part of the mirror difference that smooth scanner shading explains.
 
     A slow shading across the head (position off the isocentre, beam hardening, a
     heel effect) makes one whole hemisphere a few HU darker than the other; in the
     mirror difference it is a smooth field odd in x. It is fitted by least squares to
     all tissue, dropping voxels that lie more than 2.5 robust SDs off the fit in later
-    rounds (an infarct is local and is dropped), and subtracted.
+    rounds (an infarct is local and is dropped), and subtracted. ``basis``: the
+    :func:`_odd_basis` of ``raw``'s shape, when the caller fits more than once.
     """
-    basis = _odd_basis(raw.shape)
+    basis = _odd_basis(raw.shape) if basis is None else basis
     sel = tissue & (np.abs(basis[0]) > 0.08)
     if sel.sum() < 1000:
         return np.zeros_like(raw)

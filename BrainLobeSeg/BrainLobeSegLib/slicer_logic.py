@@ -510,14 +510,11 @@ class BrainLobeSegLogic:
     def set_aspects_side(self, readout: "AspectsReadout", side: Optional[str]) -> bool:
         """Change the symptomatic side of a read-out ("left", "right", or None/"auto" for the
         proposed one); returns whether it changed. Nothing is measured again."""
-        from . import aspects
         choice = side or "auto"
         if choice == readout.side_choice:
             return False
         if choice == "auto":
-            r = readout.result
-            r.side, r.side_reason = aspects.propose_side(r.regions)
-            r.side_source = "proposed"
+            readout.result.use_proposed_side()
         else:
             readout.result.set_side(choice)
         readout.side_choice = choice
