@@ -58,28 +58,14 @@ def test_bundled_reference_is_an_upright_head_with_its_licence():
     assert "Rorden" in (folder / reference.SOURCE_FILE).read_text(encoding="utf-8")
 
 
-def _head_of_other_proportions(sizes, angles):
-    """The bundled reference head stretched by ``sizes`` along its own axes, then turned
-    by ``angles`` about its centre; returns the scan and ``R``."""
-    head = reference.upright_template()
-    centre = np.asarray(head.TransformContinuousIndexToPhysicalPoint(
-        [(n - 1) / 2 for n in head.GetSize()]))
-    stretched = alignment._stretched(head, np.asarray(sizes), centre)
-    R = transforms.rotation(angles, center=tuple(centre))
-    grid = sitk.Image([96, 96, 48], sitk.sitkInt16)
-    grid.SetSpacing((2.2, 2.2, 4.0))
-    grid.SetOrigin(tuple(centre - 0.5 * np.array([95 * 2.2, 95 * 2.2, 47 * 4.0])))
-    inverse = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
-    return sitk.Resample(stretched, grid, inverse, sitk.sitkLinear, -1024.0, sitk.sitkInt16), R
-
-
 def test_head_proportions_are_sizes_not_a_turn():
     """A head 10 % wider, 8 % shorter and 6 % lower than the reference, pitched by 22
     degrees: the per-axis sizes take up the proportions, so the pose stays within 1.5
     degrees and the sizes found are the ones made (a free affine map could trade the
     proportions for shear and rotation)."""
     sizes = (1.10, 0.92, 0.94)
-    ct, truth = _head_of_other_proportions(sizes, (22.0, -4.0, 6.0))
+    ct, truth = phantom.make_reference_scan((22.0, -4.0, 6.0), size=(96, 96, 48), noise_hu=0.0,
+                                            proportions=sizes)
     est = alignment.estimate_pose(ct)
     assert alignment.angle_error_deg(est.transform, truth) < 1.5
     assert sorted(est.scales) == pytest.approx(sorted(sizes), abs=0.03)

@@ -508,27 +508,18 @@ def starting_scales(brain_ml: float, reference_ml: float) -> Tuple[float, ...]:
     return (1.0,) if abs(size - 1.0) <= 0.05 else (1.0, size)
 
 
-def _stretched(img: sitk.Image, sizes: np.ndarray, centre: np.ndarray) -> sitk.Image:
-    """``img`` stretched by ``sizes`` along its axes about ``centre``: a new origin and
-    spacing only (reference images have identity direction), no resampling."""
-    out = sitk.Image(img)
-    out.SetSpacing(tuple(float(v) for v in np.asarray(img.GetSpacing()) * sizes))
-    out.SetOrigin(tuple(float(v) for v in centre + (np.asarray(img.GetOrigin()) - centre) * sizes))
-    return out
-
-
 def _fit_similarity(ref: Reference, scan_img: sitk.Image, moving_mask: sitk.Image,
                     sim: sitk.Similarity3DTransform, sizes: np.ndarray, shrink: int) -> Match:
     """Fit the similarity ``sim`` (changed in place) of the reference stretched by
     ``sizes`` to the scan, on grids shrunk by ``shrink``. The match's transform is the
     whole map ``sim ∘ diag(sizes)`` in the reference's own coordinates."""
     centre = np.asarray(ref.centre)
-    fixed = _stretched(ref.image, sizes, centre)
+    fixed = geometry.stretched_about(ref.image, sizes, centre)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()   # offset and gain of the scanner do not matter
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(MATCH_SAMPLING, seed=1)
-    reg.SetMetricFixedMask(_stretched(ref.mask, sizes, centre))
+    reg.SetMetricFixedMask(geometry.stretched_about(ref.mask, sizes, centre))
     reg.SetMetricMovingMask(moving_mask)   # reference points outside the scan's view
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel([shrink])

@@ -107,6 +107,22 @@ def shrink_for(image: sitk.Image, target_mm: float) -> sitk.Image:
     return sitk.BinShrink(image, factors)
 
 
+def stretched_about(img: sitk.Image, sizes: Sequence[float], centre: Sequence[float]) -> sitk.Image:
+    """``img`` stretched by ``sizes`` along the x, y, z axes about ``centre`` (LPS mm): a
+    new origin and spacing only, no resampling. A head of other proportions, or the
+    reference fitted to one. The image's axes must lie along x, y, z (a direction of
+    +-1 on the diagonal, as the upright reference head's), so that its spacing per axis
+    is a length along x, y, z."""
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    if not np.allclose(np.abs(direction), np.eye(3)):
+        raise ValueError("stretched_about needs an image whose axes lie along x, y and z")
+    sizes, centre = np.asarray(sizes, float), np.asarray(centre, float)
+    out = sitk.Image(img)
+    out.SetSpacing(tuple(float(v) for v in np.asarray(img.GetSpacing()) * sizes))
+    out.SetOrigin(tuple(float(v) for v in centre + (np.asarray(img.GetOrigin()) - centre) * sizes))
+    return out
+
+
 def head_box(scan: sitk.Image, transform: sitk.Transform) -> HeadBox:
     """Find the head in the upright space (scalp included, table and air excluded).
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from . import regions, transforms
+from . import geometry, regions, transforms
 
 Vec3 = Tuple[float, float, float]
 
@@ -326,10 +326,14 @@ def make_scan(size: Sequence[int] = (512, 512, 110), spacing: Sequence[float] = 
 def make_reference_scan(angles_deg: Sequence[float] = (15.0, -6.0, 8.0),
                         size: Sequence[int] = (96, 96, 40), spacing: Sequence[float] = (2.2, 2.2, 4.0),
                         hu_offset: float = 0.0, cut_top_mm: float = 0.0, noise_hu: float = 4.0,
-                        seed: Optional[int] = None) -> Tuple[sitk.Image, sitk.AffineTransform]:
+                        seed: Optional[int] = None,
+                        proportions: Sequence[float] = (1.0, 1.0, 1.0),
+                        ) -> Tuple[sitk.Image, sitk.AffineTransform]:
     """The bundled upright reference head (a real mean head CT in the models' frame, see
-    :mod:`reference`) posed by ``R`` (rotations about x, y, z about its centre), with a
-    scanner offset, the top ``cut_top_mm`` of the field of view removed, and noise.
+    :mod:`reference`), stretched by ``proportions`` along its own axes (a head wider,
+    longer or flatter than the reference), posed by ``R`` (rotations about x, y, z about
+    its centre), with a scanner offset, the top ``cut_top_mm`` of the field of view
+    removed, and noise.
 
     The analytic phantom above has region labels at MNI places but not an MNI head
     shape (its brain is a horizontal ellipsoid without a face), so the automatic
@@ -341,6 +345,7 @@ def make_reference_scan(angles_deg: Sequence[float] = (15.0, -6.0, 8.0),
     arr = sitk.GetArrayViewFromImage(head)
     pts = np.argwhere(arr > -300.0)[:, ::-1].astype(np.float64)
     centre = np.array(head.TransformContinuousIndexToPhysicalPoint(tuple(pts.mean(axis=0))))
+    head = geometry.stretched_about(head, _vec3(proportions), centre)
     R = transforms.rotation(_vec3(angles_deg), center=tuple(centre))
     R_inv = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(R)))
     spacing3 = _vec3(spacing)
