@@ -97,6 +97,11 @@ def test_init_from_an_exported_model_starts_from_its_weights(phantom_dataset, tm
             assert torch.allclose(value, after[key], atol=1e-5), key
     logged = (tuned / "log.jsonl").read_text(encoding="utf-8")
     assert '"event": "initialised"' in logged
+    # resumed from its checkpoint without --init-from, the run still records where it began
+    assert training_main(base + ["--out", str(tuned), "--iterations", "3", "--checkpoint-every", "1",
+                                 "--resume"]) == 0
+    config = json.loads((tuned / "config.json").read_text(encoding="utf-8"))
+    assert config["kinds"]["3d"]["initialised_from"] == str(out / "run-3d")
     planar = ["train", "--data", str(phantom_dataset), "--kind", "planar", "--device", "cpu", *TINY]
     assert training_main(planar + ["--out", str(tmp_path / "bad"), "--iterations", "1",
                                    "--init-from", str(out / "run-3d")]) == 2

@@ -572,6 +572,10 @@ def _run(args: argparse.Namespace, run_dir: Path) -> int:
         log({"event": "start", "kind": kind, "cases": len(cases), "held_out": held, "config": cfg,
              "loss": args.loss, "world_size": dd.world, "device": device})
         nets = list(models.PLANES) if kind == "planar" else ["unet3d"]
+        # a run resumed from its checkpoints keeps the provenance its first start recorded
+        # (--init-from is only needed, and usually only given, at that start)
+        inherited_init = (config["kinds"].get(kind, {}).get("initialised_from") if args.resume and all(
+            (run_dir / f"checkpoint-{n}.pt").is_file() for n in nets) else None)
         for name in nets:
             torch.manual_seed(args.seed)
             net = build_network(card.architecture["name"], card.architecture["args"])
@@ -588,12 +592,13 @@ def _run(args: argparse.Namespace, run_dir: Path) -> int:
                 image_channels, max_deg = 1, 5.0
             train_network(net, sampler, name, run_dir, args, cfg["iterations"], cfg["lr"], weights,
                           image_channels, max_deg, device, dd, log)
+        init_from = str(args.init_from) if args.init_from else inherited_init
         config["kinds"][kind] = {"card": card.to_json(), "config": cfg, "held_out": held,
                                  "train_cases": len(cases), "phantoms": args.phantoms,
                                  "data": [str(d) for d in args.data], "loss": args.loss,
                                  "alpha": args.alpha, "beta": args.beta, "seed": args.seed,
                                  "folds": args.folds, "fold": args.fold, "world_size": dd.world,
-                                 "initialised_from": str(args.init_from) if args.init_from else None}
+                                 "initialised_from": init_from}
         if dd.main:
             (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if dd.world > 1:
