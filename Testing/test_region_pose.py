@@ -25,7 +25,7 @@ def test_remaining_rotation_recovers_a_known_pitch():
     centre = np.asarray(phantom.head_center())
     grid = geometry.Grid(tuple(centre - 90.0), (2.0, 2.0, 2.0), (90, 90, 90))
     base = region_pose.remaining_rotation(_labels_on_grid(labels, np.eye(3), grid), grid)
-    turn = alignment.rotation_x(4.0)
+    turn = transforms.rotation_x(4.0)
     turned = region_pose.remaining_rotation(_labels_on_grid(labels, turn, grid), grid)
     assert base is not None and turned is not None
     assert region_pose.angle_of(turned @ base.T @ turn.T) < 0.5
@@ -43,7 +43,7 @@ def test_corrected_estimate_turns_about_the_same_centre():
     est = alignment.PoseEstimate(transforms.rotation((10.0, 0.0, 0.0), center=(1.0, 2.0, 3.0)),
                                  np.array([1.0, 0.0, 0.0]), np.array([1.0, 2.0, 3.0]), 10.0, 1.0,
                                  0.9, (1.0, 1.0, 1.0), 1.0)
-    fixed = region_pose.corrected_estimate(est, alignment.rotation_x(-3.0))
+    fixed = region_pose.corrected_estimate(est, transforms.rotation_x(-3.0))
     assert fixed.region_corrected and abs(fixed.region_residual_deg - 3.0) < 1e-6
     assert np.allclose(fixed.transform.TransformPoint((1.0, 2.0, 3.0)), (1.0, 2.0, 3.0))
     assert abs(fixed.angle_deg - 7.0) < 1e-6 or abs(fixed.angle_deg - 13.0) < 1e-6

@@ -17,15 +17,18 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, console, geometry, imageio, models, output, quality, regions, transforms
+from . import __version__, console, imageio, models, output, quality, regions, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning, from_os_error
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
+
+if TYPE_CHECKING:   # imported where used: the pose estimate is loaded only when needed
+    from . import alignment
 
 EXIT_NO_MODELS = 3
 EXIT_INTERNAL = 1

@@ -38,6 +38,7 @@ from . import alignment, reference, transforms
 from .errors import InputError
 from .steps import Steps, run_steps
 from .geometry import Grid
+from .head_grid import WORK_SPACING_MM
 
 #: A region counts for the fit with at least this many voxels on the model grid.
 MIN_REGION_VOXELS = 10
@@ -117,7 +118,7 @@ def remaining_rotation(labels: np.ndarray, grid: Grid, exclude: Set[int] = froze
     scales = np.linalg.svd(linear, compute_uv=False)
     if rms > MAX_FIT_RMS_MM or scales.min() < FIT_SCALE_RANGE[0] or scales.max() > FIT_SCALE_RANGE[1]:
         return None
-    return alignment.nearest_rotation(linear)
+    return transforms.nearest_rotation(linear)
 
 
 def corrected_estimate(est: "alignment.PoseEstimate", rotation: np.ndarray
@@ -125,7 +126,7 @@ def corrected_estimate(est: "alignment.PoseEstimate", rotation: np.ndarray
     """The estimate turned by ``rotation`` (``E``, or a share of it) in its upright space,
     about the same head centre, with the size of the correction recorded."""
     q = transforms.matrix_of(est.transform)[:3, :3] @ rotation
-    transform = alignment.pose_transform(q, est.centre)
+    transform = transforms.pose_transform(q, est.centre)
     return dataclasses.replace(est, transform=transform, pitch_deg=alignment.pitch_of(q),
                                region_residual_deg=angle_of(rotation), region_corrected=True)
 
@@ -237,8 +238,8 @@ def register_cli(sub) -> None:
     a.add_argument("--template", help="an upright head CT defining upright (default: the bundled "
                                       "MNI-frame reference head, the models' own frame)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
-    a.add_argument("--spacing", type=float, default=alignment.WORK_SPACING_MM,
-                   help=f"working resolution in mm (default {alignment.WORK_SPACING_MM})")
+    a.add_argument("--spacing", type=float, default=WORK_SPACING_MM,
+                   help=f"working resolution in mm (default {WORK_SPACING_MM})")
     a.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     a.add_argument("--skip-region-check", action="store_true",
                    help="keep the reference head's estimate as it is, without checking it "

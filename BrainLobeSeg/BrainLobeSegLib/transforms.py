@@ -332,3 +332,48 @@ def rotation_angle_deg(transform: sitk.Transform) -> float:
 def rotation_matrix_angle_deg(rotation: np.ndarray) -> float:
     """Angle (degrees) of a 3x3 rotation matrix, from its trace."""
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+# ----------------------------------------------------------------------------- rotation matrices
+
+def rotation_taking(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest rotation matrix taking unit vector ``a`` to unit vector ``b``."""
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    v, c = np.cross(a, b), float(a @ b)
+    if np.linalg.norm(v) < 1e-12:
+        if c > 0:
+            return np.eye(3)
+        # opposite vectors: half a turn about any axis across them (-I would be a mirror)
+        axis = np.cross(a, [1.0, 0.0, 0.0] if abs(a[0]) < 0.9 else [0.0, 1.0, 0.0])
+        axis /= np.linalg.norm(axis)
+        return 2.0 * np.outer(axis, axis) - np.eye(3)
+    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + k + k @ k * (1.0 / (1.0 + c))
+
+
+def rotation_x(deg: float) -> np.ndarray:
+    """Rotation matrix about the x (left-right) axis: the head's nod (pitch)."""
+    t = math.radians(deg)
+    return np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
+
+
+def pose_transform(rotation: np.ndarray, centre: np.ndarray) -> sitk.AffineTransform:
+    """``R(p) = centre + rotation @ (p - centre)`` as a SimpleITK affine."""
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    m[:3, 3] = centre - rotation @ centre
+    return affine_from_matrix(m)
+
+
+def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The rotation part of a linear map (polar decomposition).
+
+    A head that is both turned and scaled along its own axes, ``U S``, gives back ``U``
+    exactly, so a head larger or narrower than the reference does not bias the pose.
+    """
+    u, _, vt = np.linalg.svd(matrix)
+    r = u @ vt
+    if np.linalg.det(r) < 0:   # a reflection cannot be a head pose; keep it a rotation
+        u[:, -1] *= -1
+        r = u @ vt
+    return r

@@ -109,7 +109,8 @@ def measure(cases: Iterable[Case], template_of) -> Dict[str, List[Tuple[str, flo
             check = (f"  (reference head {alignment.angle_error_deg(first.transform, truth):5.2f}, regions "
                      f"{est.region_residual_deg:4.2f}{' applied' if est.region_corrected else ''})")
         print(f"{name:<22} {group:<16} tilt {tilt:5.1f} deg  error {err:5.2f} deg{check}  match "
-              f"{est.match:.2f}  {seconds:4.1f} s", flush=True)
+              f"{est.match:.2f}{'  roll from the plane' if est.plane_roll else ''}  {seconds:4.1f} s",
+              flush=True)
     return groups
 
 
