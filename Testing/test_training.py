@@ -102,6 +102,12 @@ def test_init_from_an_exported_model_starts_from_its_weights(phantom_dataset, tm
                                  "--resume"]) == 0
     config = json.loads((tuned / "config.json").read_text(encoding="utf-8"))
     assert config["kinds"]["3d"]["initialised_from"] == str(out / "run-3d")
+    # ... also when the first start was stopped before it wrote config.json (the log has it)
+    (tuned / "config.json").unlink()
+    assert training_main(base + ["--out", str(tuned), "--iterations", "4", "--checkpoint-every", "1",
+                                 "--resume"]) == 0
+    config = json.loads((tuned / "config.json").read_text(encoding="utf-8"))
+    assert config["kinds"]["3d"]["initialised_from"] == str(out / "run-3d")
     planar = ["train", "--data", str(phantom_dataset), "--kind", "planar", "--device", "cpu", *TINY]
     assert training_main(planar + ["--out", str(tmp_path / "bad"), "--iterations", "1",
                                    "--init-from", str(out / "run-3d")]) == 2

@@ -444,6 +444,26 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
+def recorded_init(run_dir: Path, config: dict, kind: str, nets: List[str]) -> Optional[str]:
+    """The model folder an earlier start of this run was initialised from: config.json's
+    entry when the kind finished once, else the log's "initialised" event (a run stopped
+    before its end has no config.json entry yet)."""
+    entry = config.get("kinds", {}).get(kind, {})
+    if entry.get("initialised_from"):
+        return entry["initialised_from"]
+    logfile = run_dir / "log.jsonl"
+    if not logfile.is_file():
+        return None
+    for line in logfile.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "initialised" and event.get("network") in nets and event.get("from"):
+            return str(event["from"])
+    return None
+
+
 class Reporter:
     """Writes every event as a JSON line to ``log.jsonl`` (the machine-readable record)
     and prints a human line for it: progress with the time left for the network and for
@@ -574,7 +594,7 @@ def _run(args: argparse.Namespace, run_dir: Path) -> int:
         nets = list(models.PLANES) if kind == "planar" else ["unet3d"]
         # a run resumed from its checkpoints keeps the provenance its first start recorded
         # (--init-from is only needed, and usually only given, at that start)
-        inherited_init = (config["kinds"].get(kind, {}).get("initialised_from") if args.resume and all(
+        inherited_init = (recorded_init(run_dir, config, kind, nets) if args.resume and all(
             (run_dir / f"checkpoint-{n}.pt").is_file() for n in nets) else None)
         for name in nets:
             torch.manual_seed(args.seed)
