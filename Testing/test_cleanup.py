@@ -4,7 +4,6 @@ calcification inside a region keeps its label (cleanup.py)."""
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 from BrainLobeSegLib import cleanup, geometry, inference, phantom
 

@@ -210,7 +210,6 @@ def test_preview_has_the_overlay_orientation_and_legend(scans, tmp_path, tiny_mo
 
 @pytest.mark.parametrize("mode", ["planar", "ensemble", "3d"])
 def test_segment_writes_the_uncertainty(mode, scans, tmp_path, tiny_models, capsys):
-    import numpy as np
     import SimpleITK as sitk
     loose, _ = scans
     out = tmp_path / "out"

@@ -16,8 +16,6 @@ in CI; hypothesis' database is off so runs do not depend on earlier ones.
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import tempfile
 from pathlib import Path
 
@@ -229,7 +227,6 @@ def test_every_itk_type_and_count_never_crashes(tmp_path):
     """Issue 14: a CenteredAffineTransform with an empty Parameters line crashed the
     process (exit 139). Every type name, 0..20 parameters and fixed parameters, in a
     subprocess: it must end normally, with each file read or refused in one line."""
-    import os
     import subprocess
     import sys
     progress = tmp_path / "progress.txt"

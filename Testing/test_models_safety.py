@@ -13,10 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import stat
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

@@ -8,8 +8,6 @@ the developer Reload. The engine runs with the tiny random models of ``conftest`
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 

@@ -12,9 +12,7 @@ tiny random networks from ``conftest.tiny_models``, so the whole file runs in se
 
 from __future__ import annotations
 
-import time
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
