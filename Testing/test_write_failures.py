@@ -173,3 +173,23 @@ def test_signal_while_writing(signum, tmp_path, tiny_models):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines == ["brainlobeseg: cancelled; nothing was written."], err
     assert published(outdir) == [] and leftovers(outdir) == []
+
+
+def test_a_signal_just_after_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A real SIGINT sent to this process the moment the staging folder exists (the
+    window where ``__exit__`` cannot run yet, seen as a leftover ``.partial-*`` folder
+    after SIGHUP under load): the interrupt goes through, and neither the staging folder
+    nor the output folder it made is left."""
+    from BrainLobeSegLib import output
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self.name.startswith(".partial-"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)   # the handler runs at the next bytecode, well within this
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        output.OutputSet(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -9,8 +9,8 @@ package. Slicer and ``slicerio`` read it. Every file is written atomically.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -143,12 +143,19 @@ class OutputSet:
         while not os.path.lexists(probe) and probe.parent != probe:
             self.made.append(probe)
             probe = probe.parent
+        self.names: List[str] = []
+        # the name is chosen before the folder is made, so that a signal arriving just
+        # after it was made (Ctrl+C, SIGTERM) can still remove it: __exit__ never runs
+        # when __init__ is interrupted
+        self.stage = self.outdir / f".partial-{secrets.token_hex(6)}"
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
-            self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.outdir))
+            self.stage.mkdir()
         except OSError as exc:
             raise from_os_error(exc, str(self.outdir)) from None
-        self.names: List[str] = []
+        except BaseException:
+            self.discard()
+            raise
 
     def path(self, name: str) -> str:
         self.names.append(name)
@@ -164,7 +171,11 @@ class OutputSet:
         return final
 
     def discard(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        try:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        except KeyboardInterrupt:   # a signal during the clean-up: finish it, then stop
+            shutil.rmtree(self.stage, ignore_errors=True)
+            raise
         if self.committed:
             return
         for folder in self.made:   # only while empty: another writer's files stay
