@@ -72,11 +72,12 @@ def working_image_steps(scan: sitk.Image, spacing: float
     return img, mask, fov, grid.image((hu - shift).astype(np.float32))
 
 
-def index_points(img: sitk.Image, mask: np.ndarray, max_points: int = 30000,
+def index_points(img: sitk.Image, mask: np.ndarray, max_points: Optional[int] = 30000,
                  seed: int = 0) -> np.ndarray:
-    """Physical (x, y, z) LPS points of (a random subset of) the masked voxels."""
+    """Physical (x, y, z) LPS points of (a random subset of) the masked voxels; all of
+    them with ``max_points=None``."""
     idx = np.argwhere(mask)[:, ::-1].astype(np.float64)  # z y x -> x y z
-    if len(idx) > max_points:
+    if max_points is not None and len(idx) > max_points:
         idx = idx[np.random.default_rng(seed).choice(len(idx), max_points, replace=False)]
     return np.asarray(img.GetOrigin()) + idx * np.asarray(img.GetSpacing())
 

@@ -92,7 +92,7 @@ def prepare_reference(template: sitk.Image, spacing: float = WORK_SPACING_MM) ->
     near = sitk.And(near, mask_image(fov, image))
     head = index_points(hu, mask, max_points=200000).mean(axis=0)
     centre, brain_ml = brain_centroid(hu, mask, fov)
-    points = index_points(image, sitk.GetArrayViewFromImage(near) > 0, max_points=10**8)  # all
+    points = index_points(image, sitk.GetArrayViewFromImage(near) > 0, max_points=None)
     return Reference(image, near, centre, head, brain_ml, points, Sampler(image, 0.0)(points))
 
 
