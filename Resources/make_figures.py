@@ -19,14 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "BrainLobeSeg"))
 
-from BrainLobeSegLib import models, regions  # noqa: E402  (path set above)
-
-
-def bundled_models_line() -> str:
-    """The bundled models as the panel lists them, read from their cards (so the drawing
-    follows the shipped versions)."""
-    cards = [models.read_card(f) for f in models.list_model_folders(models.bundled_models_dir())]
-    return "; ".join(f"{c.name} {c.version} ({c.kind})" for c in cards)
+from BrainLobeSegLib import regions  # noqa: E402  (path set above)
 
 
 def _rgb(code: str, side: str):
@@ -146,7 +139,10 @@ def draw_panel(path: Path) -> None:
     box(col, yy - 11, W - col - 26, 22)
     label(col + 6, yy, "(empty: bundled models)", color="#888888")
     yy += 28
-    label(26, yy, f"Models in bundled models: {bundled_models_line()}", size=7.5, color="#444444")
+    # the line the panel shows under the model folder, from the bundled cards (needs the
+    # slicer-core wheel of the test extras)
+    from BrainLobeSegLib.panel import model_description
+    label(26, yy, model_description(None), size=7.5, color="#444444")
 
     y = 454
     section(y, "Output", 64)
