@@ -12,7 +12,6 @@ Writes:
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 

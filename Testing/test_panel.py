@@ -16,8 +16,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 
-from BrainLobeSegLib import (panel, phantom, regions, slicer_logic, slicer_tools, torch_install,
-                             transforms)
+from BrainLobeSegLib import panel, phantom, regions, slicer_logic, slicer_tools, transforms
 from BrainLobeSegLib.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent

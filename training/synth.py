@@ -1212,7 +1212,7 @@ def add_lesions(slab: np.ndarray, grid: ScanGrid, p: CaseParams, warp: "Warp", R
     assert p.lesions is not None
     m = transforms.matrix_of(R)
     x, y, z = _slab_axes(grid, slab.shape)
-    h, t = grid.work_spacing, float(grid.thickness or grid.spacing[2])
+    t = float(grid.thickness or grid.spacing[2])
     subs = (np.arange(max(1, int(math.ceil(t / 0.75)))) + 0.5) / max(1, int(math.ceil(t / 0.75))) - 0.5
     for les in p.lesions:
         q = m[:3, :3] @ warp.inverse(np.array([les.centre_mni]))[0] + m[:3, 3]

@@ -599,8 +599,8 @@ def build_report(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
                  "of it. *other* = end to end minus the listed stages. Peak RSS = the mode's "
                  "own process (VmHWM), GB = 10^9 bytes.")
     if nn and "error" not in nn:
-        lines.append(f"‡ nnU-Net-class end to end = our 3D first run with its inference "
-                     f"replaced by the nnU-Net-class inference (same pre- and post-processing).")
+        lines.append("‡ nnU-Net-class end to end = our 3D first run with its inference "
+                     "replaced by the nnU-Net-class inference (same pre- and post-processing).")
         if at and "error" not in at:
             lines.append("For the atlas row, *inference* holds the registration "
                          "(" + ", ".join(f"{k[14:-1]} {at['stages'][k]:.1f} s" for k in ak) + ").")

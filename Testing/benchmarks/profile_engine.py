@@ -113,7 +113,7 @@ def main() -> None:
     shrunk = geometry.shrink_for(scan, args.spacing_3d)
     timed(f"resample: sitk.Resample linear onto {grid.size}", lambda: sitk.Resample(
         shrunk, grid.reference(), R, sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
-    hu = timed("resample: upright_resample total", lambda: geometry.upright_resample(scan, R, grid))
+    timed("resample: upright_resample total", lambda: geometry.upright_resample(scan, R, grid))
     grid1 = head.grid((1.0, 1.0, 1.0))
     timed(f"resample: planar-like grid 1 mm {grid1.size}", lambda: geometry.upright_resample(scan, R, grid1))
 
