@@ -11,10 +11,11 @@ bundled ``region-centroids.json``, see :mod:`reference`).
 :func:`segment_with_pose` is the one data flow for a run whose pose was estimated (the
 CLI's ``segment``, ``stats`` and ``align``, and the Slicer panel): segment, fit the
 regions' centroids, and when the correction is worth it, segment again with the
-corrected pose. A large correction is tried in full first and kept only when the regions
-found with it confirm it (a third segmentation): where the reference head settled in a
-wrong pitch, the regions see most, but not all, of the error. A pose from a transform
-file, or one the user states is upright, is used as given.
+corrected pose. A large correction is applied in full and checked again on the new
+segmentation, until the regions agree (at most :data:`MAX_SEGMENTATIONS` segmentations):
+where the reference head settled in a wrong pitch, the regions see most, but not all, of
+the error. A pose from a transform file, or one the user states is upright, is used as
+given.
 
 Frames: ``R`` maps upright points to scan points (:mod:`transforms`). With the labels on
 the model grid of the upright space of ``R``, a region whose centroid is ``a`` in the
@@ -204,7 +205,7 @@ def segment_with_pose_steps(segmenter: Any, scan, pose: "alignment.PoseChoice",
         # head's estimate is left behind and the regions' is followed to its end
         blend = k == 1 and residual <= MAX_CORRECTION_DEG
         est = corrected_estimate(est, fraction_of(rotation, REGION_WEIGHT) if blend else rotation)
-        report(0.4 + 0.15 * k, f"pose corrected by {angle_between(pose.estimate, est):.1f} degrees; "
+        report(0.4 + 0.15 * k, f"pose corrected by {_turn(pose, est):.1f} degrees; "
                                "segmenting again")
         result = yield from segment(est.transform, k)
         if blend:
@@ -220,17 +221,16 @@ def _rotation_left(result: Any, scan, transform: sitk.Transform) -> Optional[np.
     return remaining_rotation(result.labels_grid, result.grid, cut)
 
 
-def angle_between(first: "alignment.PoseEstimate", second: "alignment.PoseEstimate") -> float:
-    """Rotation angle (degrees) between two estimates' poses."""
-    a, b = (transforms.matrix_of(e.transform)[:3, :3] for e in (first, second))
-    return angle_of(a.T @ b)
-
-
 def _corrected_choice(pose: "alignment.PoseChoice", est: "alignment.PoseEstimate") -> "alignment.PoseChoice":
     """The pose choice made with ``est``, its recorded correction being the whole turn
     away from the reference head's estimate (one check or two)."""
-    est = dataclasses.replace(est, region_residual_deg=angle_between(pose.estimate, est), region_corrected=True)
+    est = dataclasses.replace(est, region_residual_deg=_turn(pose, est), region_corrected=True)
     return alignment.PoseChoice(est.transform, pose.source, est)
+
+
+def _turn(pose: "alignment.PoseChoice", est: "alignment.PoseEstimate") -> float:
+    """Degrees between the reference head's estimate and ``est``."""
+    return alignment.angle_error_deg(pose.transform, est.transform)
 
 
 # ----------------------------------------------------------------------------- command line
