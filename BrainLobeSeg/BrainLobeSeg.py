@@ -211,7 +211,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     def _pollRun(self) -> None:
-        """Timer slot: run steps for one tick, show progress; once done, finish the run."""
+        """Timer slot: run steps (segmentation or ASPECTS) for one tick; once done, finish."""
         s = self._session
         if not s.running:
             return self._timer.stop()
@@ -224,6 +224,8 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         try:
             outcome = s.finish()
+            if outcome.aspects is not None:
+                self.ui.aspectsTableView.setMRMLTableNode(outcome.aspects.table)
             if outcome.result is not None:
                 slicer_views.show_result(outcome.result)
                 estimated, p = outcome.result.job.estimated_node, self._parameterNode
@@ -233,7 +235,7 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = outcome.status
             if outcome.error:   # details (a traceback) only for an unexpected error
                 details = {"detailedText": outcome.details} if outcome.details else {}
-                slicer.util.errorDisplay(outcome.error, windowTitle=_("Segmentation failed"), **details)
+                slicer.util.errorDisplay(outcome.error, windowTitle=outcome.title, **details)
         finally:
             self._updateGUI()
 
@@ -257,11 +259,10 @@ class BrainLobeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer_views.show_table(self._session.result.table)
 
     def onAspectsButton(self) -> None:
-        """Read out ASPECTS of the last result as it is now and show its table, whose
-        check boxes take the clinician's overrides (the scores line follows, via _updateGUI)."""
+        """ASPECTS of the last result as it is now, in timer steps; _pollRun shows its table."""
         with slicer.util.tryWithErrorDisplay(_("The ASPECTS read-out failed."), waitCursor=True):
-            self._session.read_aspects(self._parameterNode.aspectsSide.value, self._updateGUI)
-            self.ui.aspectsTableView.setMRMLTableNode(self._session.result.aspects.table)
+            self._session.start_aspects(self._parameterNode.aspectsSide.value, self._updateGUI)
+            self._timer.start()
         self._updateGUI()
 
     def onSaveCaseButton(self) -> None:

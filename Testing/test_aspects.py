@@ -93,6 +93,31 @@ def test_scanner_offset_changes_nothing(case):
     assert called(aspects.assess(_image(case, lowered), case.labels_scan)) == ["M5 right"]
 
 
+def _ball_lowered(case, radius_mm: float, drop_hu: float):
+    """(the scan with M2 left's parenchyma within ``radius_mm`` of its centroid lowered,
+    the share of the region lowered)."""
+    hu = _hu(case)
+    ball = _ball(case, "M2", "left", radius_mm)
+    hu[ball & (hu >= 20) & (hu <= 50)] -= drop_hu
+    region = sitk.GetArrayViewFromImage(case.labels_scan) == regions.region("M2", "left").label
+    return _image(case, hu), float(ball.sum() / region.sum())
+
+
+def test_a_4_hu_drop_over_a_third_of_a_region_is_called_from_its_darkest_part(case):
+    """Issue 16's hardest target condition on the phantom: -4 HU over a compact third of
+    M2 moves the region's mean by about 1 HU only; its darkest part sees it clearly. A
+    small drop (an 8 mm ball, a few % of the region) is not called."""
+    img, share = _ball_lowered(case, 16.0, 4.0)
+    assert 0.25 < share < 0.4
+    result = aspects.assess(img, case.labels_scan, with_evidence_map=False)
+    assert called(result) == ["M2 left"] and result.score("left") == 9
+    call = result.region("M2 left")
+    assert -2.0 < call.diff_to_mirror_hu and call.darkest_part_hu <= -aspects.DARK_PART_DROP_HU["cortex"]
+    assert any("darkest part" in reason for reason in call.reasons)
+    img, share = _ball_lowered(case, 8.0, 4.0)
+    assert share < 0.1 and called(aspects.assess(img, case.labels_scan, with_evidence_map=False)) == []
+
+
 def test_calcification_is_not_early_ischaemia(case):
     hu = _hu(case)
     hu[_ball(case, "L", "left", 4.0)] = 250.0

@@ -258,4 +258,10 @@ def test_read_out_after_segmenting_with_the_bundled_model(files, tmp_path, capsy
     assert code == 0, err
     assert set(READ_OUT) <= set(names(tmp_path)) and "low-aspects.nii.gz" in names(tmp_path)
     summary = strict_json(tmp_path / "low-stats.json")["aspects"]
-    assert summary["score_left"] == 9 and summary["affected"]["left"] == ["M2 left"]
+    # the crude phantom is far from the model's training heads: its predicted insula takes
+    # in some of the lowered M2 and may be called too; M2 must be, and nothing on the right
+    assert "M2 left" in summary["affected"]["left"] and len(summary["affected"]["left"]) <= 2
+    assert summary["score_left"] == 10 - len(summary["affected"]["left"]) and summary["score_right"] == 10
+    details = strict_json(tmp_path / "low-aspects-score.json")
+    darkest = min(details["regions"], key=lambda r: r["darkest_part_hu"] if r["darkest_part_hu"] is not None else 0)
+    assert darkest["region"] == "M2 left"

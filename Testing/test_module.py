@@ -265,8 +265,9 @@ def test_the_widget_timer_steps_a_run_and_selects_the_estimate(module, monkeypat
 
 
 def test_the_aspects_button_shows_scores_and_follows_overrides_and_the_side(module, monkeypatch):
-    """The Widget's ASPECTS wiring: the button reads out the last result and shows its
-    table in the panel's table view; a box ticked there (as Slicer's table view writes
+    """The Widget's ASPECTS wiring: the button starts the read-out of the last result,
+    the timer slot steps it (the inputs locked meanwhile) and shows its table in the
+    panel's table view; a box ticked there (as Slicer's table view writes
     it) and a side picked in the combo box (the parameter node changes) update the
     scores line; closing the scene empties the view. The error display and wait cursor
     are Qt: stood in for by a plain context."""
@@ -281,8 +282,15 @@ def test_the_aspects_button_shows_scores_and_follows_overrides_and_the_side(modu
     widget._updateGUI()
     assert widget.ui.aspectsButton.enabled is True and widget.ui.aspectsLabel.text == ""
     assert widget.ui.aspectsTableView.visible is False
+    monkeypatch.setattr(panel, "STEP_BUDGET_S", 0.0)
     widget.onAspectsButton()
-    assert widget.ui.aspectsTableView.visible is True
+    assert widget._timer.start.called and widget.ui.aspectsButton.enabled is False
+    ticks = 0
+    while widget._session.running:
+        widget._pollRun()
+        ticks += 1
+    assert ticks > 5 and widget.ui.progressBar.setValue.call_args[0][0] == 100
+    assert widget.ui.aspectsTableView.visible is True and widget.ui.aspectsButton.enabled is True
     table = widget._session.result.aspects.table
     widget.ui.aspectsTableView.setMRMLTableNode.assert_called_with(table)
     assert widget.ui.aspectsLabel.text.startswith("ASPECTS left: 9 (left 9, right 10)")

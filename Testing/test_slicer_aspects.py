@@ -381,3 +381,57 @@ def test_unusable_input_adds_nothing(scene, core, case, darker_ct):
     with pytest.raises(InputError):
         session.override_aspects("M2 left", False)
     assert session.aspects_status() == "" and not panel.gui_state(session, volume, "none")["aspectsButton"]["enabled"]
+
+
+def test_the_panel_reads_out_in_steps_and_adds_nodes_only_at_the_end(scene, core, case, darker_ct, monkeypatch):
+    """The panel's read-out runs from the Widget's timer like a segmentation: one step per
+    poll here (budget 0), the GUI's state says it is running (inputs locked, Cancel for
+    the read-out), progress grows, and the scene is untouched until the last step."""
+    monkeypatch.setattr(panel, "STEP_BUDGET_S", 0.0)
+    volume, segmentation = add_case(scene, darker_ct, case.labels_scan)
+    session = panel.Session(core)
+    session.result = last_result(core, segmentation, volume)
+    count = scene.GetNumberOfNodes()
+    run = session.start_aspects("auto")
+    state = panel.gui_state(session, volume, "none")
+    assert not state["aspectsButton"]["enabled"] and state["segmentButton"]["text"] == "Cancel"
+    assert "ASPECTS read-out" in state["segmentButton"]["toolTip"]
+    fractions = []
+    while True:
+        fraction, message, done = run.poll()
+        if done:
+            break
+        fractions.append(fraction)
+        assert scene.GetNumberOfNodes() == count and message.startswith("ASPECTS")
+    assert len(fractions) >= 10 and fractions == sorted(fractions) and fractions[-1] >= 0.9
+    outcome = session.finish()
+    assert outcome.status.startswith("ASPECTS left: 9") and outcome.aspects is session.aspects
+    readout = session.aspects   # added: the table, the evidence volume and its display node
+    assert scene.GetNumberOfNodes() == count + 3 and readout.table.GetScene() is scene
+    assert readout.evidence.GetScene() is scene and readout.evidence.GetDisplayNode() is not None
+    assert not session.running and panel.gui_state(session, volume, "none")["aspectsButton"]["enabled"]
+
+
+def test_a_cancelled_or_orphaned_read_out_adds_nothing(scene, core, case, darker_ct, monkeypatch):
+    """Cancel between two steps adds nothing; nor does a read-out whose segmentation was
+    deleted while it ran (it says so)."""
+    monkeypatch.setattr(panel, "STEP_BUDGET_S", 0.0)
+    volume, segmentation = add_case(scene, darker_ct, case.labels_scan)
+    session = panel.Session(core)
+    session.result = last_result(core, segmentation, volume)
+    count, state = scene.GetNumberOfNodes(), display_state(segmentation)
+    run = session.start_aspects("auto")
+    run.poll()
+    run.cancel()
+    assert run.poll()[2]
+    outcome = session.finish()
+    assert outcome.status.startswith("Cancelled") and session.aspects is None
+    assert scene.GetNumberOfNodes() == count and display_state(segmentation) == state
+
+    run = session.start_aspects("auto")
+    run.poll()
+    scene.RemoveNode(segmentation)
+    run.run_to_end()
+    outcome = session.finish()
+    assert "removed during the ASPECTS read-out" in outcome.error and outcome.title.startswith("The ASPECTS")
+    assert scene.GetNumberOfNodes() == count - 1 and session.aspects is None

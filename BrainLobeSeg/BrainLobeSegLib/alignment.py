@@ -34,7 +34,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,14 +44,12 @@ from .errors import InputError
 from .head_grid import WORK_SPACING_MM, working_image_steps
 from .reference_registration import (bundled_reference, brain_centroid, match_image, prepare_reference,
                                      register_reference, starting_scales)
-from .steps import Steps, run_steps, timed
+from .steps import ProgressFn, Steps, run_steps, timed
 from .symmetry_plane import symmetry_plane_steps
 
 #: Below this correlation with the reference head the pose is not trusted (head CTs
 #: reach 0.86-0.96 on synthesised scans and 0.77 on the real scan with a craniotomy).
 MIN_MATCH = 0.5
-
-ProgressFn = Callable[[float, str], None]
 
 
 @dataclass

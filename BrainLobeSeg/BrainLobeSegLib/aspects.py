@@ -22,22 +22,29 @@ region by region, on the segmented scan:
    hemispheres (scanner shading, positioning), fitted to the whole brain's mirror
    difference and fitted again without the pairs that stand out, is subtracted. Mapped
    back to the scan grid this is the evidence volume a reader overlays (negative: darker).
-5. **Per region.** The share of the region's parenchyma at least :data:`VOXEL_DROP_HU`
-   darker (the affected fraction) and at least :data:`STRONG_DROP_HU` darker, the median
-   drop there, the mean difference to the mirror region, the difference to the regions of
-   the same kind in the scan, and the grey/white contrast against the mirror region. A
-   region is called when :data:`MIN_AFFECTED_FRACTION` of it is :data:`VOXEL_DROP_HU`
-   darker, or :data:`MIN_STRONG_FRACTION` of it :data:`STRONG_DROP_HU` darker, or when it is
-   :data:`EXPECTED_DROP_HU` darker than the regions of its kind (bilateral change, which a
-   mirror comparison cannot see). Grey/white contrast loss is reported as a reason only.
+5. **Per region.** The mean evidence over the region's tissue (a drop over most of the
+   region), the darkest compact part of the region (the 5th percentile of the evidence
+   averaged over :data:`DARK_PART_SIGMA_MM` within the region: a drop over a third of it),
+   the share of the tissue at least :data:`VOXEL_DROP_HU` darker (the affected fraction),
+   the difference to the regions of the same kind in the scan, and the grey/white contrast
+   against the mirror region. A region is called when its mean is :data:`MEAN_DROP_HU`
+   darker than the mirror region, or its darkest part :data:`DARK_PART_DROP_HU` darker, or
+   when it is :data:`EXPECTED_DROP_HU` darker than the regions of its kind (bilateral
+   change, which a mirror comparison cannot see). Deep regions (caudate, lentiform,
+   internal capsule) are small and differ more between normal hemispheres, so their
+   thresholds are higher; on a scan whose evidence varies more than
+   :data:`EVIDENCE_SPREAD_HU` overall, both mirror thresholds are raised in proportion.
+   Grey/white contrast loss is reported as a reason only.
 
 ASPECTS per side = 10 minus the regions called on that side; the clinician can override
 any call (:meth:`AspectsResult.set_override`). The symptomatic side is the user's, or is
 proposed from the asymmetry, with the reason.
 
 The thresholds were chosen on a tuning set of synthetic scans (``training synth --seed
-9350 --no-infarcts`` plus graded inserted infarcts) and measured on another
-(``Testing/benchmarks/aspects_bench.py``, ASPECTS_RESULTS.md). Only numpy and SimpleITK
+9350 --no-infarcts`` plus graded inserted infarcts, segmented by the bundled 3D model)
+and measured on another (``Testing/benchmarks/aspects_bench.py``, ASPECTS_RESULTS.md).
+Between normal hemispheres of that synthesis a region's mean differs by about 0.6 HU
+(standard deviation, whatever the noise or the labels), which is what bounds them. Only numpy and SimpleITK
 are imported (the inference-path rule).
 """
 
@@ -46,12 +53,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import regions
+from . import regions, steps
 from .errors import InputError
 
 # ----------------------------------------------------------------------------- settings
@@ -86,14 +93,24 @@ PAIR_EXCLUDE_HU = 1.5
 #: the region brighter and its mirror look darker.
 DENSE_MARGIN_MM = 3.0
 DENSE_GAP_HU = 5.0
-#: A voxel counts as affected when its evidence is at least this many HU below the mirror.
+#: A voxel counts as affected (the reported darker share) when its evidence is at least
+#: this many HU below the mirror.
 VOXEL_DROP_HU = 2.0
-#: A region is called when at least this share of its parenchyma is affected ...
-MIN_AFFECTED_FRACTION = 0.35
-#: ... or when at least :data:`MIN_STRONG_FRACTION` of it is :data:`STRONG_DROP_HU` darker
-#: (a smaller, denser infarct) ...
-STRONG_DROP_HU = 4.0
-MIN_STRONG_FRACTION = 0.15
+#: Codes of the deep regions: 3-8 ml, with more normal left/right difference than cortex.
+DEEP_CODES = ("C", "L", "IC")
+#: A region is called when its mean evidence is this far below 0 (HU; cortex, deep) ...
+MEAN_DROP_HU: Dict[str, float] = {"cortex": 1.2, "deep": 1.56}
+#: ... or when its darkest compact part is this far below (HU; cortex, deep): the
+#: :data:`DARK_PART_PERCENTILE` th percentile of the evidence averaged over a Gaussian of
+#: :data:`DARK_PART_SIGMA_MM` within the region's tissue (normalised convolution) ...
+DARK_PART_DROP_HU: Dict[str, float] = {"cortex": 2.5, "deep": 3.5}
+DARK_PART_SIGMA_MM = 8.0
+DARK_PART_PERCENTILE = 5.0
+#: Both thresholds are multiplied by ``max(1, spread / EVIDENCE_SPREAD_HU)``, where the
+#: spread is the robust standard deviation (1.4826 x median absolute value) of the
+#: evidence over all regions' tissue: on a scan whose hemispheres differ more everywhere
+#: (noise, asymmetry, segmentation trouble) one region's difference means less.
+EVIDENCE_SPREAD_HU = 2.0
 #: ... or when its mean density is this far below the median of its kind (both sides).
 EXPECTED_DROP_HU = 6.0
 #: Regions with fewer parenchyma voxels than this (ml) are not called (slivers at the
@@ -125,9 +142,9 @@ class RegionCall:
     side: str
     parenchyma_ml: float      # measured tissue (parenchyma window, mirror point also tissue)
     affected_fraction: Optional[float]  # share of the tissue >= VOXEL_DROP_HU darker than the mirror
-    strong_fraction: Optional[float]    # share >= STRONG_DROP_HU darker
     affected_ml: Optional[float]
     median_drop_hu: Optional[float]      # median evidence over the affected voxels (negative)
+    darkest_part_hu: Optional[float]     # evidence of the darkest compact part (DARK_PART_*)
     diff_to_mirror_hu: Optional[float]   # mean evidence over the region (negative: darker)
     diff_to_expected_hu: Optional[float]  # region mean minus the median of its kind
     gw_contrast_hu: Optional[float]      # grey/white contrast (90th - 10th percentile)
@@ -151,9 +168,10 @@ class AspectsResult:
     side_source: str          # "user" or "proposed"
     side_reason: str
     level_hu: float           # parenchyma level of the scan
+    evidence_spread_hu: float = 0.0   # robust SD of the evidence in the regions (EVIDENCE_SPREAD_HU)
     evidence: Optional[sitk.Image] = None   # float32 HU on the scan grid, 0 outside tissue
     notice: str = NOTICE
-    settings: Dict[str, float] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
 
     def region(self, name_or_label) -> RegionCall:
         """The call of one region, by segment name ("M2 left") or label id."""
@@ -199,7 +217,8 @@ class AspectsResult:
                             "side_reason": self.side_reason, "score": self.score(),
                             "score_left": self.score("left"), "score_right": self.score("right"),
                             "affected": [r.region for r in self.affected(self.side)]},
-                "level_hu": _round(self.level_hu), "settings": self.settings,
+                "level_hu": _round(self.level_hu), "evidence_spread_hu": _round(self.evidence_spread_hu),
+                "settings": self.settings,
                 "regions": [{k: _round(v) for k, v in d.items()} for d in regs]}
 
     def to_json_text(self) -> str:
@@ -333,6 +352,15 @@ class EvidenceMaps:
 
 def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
     """Resample to the mirror grid and compute parenchyma and the evidence map."""
+    return steps.run_steps(evidence_maps_steps(ct, labels))
+
+
+def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
+                        progress: Optional[steps.ProgressFn] = None) -> "steps.Steps[EvidenceMaps]":
+    """:func:`evidence_maps` in steps of a fraction of a second (the Slicer panel runs
+    them from a timer); ``progress(fraction, message)`` is told how far it is (0-0.9)."""
+    tell = progress or (lambda fraction, message: None)
+    tell(0.0, "ASPECTS: resampling to the mirror grid")
     normal, point = midplane(labels)
     grid = mirror_grid(labels, normal, point)
     ident = sitk.Transform(3, sitk.sitkIdentity)
@@ -340,22 +368,31 @@ def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
                                               sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
     lab = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), grid, ident,
                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    yield
+    tell(0.15, "ASPECTS: finding the parenchyma")
     level = parenchyma_level(hu[lab > 0])
     soft = (hu > -200) & (hu < 300)
     hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
     tissue = parenchyma_mask(hu1, soft, level)
+    yield
+    tell(0.3, "ASPECTS: comparing with the mirror side")
     smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
     both = tissue & tissue[..., ::-1]
     raw = np.where(both, smooth - smooth[..., ::-1], 0.0).astype(np.float32)
     brain = _near_regions(lab > 0, 10.0)
     brain |= brain[..., ::-1]
+    yield
+    tell(0.4, "ASPECTS: correcting scanner shading")
     shade = robust_shading(raw, both & brain, lab)
     evidence = np.where(both, raw - shade, 0.0).astype(np.float32)
     in_region = tissue & (lab > 0)
     evidence[lab > 0] = 0.0
-    for r in regions.REGIONS:
-        if r.side == "left":
-            region_pair_evidence(hu1, lab, tissue, r.label, r.mirror_label, evidence)
+    yield
+    pairs = [r for r in regions.REGIONS if r.side == "left"]
+    for i, r in enumerate(pairs):
+        tell(0.5 + 0.4 * i / len(pairs), "ASPECTS: measuring the regions")
+        region_pair_evidence(hu1, lab, tissue, r.label, r.mirror_label, evidence)
+        yield
     evidence[in_region] -= shade[in_region]
     return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
 
@@ -473,18 +510,43 @@ def shading_difference(raw: np.ndarray, tissue: np.ndarray,
 
 # ----------------------------------------------------------------------------- calls
 
+def darkest_part(maps: EvidenceMaps, label: int) -> Optional[float]:
+    """The :data:`DARK_PART_PERCENTILE` th percentile (HU) of the region's evidence averaged
+    over :data:`DARK_PART_SIGMA_MM` within its own tissue: how dark its darkest compact
+    part is. An infarct of a third of a region barely moves the region's mean, and single
+    voxels are too noisy; an average over about the infarct's size sees it. Only points
+    with at least 30 % of the best-supported point's weight count (not the region's rim)."""
+    m = (maps.labels == label) & maps.tissue
+    if m.sum() < 30:
+        return None
+    box = _region_box(m, int(math.ceil(3 * DARK_PART_SIGMA_MM / GRID_MM)))
+    mean, weight = _normalised(maps.evidence[box], m[box], DARK_PART_SIGMA_MM)
+    inside = m[box]
+    values = mean[inside & (weight >= 0.3 * weight[inside].max())]
+    return float(np.percentile(values, DARK_PART_PERCENTILE))
+
+
 def _region_measures(maps: EvidenceMaps) -> Dict[int, dict]:
-    """Per region: tissue voxels' evidence, mean HU and grey/white contrast."""
+    """Per region: tissue voxels' evidence, its darkest part, mean HU and grey/white
+    contrast."""
+    return steps.run_steps(_region_measures_steps(maps))
+
+
+def _region_measures_steps(maps: EvidenceMaps) -> "steps.Steps[Dict[int, dict]]":
+    """:func:`_region_measures`, a step per 5 regions (each darkest part is a smoothing)."""
     ml = GRID_MM ** 3 / 1000.0
     lab = maps.labels.ravel()
     keep = maps.tissue.ravel() & (lab > 0)
     idx = np.flatnonzero(keep)
     lab_k, ev_k, hu_k = lab[idx], maps.evidence.ravel()[idx], maps.hu.ravel()[idx]
     out = {}
-    for r in regions.REGIONS:
+    for i, r in enumerate(regions.REGIONS):
+        if i % 5 == 4:
+            yield
         sel = lab_k == r.label
         ev, hu = ev_k[sel], hu_k[sel]
         out[r.label] = {"n": int(sel.sum()), "ml": float(sel.sum() * ml), "ev": ev,
+                        "dark": darkest_part(maps, r.label) if sel.any() else None,
                         "mean": float(hu.mean()) if hu.size else None,
                         "gw": float(np.percentile(hu, 90) - np.percentile(hu, 10)) if hu.size > 10 else None}
     return out
@@ -504,12 +566,14 @@ def _expected_diffs(measures: Dict[int, dict]) -> Dict[int, Optional[float]]:
     return out
 
 
-def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float]) -> RegionCall:
-    """The evidence of one region and its call, with the reasons in words."""
+def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
+                raise_by: float = 1.0) -> RegionCall:
+    """The evidence of one region and its call, with the reasons in words. ``raise_by``
+    multiplies the mirror thresholds (:data:`EVIDENCE_SPREAD_HU`)."""
     ml = GRID_MM ** 3 / 1000.0
     measured = me["ml"] >= MIN_MEASURED_ML
-    ev = me["ev"]
-    frac = aff_ml = drop = mean_ev = gw_loss = strong = None
+    ev, dark = me["ev"], me["dark"]
+    frac = aff_ml = drop = mean_ev = gw_loss = None
     reasons: List[str] = []
     called = False
     if measured:
@@ -519,12 +583,15 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         mean_ev = float(ev.mean())
         if me["gw"] is not None and mirror["gw"] is not None:
             gw_loss = mirror["gw"] - me["gw"]
-        strong = float((ev <= -STRONG_DROP_HU).mean())
-        if frac >= MIN_AFFECTED_FRACTION or strong >= MIN_STRONG_FRACTION:
+        kind = "deep" if r.code in DEEP_CODES else "cortex"
+        if mean_ev <= -MEAN_DROP_HU[kind] * raise_by:
             called = True
-            reasons.append(f"{100 * frac:.0f}% of the region ({aff_ml:.1f} ml) is {-drop:.1f} HU "
-                           f"darker than the mirror side ({100 * strong:.0f}% by {STRONG_DROP_HU:g} HU "
-                           "or more)")
+            reasons.append(f"{-mean_ev:.1f} HU darker than the mirror side on average, "
+                           f"{100 * frac:.0f}% of it ({aff_ml:.1f} ml) by {VOXEL_DROP_HU:g} HU or more")
+        if dark is not None and dark <= -DARK_PART_DROP_HU[kind] * raise_by:
+            called = True
+            reasons.append(f"its darkest part is {-dark:.1f} HU darker than the mirror side "
+                           f"(averaged over {DARK_PART_SIGMA_MM:g} mm)")
         if expected is not None and expected <= -EXPECTED_DROP_HU:
             called = True
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
@@ -533,9 +600,9 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
     else:
         reasons.append(f"too little tissue measured ({me['ml']:.1f} ml): not called")
     return RegionCall(label=r.label, region=r.segment_name, code=r.code, side=r.side,
-                      parenchyma_ml=me["ml"], affected_fraction=frac, strong_fraction=strong,
-                      affected_ml=aff_ml,
-                      median_drop_hu=drop, diff_to_mirror_hu=mean_ev, diff_to_expected_hu=expected,
+                      parenchyma_ml=me["ml"], affected_fraction=frac, affected_ml=aff_ml,
+                      median_drop_hu=drop, darkest_part_hu=dark if measured else None,
+                      diff_to_mirror_hu=mean_ev, diff_to_expected_hu=expected,
                       gw_contrast_hu=me["gw"], gw_loss_hu=gw_loss, called=called, reasons=reasons)
 
 
@@ -573,23 +640,51 @@ def assess(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
 
     ``side``: the symptomatic side if the clinician knows it; else proposed.
     """
+    return steps.run_steps(assess_steps(ct, labels, side, with_evidence_map))
+
+
+def assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
+                 with_evidence_map: bool = True,
+                 progress: Optional[steps.ProgressFn] = None) -> "steps.Steps[AspectsResult]":
+    """:func:`assess` in short steps (see :mod:`steps`). The input is checked here, before
+    the first step, so that a bad input fails at once with nothing started."""
     from .statistics import _check_same_grid, labels_array
     _check_same_grid(ct, labels, "label image")
     labels_array(labels)
     if side is not None and side not in SIDES:
         raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
-    maps = evidence_maps(ct, labels)
-    result = read_out(maps, side)
+    return _assess_steps(ct, labels, side, with_evidence_map, progress or (lambda fraction, message: None))
+
+
+def _assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str], with_evidence_map: bool,
+                  tell: steps.ProgressFn) -> "steps.Steps[AspectsResult]":
+    maps = yield from evidence_maps_steps(ct, labels, tell)
+    tell(0.9, "ASPECTS: calling the regions")
+    result = yield from read_out_steps(maps, side)
     if with_evidence_map:
+        yield
         result.evidence = evidence_on_scan(maps, ct)
     return result
 
 
 def read_out(maps: EvidenceMaps, side: Optional[str] = None) -> AspectsResult:
     """The calls, the side and the scores from the evidence maps (no evidence volume)."""
-    measures = _region_measures(maps)
+    return steps.run_steps(read_out_steps(maps, side))
+
+
+def evidence_spread(maps: EvidenceMaps) -> float:
+    """Robust standard deviation (HU) of the evidence over all regions' tissue."""
+    ev = maps.evidence[maps.tissue & (maps.labels > 0)]
+    return float(1.4826 * np.median(np.abs(ev))) if ev.size else 0.0
+
+
+def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None) -> "steps.Steps[AspectsResult]":
+    """:func:`read_out` in short steps."""
+    measures = yield from _region_measures_steps(maps)
     expected = _expected_diffs(measures)
-    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label])
+    spread = evidence_spread(maps)
+    raise_by = max(1.0, spread / EVIDENCE_SPREAD_HU)
+    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label], raise_by)
              for r in regions.REGIONS]
     if side is None:
         side, reason = propose_side(calls)
@@ -598,7 +693,8 @@ def read_out(maps: EvidenceMaps, side: Optional[str] = None) -> AspectsResult:
         source, reason = "user", "chosen by the user"
     settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
                 "tissue_window_hu": list(TISSUE_WINDOW_HU), "voxel_drop_hu": VOXEL_DROP_HU,
-                "min_affected_fraction": MIN_AFFECTED_FRACTION, "strong_drop_hu": STRONG_DROP_HU,
-                "min_strong_fraction": MIN_STRONG_FRACTION, "expected_drop_hu": EXPECTED_DROP_HU,
-                "min_measured_ml": MIN_MEASURED_ML}
-    return AspectsResult(calls, side, source, reason, maps.level, settings=settings)
+                "mean_drop_hu": dict(MEAN_DROP_HU), "dark_part_drop_hu": dict(DARK_PART_DROP_HU),
+                "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
+                "expected_drop_hu": EXPECTED_DROP_HU, "evidence_spread_reference_hu": EVIDENCE_SPREAD_HU,
+                "thresholds_raised_by": round(raise_by, 3), "min_measured_ml": MIN_MEASURED_ML}
+    return AspectsResult(calls, side, source, reason, maps.level, evidence_spread_hu=spread, settings=settings)

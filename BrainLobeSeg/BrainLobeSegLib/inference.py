@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from . import cleanup, geometry, models, quality, transforms
-from .steps import Steps, run_steps, within
+from .steps import ProgressFn, Steps, run_steps, within
 from .errors import Cancelled, InputError, InputWarning
 from .geometry import Grid, HeadBox
 from .modes import DEFAULT_MODE, MODES
 from .regions import NUM_LABELS
 
-ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 FUSIONS = ("mean", "vote")
 NUM_CLASSES = NUM_LABELS + 1

@@ -157,7 +157,7 @@ def gui_state(session: "Session", volume=None, source: Optional[str] = None, tra
         for name in ("inputsCollapsibleButton", "modelCollapsibleButton", "outputCollapsibleButton")}
     if running:
         segment = {"text": _("Cancel"), "enabled": not session.run.cancel_requested,
-                   "toolTip": _("Stop the segmentation; nothing is added to the scene.")}
+                   "toolTip": session.run.cancel_tip()}
     else:
         segment = {"text": _("Segment"), "enabled": volume is not None,
                    "toolTip": (_("Segment the 20 ASPECTS regions of the selected CT.")
@@ -294,44 +294,58 @@ class AspectsTableWatcher(VTKObservationMixin):
 
 @dataclass
 class RunOutcome:
-    """How a finished run is shown: the status line, an error for a message box (with
-    details for the box's "Show details" when it is unexpected), and the result."""
+    """How a finished run is shown: the status line, an error for a message box titled
+    ``title`` (with details for the box's "Show details" when it is unexpected), and the
+    result: a segmentation, or an ASPECTS read-out."""
 
     status: str
     error: str = ""
     details: str = ""
     result: Optional[LastResult] = None
     progress: int = 0
+    title: str = ""
+    aspects: Optional[slicer_logic.AspectsReadout] = None
 
 
-def failure(exc: BaseException, details: str = "") -> RunOutcome:
+def failure(exc: BaseException, details: str = "", what: str = "") -> RunOutcome:
     """An input problem is shown as its message; anything else is logged with its
-    traceback and shown with the details, never lost."""
+    traceback and shown with the details, never lost. ``what`` failed (default: the
+    segmentation), in the status line and the message box's title."""
+    what = what or _("Segmentation failed.")
     if isinstance(exc, InputError):
-        return RunOutcome(_("Segmentation failed."), str(exc))
-    logging.error("BrainLobeSeg segmentation failed:\n%s", details)
-    return RunOutcome(_("Segmentation failed."),
-                      _("Segmentation failed unexpectedly: {error}").format(error=exc), details)
+        return RunOutcome(what, str(exc), title=what)
+    logging.error("BrainLobeSeg: %s\n%s", what, details)
+    return RunOutcome(what, _("{what} It failed unexpectedly: {error}").format(what=what, error=exc),
+                      details, title=what)
 
 
-class PanelRun:
-    """One segmentation started from the panel: :meth:`poll`, :meth:`cancel`,
-    :meth:`finish`.
+def _run_error(run: steps.SteppedRun, what: str = "") -> Optional[RunOutcome]:
+    """The outcome of a run that was cancelled or failed; None if it finished."""
+    if run.cancelled or isinstance(run.error, Cancelled):
+        return RunOutcome(_("Cancelled. Nothing was added to the scene."))
+    if run.error is not None:
+        return failure(run.error, "".join(traceback.format_exception(
+            type(run.error), run.error, run.error.__traceback__)), what)
+    return None
 
-    The engine's steps run on the main thread in a :class:`steps.SteppedRun`: each
-    :meth:`poll` (one per tick of the Widget's timer) runs steps for about ``budget_s``
-    and returns, so Slicer repaints and takes clicks between ticks. No thread is used,
-    because inside Slicer a Python thread only advances while the main thread runs
-    Python. Once :meth:`poll` reports done, :meth:`finish` builds the nodes.
-    ``output_node`` is the segmentation the user confirmed to replace (or None).
+
+class SteppedPanelRun:
+    """Steps run from the Widget's timer: :meth:`poll`, :meth:`cancel`, then the
+    subclass's ``finish``.
+
+    The steps run on the main thread in a :class:`steps.SteppedRun`: each :meth:`poll`
+    (one per tick of the Widget's timer) runs steps for about ``budget_s`` and returns,
+    so Slicer repaints and takes clicks between ticks. No thread is used, because inside
+    Slicer a Python thread only advances while the main thread runs Python.
     """
 
-    def __init__(self, logic: slicer_logic.BrainLobeSegLogic, job: slicer_logic.SegmentationJob,
-                 output_node=None, budget_s: Optional[float] = None) -> None:
-        self.logic, self.job, self.output_node = logic, job, output_node
-        self._fraction, self._message = 0.0, _("starting")
+    def cancel_tip(self) -> str:
+        """Tooltip of the Cancel button while this run goes."""
+        return _("Stop it; nothing is added to the scene.")
+
+    def __init__(self, work: "steps.Steps[Any]", budget_s: Optional[float] = None) -> None:
         budget_s = STEP_BUDGET_S if budget_s is None else budget_s   # read now: tests may set it
-        self._run = steps.SteppedRun(logic.run_steps(job, self._progress), budget_s=budget_s)
+        self._run = steps.SteppedRun(work, budget_s=budget_s)
         self.cancel_requested = False
         self.seconds = 0.0          # spent in the engine's steps (the GUI's time between ticks not counted)
         self.wall_seconds = 0.0     # from the first tick to the end
@@ -350,8 +364,8 @@ class PanelRun:
             self.seconds += ended - began
             self.wall_seconds = ended - self._started
             if self._run.done:
-                logging.info("BrainLobeSeg run: %d steps, longest %.2f s, %.1f s in steps, "
-                             "%.1f s from start to end", self._run.steps_run,
+                logging.info("BrainLobeSeg %s: %d steps, longest %.2f s, %.1f s in steps, "
+                             "%.1f s from start to end", type(self).__name__, self._run.steps_run,
                              self._run.longest_step_s, self.seconds, self.wall_seconds)
         return self._fraction, self._message, self._run.done
 
@@ -363,6 +377,13 @@ class PanelRun:
     @property
     def steps_run(self) -> int:
         return self._run.steps_run
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What stopped the run (:class:`Cancelled` when cancelled), None if it finished."""
+        if self._run.cancelled and self._run.error is None:
+            return Cancelled("cancelled by the user")
+        return self._run.error
 
     @property
     def longest_step_s(self) -> float:
@@ -379,14 +400,52 @@ class PanelRun:
         """Cancel at once and drop the result (scene or module closing)."""
         self.cancel()
 
+
+class AspectsRun(SteppedPanelRun):
+    """An ASPECTS read-out started from the panel (about 1-4 s of steps): the table and
+    the evidence volume are added in its last step, so a cancelled run adds nothing."""
+
+    def cancel_tip(self) -> str:
+        return _("Stop the ASPECTS read-out; nothing is added to the scene.")
+
+    def __init__(self, logic: slicer_logic.BrainLobeSegLogic, last: LastResult, side: str,
+                 on_change: Callable[[], None] = lambda: None, budget_s: Optional[float] = None) -> None:
+        self.last, self.on_change = last, on_change
+        self._fraction, self._message = 0.0, _("ASPECTS: starting")
+        super().__init__(logic.aspects_readout_steps(last.segmentation, last.volume, side,
+                                                     previous=last.aspects, progress=self._progress),
+                         budget_s)
+
+    def finish(self) -> RunOutcome:
+        """The read-out, or how it ended without one."""
+        ended = _run_error(self._run, _("The ASPECTS read-out failed."))
+        if ended is not None:
+            return ended
+        readout = self._run.result
+        return RunOutcome(aspects_message(readout), aspects=readout, progress=100)
+
+
+class PanelRun(SteppedPanelRun):
+    """One segmentation started from the panel: :meth:`poll`, :meth:`cancel`,
+    :meth:`finish`. Once :meth:`poll` reports done, :meth:`finish` builds the nodes.
+    ``output_node`` is the segmentation the user confirmed to replace (or None).
+    """
+
+    def cancel_tip(self) -> str:
+        return _("Stop the segmentation; nothing is added to the scene.")
+
+    def __init__(self, logic: slicer_logic.BrainLobeSegLogic, job: slicer_logic.SegmentationJob,
+                 output_node=None, budget_s: Optional[float] = None) -> None:
+        self.logic, self.job, self.output_node = logic, job, output_node
+        self._fraction, self._message = 0.0, _("starting")
+        super().__init__(logic.run_steps(job, self._progress), budget_s)
+
     def finish(self) -> RunOutcome:
         """Add the result to the scene and say how the run ended."""
         run = self._run
-        if run.cancelled or isinstance(run.error, Cancelled):
-            return RunOutcome(_("Cancelled. Nothing was added to the scene."))
-        if run.error is not None:
-            return failure(run.error, "".join(traceback.format_exception(
-                type(run.error), run.error, run.error.__traceback__)))
+        ended = _run_error(run)
+        if ended is not None:
+            return ended
         try:
             node = self.logic.create_output(self.job, run.result, output_node=self.output_node)
         except Exception as exc:  # reported, never lost
@@ -432,7 +491,7 @@ class Session:
 
     def __init__(self, core: slicer_logic.BrainLobeSegLogic) -> None:
         self.core = core
-        self.run: Optional[PanelRun] = None
+        self.run: Optional[SteppedPanelRun] = None   # a segmentation or an ASPECTS read-out
         self.result: Optional[LastResult] = None
         self._aspects_watcher = AspectsTableWatcher(core)
 
@@ -457,12 +516,16 @@ class Session:
         return job
 
     def finish(self) -> RunOutcome:
-        """End the finished run and keep its result."""
+        """End the finished run and keep its result: a segmentation becomes the last
+        result; an ASPECTS read-out becomes the last result's, its table watched."""
         run, self.run = self.run, None
         outcome = run.finish()
         if outcome.result is not None:
             self._aspects_watcher.stop()   # the read-out of the previous result stays as it is
             self.result = outcome.result
+        if outcome.aspects is not None and isinstance(run, AspectsRun) and self.result is run.last:
+            self.result.aspects = outcome.aspects
+            self._aspects_watcher.watch(outcome.aspects, run.on_change)
         return outcome
 
     def clear(self) -> None:
@@ -498,18 +561,27 @@ class Session:
                                              r.table_in_scene())
         return statistics_message(r.segmentation, r.table)
 
-    def read_aspects(self, side: str = "auto", on_change: Callable[[], None] = lambda: None) -> str:
-        """The ASPECTS read-out of the last result as it is now (its table and evidence
-        volume refilled on each read-out); returns the scores line. ``side``: "auto" (the
-        proposed side), "left" or "right". When the clinician ticks a box in its table,
-        the override is applied and ``on_change()`` is called."""
+    def start_aspects(self, side: str = "auto", on_change: Callable[[], None] = lambda: None) -> AspectsRun:
+        """Start the ASPECTS read-out of the last result as it is now, in steps polled like a
+        segmentation (:meth:`finish` then keeps it). ``side``: "auto" (the proposed side),
+        "left" or "right". When the clinician later ticks a box in its table, the override
+        is applied and ``on_change()`` is called. Its table and evidence volume are refilled
+        on each read-out."""
         if not self.can_measure():
             raise InputError("the segmentation or its CT is no longer in the scene.",
                              "Segment the CT again.")
-        r = self.result
-        r.aspects = self.core.aspects_readout(r.segmentation, r.volume, side, previous=r.aspects)
-        self._aspects_watcher.watch(r.aspects, on_change)
-        return aspects_message(r.aspects)
+        self.run = AspectsRun(self.core, self.result, side, on_change)
+        return self.run
+
+    def read_aspects(self, side: str = "auto", on_change: Callable[[], None] = lambda: None) -> str:
+        """:meth:`start_aspects` run to its end at once (scripts, tests); returns the scores
+        line, or raises what stopped it."""
+        run = self.start_aspects(side, on_change)
+        run.run_to_end()
+        outcome = self.finish()
+        if run.error is not None:
+            raise run.error
+        return outcome.status
 
     @property
     def aspects(self) -> Optional[slicer_logic.AspectsReadout]:

@@ -32,14 +32,14 @@ import dataclasses
 import os
 import pathlib
 import shlex
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import alignment, reference, transforms
 from .errors import InputError
-from .steps import Steps, run_steps
+from .steps import ProgressFn, Steps, run_steps
 from .geometry import Grid
 from .head_grid import WORK_SPACING_MM
 
@@ -78,8 +78,6 @@ MAX_FIT_RMS_MM = 8.0
 #: ... or when the fit says the regions are spread much wider or narrower than in the
 #: models' frame (per axis; heads differ by about +-12 % in the synthesis).
 FIT_SCALE_RANGE = (0.7, 1.4)
-
-ProgressFn = Callable[[float, str], None]
 
 
 def region_centroids_found(labels: np.ndarray, grid: Grid) -> Dict[int, np.ndarray]:

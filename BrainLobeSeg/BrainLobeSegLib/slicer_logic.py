@@ -64,7 +64,7 @@ from .slicer_tools import (add_upright_transform_node, check_volume, fill_segmen
                            image_from_volume_node, remove_node, transform_from_node,
                            transform_name)
 
-ProgressFn = Callable[[float, str], None]
+ProgressFn = steps.ProgressFn
 CancelFn = Callable[[], bool]
 
 #: Where ``R`` comes from: the volume's own parent transform, a chosen transform node,
@@ -448,6 +448,14 @@ class BrainLobeSegLogic:
         before anything is added, so a failure leaves the scene as it was. The CT and the
         segmentation's content are only read.
         """
+        return steps.run_steps(self.aspects_readout_steps(segmentation_node, volume_node, side, previous))
+
+    def aspects_readout_steps(self, segmentation_node, volume_node, side: Optional[str] = None,
+                              previous: Optional["AspectsReadout"] = None,
+                              progress: Optional[ProgressFn] = None) -> "steps.Steps[AspectsReadout]":
+        """:meth:`aspects_readout` in short steps, for the panel's timer. The input is
+        checked and read from the scene here, before the first step; the scene is changed
+        only in the last step, and only if the segmentation and the CT are still there."""
         from . import aspects
         if segmentation_node is None or segmentation_node.GetScene() is None:
             raise InputError("there is no segmentation to read ASPECTS from.", "Segment the CT first.")
@@ -460,7 +468,15 @@ class BrainLobeSegLogic:
         choice = side or "auto"
         ct = image_from_volume_node(volume_node)
         labels = slicer_tools.labelmap_from_segmentation(segmentation_node, volume_node)
-        result = aspects.assess(ct, labels, side=None if choice == "auto" else choice)
+        work = aspects.assess_steps(ct, labels, side=None if choice == "auto" else choice, progress=progress)
+        return self._readout_steps(work, segmentation_node, volume_node, choice, previous)
+
+    def _readout_steps(self, work, segmentation_node, volume_node, choice: str,
+                       previous: Optional["AspectsReadout"]) -> "steps.Steps[AspectsReadout]":
+        result = yield from work
+        if not (_in_scene(segmentation_node) and _in_scene(volume_node)):
+            raise InputError("the segmentation or its CT was removed during the ASPECTS read-out.",
+                             "Read ASPECTS again.")
         scene, name = segmentation_node.GetScene(), segmentation_node.GetName()
         reuse = previous if previous is not None and previous.segmentation is segmentation_node else None
         if reuse is not None:   # the clinician's calls are kept: reading out again after a

@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 #: A computation in steps: yields ``None`` between steps, returns ``T`` at the end.
 Steps = Generator[None, None, T]
+#: How a computation reports how far it is: ``progress(fraction 0-1, message)``.
+ProgressFn = Callable[[float, str], None]
 
 
 def run_steps(steps: "Steps[T]") -> T:

@@ -152,7 +152,7 @@ def features(result: aspects.AspectsResult, maps: aspects.EvidenceMaps) -> List[
         low = {str(q): float(ev[:max(1, int(q * ev.size))].mean()) if ev.size else None
                for q in (0.1, 0.2, 0.3, 0.5, 1.0)}
         frac = {str(t): float((ev <= -t).mean()) if ev.size else None for t in (1.5, 2.0, 3.0, 4.0)}
-        out.append({"label": r.label, "frac": r.affected_fraction, "drop": r.median_drop_hu,
+        out.append({"label": r.label, "frac": r.affected_fraction, "drop": r.median_drop_hu, "dark": r.darkest_part_hu,
                     "mean": r.diff_to_mirror_hu, "exp": r.diff_to_expected_hu, "ml": r.parenchyma_ml,
                     "called": r.called, "low": low, "fracs": frac, "sigma": sigma})
     return out

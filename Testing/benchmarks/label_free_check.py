@@ -10,13 +10,14 @@ For each scan (a file or a DICOM folder; several may be given):
   automatic alignment), its labels mapped back through ``Q``, and compared with the unturned
   result by mean Dice over the regions;
 - an overlay montage PNG (``--montage``): upright axial slices at five levels with the
-  labels, anterior up, the patient's right on the image's left (radiological view).
+  labels, anterior up, the patient's right on the image's left (radiological view). A
+  picture of a scan under ``../shared/data`` is that data: write it outside the project.
 
 The unturned scan is segmented without a transform too (the automatic pose), as a
 clinician without an ITK-SNAP file would. Printed numbers only; nothing is asserted.
 
     python Testing/benchmarks/label_free_check.py atlas/real-ct/dcm_qa_ct-GE \\
-        --montage Testing/benchmarks/real-ct-overlay.png
+        --montage OUT/real-ct-overlay.png
 """
 
 from __future__ import annotations
