@@ -40,12 +40,12 @@ ASPECTS per side = 10 minus the regions called on that side; the clinician can o
 any call (:meth:`AspectsResult.set_override`). The symptomatic side is the user's, or is
 proposed from the asymmetry, with the reason.
 
-The thresholds were chosen on a tuning set of synthetic scans (``training synth --seed
-9350 --no-infarcts`` plus graded inserted infarcts, segmented by the bundled 3D model)
-and measured on another (``Testing/benchmarks/aspects_bench.py``, ASPECTS_RESULTS.md).
-Between normal hemispheres of that synthesis a region's mean differs by about 0.6 HU
-(standard deviation, whatever the noise or the labels), which is what bounds them. Only numpy and SimpleITK
-are imported (the inference-path rule).
+The thresholds were chosen on two sets of synthetic scans (``training synth --seed 9350``
+and ``--seed 9400``, ``--no-infarcts``, plus graded inserted infarcts, segmented by the
+bundled 3D model) and measured on a third (seed 9500; ``Testing/benchmarks/aspects_bench.py``,
+ASPECTS_RESULTS.md). Between normal hemispheres of that synthesis a region's mean differs by
+about 0.6 HU (standard deviation, whatever the noise or the labels), which is what bounds
+them. Only numpy and SimpleITK are imported (the inference-path rule).
 """
 
 from __future__ import annotations

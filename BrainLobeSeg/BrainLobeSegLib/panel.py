@@ -343,7 +343,8 @@ class SteppedPanelRun:
         """Tooltip of the Cancel button while this run goes."""
         return _("Stop it; nothing is added to the scene.")
 
-    def __init__(self, work: "steps.Steps[Any]", budget_s: Optional[float] = None) -> None:
+    def __init__(self, work: "steps.Steps[Any]", message: str, budget_s: Optional[float] = None) -> None:
+        self._fraction, self._message = 0.0, message   # until the steps report (_progress)
         budget_s = STEP_BUDGET_S if budget_s is None else budget_s   # read now: tests may set it
         self._run = steps.SteppedRun(work, budget_s=budget_s)
         self.cancel_requested = False
@@ -411,10 +412,9 @@ class AspectsRun(SteppedPanelRun):
     def __init__(self, logic: slicer_logic.BrainLobeSegLogic, last: LastResult, side: str,
                  on_change: Callable[[], None] = lambda: None, budget_s: Optional[float] = None) -> None:
         self.last, self.on_change = last, on_change
-        self._fraction, self._message = 0.0, _("ASPECTS: starting")
         super().__init__(logic.aspects_readout_steps(last.segmentation, last.volume, side,
                                                      previous=last.aspects, progress=self._progress),
-                         budget_s)
+                         _("ASPECTS: starting"), budget_s)
 
     def finish(self) -> RunOutcome:
         """The read-out, or how it ended without one."""
@@ -437,8 +437,7 @@ class PanelRun(SteppedPanelRun):
     def __init__(self, logic: slicer_logic.BrainLobeSegLogic, job: slicer_logic.SegmentationJob,
                  output_node=None, budget_s: Optional[float] = None) -> None:
         self.logic, self.job, self.output_node = logic, job, output_node
-        self._fraction, self._message = 0.0, _("starting")
-        super().__init__(logic.run_steps(job, self._progress), budget_s)
+        super().__init__(logic.run_steps(job, self._progress), _("starting"), budget_s)
 
     def finish(self) -> RunOutcome:
         """Add the result to the scene and say how the run ended."""
