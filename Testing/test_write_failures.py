@@ -193,3 +193,33 @@ def test_a_signal_just_after_the_staging_folder_is_made_leaves_nothing(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         output.OutputSet(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_commit_waits_for_the_whole_set(tmp_path, monkeypatch):
+    """An interrupt that lands between two of the commit's moves (a real SIGINT to this
+    process) is held until every staged file is in place, then raised: the case's outputs
+    are all new, never half old and half new, and no staging folder is left."""
+    from BrainLobeSegLib import output
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (out / name).write_text("old")
+    real_replace = os.replace
+    moves = []
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        moves.append(dst)
+        if len(moves) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)   # the handler runs at the next bytecode, well within this
+
+    with pytest.raises(KeyboardInterrupt):
+        with output.OutputSet(str(out)) as staged:
+            for name in ("a.txt", "b.txt", "c.txt"):
+                Path(staged.path(name)).write_text("new")
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+            staged.commit()
+    assert len(moves) == 3
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a.txt": "new", "b.txt": "new", "c.txt": "new"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
