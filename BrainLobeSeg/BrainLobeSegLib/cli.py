@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__, console, imageio, models, output, quality, regions, transforms
+from . import __version__, console, imageio, models, output, quality, regions, signals, transforms
 from .errors import EXIT_INPUT_ERROR, Cancelled, InputError, InputWarning, from_os_error
 from .inference import FUSIONS, SegmentationResult, Segmenter
 from .modes import DEFAULT_MODE, MODES
@@ -379,16 +378,9 @@ def signals_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill``, a job scheduler) and SIGHUP (a closed terminal) stop a run like
     Ctrl+C: the staging folders are removed on the way out and one line is printed,
     where the default action would kill the process mid-write and leave them behind."""
-    if threading.current_thread() is not threading.main_thread():
+    wanted = [s for s in signals.STOP_SIGNALS if s != signal.SIGINT]
+    with signals.handlers_swapped(wanted, _interrupt):
         yield
-        return
-    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {s: signal.signal(s, _interrupt) for s in wanted}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,19 +8,16 @@ package. Slicer and ``slicerio`` read it. Every file is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
-import signal
-import threading
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
 import SimpleITK as sitk
 
-from . import regions
+from . import regions, signals
 from .errors import InputError, from_os_error
 from .imageio import write_image_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
@@ -165,10 +162,10 @@ class OutputSet:
         return str(self.stage / name)
 
     def commit(self) -> List[Path]:
-        """Move every staged file into place. Ctrl+C or SIGTERM during the moves is held
-        until all are done (then raised), so a case is never left half old, half new."""
+        """Move every staged file into place. Ctrl+C, SIGTERM or SIGHUP during the moves is
+        held until all are done (then delivered), so a case is never left half old, half new."""
         final = []
-        with signals_held():
+        with signals.stop_signals_held():
             for name in self.names:
                 os.replace(self.stage / name, self.outdir / name)
                 final.append(self.outdir / name)
@@ -197,28 +194,3 @@ class OutputSet:
         self.discard()
         if isinstance(exc, OSError):
             raise from_os_error(exc, str(self.outdir)) from None
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the duration of a few file moves, then deliver them.
-
-    Python runs signal handlers between bytecodes, so an interrupt can land between two
-    ``os.replace`` calls. The moves take milliseconds; waiting for them costs the user
-    nothing and keeps the output consistent. Handlers can only be swapped in the main
-    thread; elsewhere (Slicer's or a test's worker thread) signals do not reach Python
-    code anyway, and the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: List[int] = []
-    kinds = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in kinds}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in caught:
-            signal.raise_signal(s)
