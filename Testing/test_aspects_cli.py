@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainLobeSegLib import aspects, aspects_preview, cli, models, phantom, regions, transforms
+from BrainLobeSegLib import aspects, aspects_card, aspects_preview, cli, models, phantom, regions, transforms
 from BrainLobeSegLib.errors import EXIT_INPUT_ERROR
 
 M2_LEFT = regions.region("M2", "left")
@@ -265,3 +265,26 @@ def test_read_out_after_segmenting_with_the_bundled_model(files, tmp_path, capsy
     details = strict_json(tmp_path / "low-aspects-score.json")
     darkest = min(details["regions"], key=lambda r: r["darkest_part_hu"] if r["darkest_part_hu"] is not None else 0)
     assert darkest["region"] == "M2 left"
+
+
+def test_another_read_out_card_is_used_and_a_broken_one_refused(files, tmp_path, capsys):
+    """--aspects-card: the calls come from the card given (here one whose threshold every
+    region reaches); a broken card stops the run before anything is written."""
+    card = json.loads(aspects_card.default_card_path().read_text())
+    card["threshold"] = -1e6
+    strict = tmp_path / "lax.json"
+    strict.write_text(json.dumps(card))
+    out_dir = tmp_path / "out"
+    code, _, err = run(["stats", str(files["low"]), "--labels", str(files["labels"]), "--aspects-card", str(strict),
+                        "-o", str(out_dir)], capsys)
+    assert code == 0, err
+    data = strict_json(out_dir / "low-aspects-score.json")
+    assert data["aspects"]["score_right"] == 0 and data["settings"]["card"] == str(strict)
+    m3 = next(r for r in data["regions"] if r["region"] == "M3 right")
+    assert m3["called"] and m3["reasons"][0].startswith("call score") and abs(m3["measures"]["mean"]) < 1.0
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**card, "weights": {}}))
+    code, _, err = run(["stats", str(files["low"]), "--labels", str(files["labels"]), "--aspects-card", str(broken),
+                        "-o", str(tmp_path / "none")], capsys)
+    assert code == EXIT_INPUT_ERROR and "read-out card" in err and "not valid" in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()

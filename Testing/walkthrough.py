@@ -108,6 +108,8 @@ RULES: List[Tuple[str, Handler]] = [
     (r"make test-numpy126", skip("CI's numpy 1.26 step (.ci/run): minutes in a throwaway venv")),
     (r"make bench( ATLAS=atlas)?\s+#.*", skip("benchmark: minutes of CPU, rewrites Testing/benchmarks/RESULTS.md")),
     (r"python Testing/benchmarks/\w+\.py .*", skip("benchmark on held-out or real scans (minutes, needs data)")),
+    (r"python -m training aspects_fit tune\.json bench\.json .*",
+     skip("fits on the benchmark's dumps above (Testing/test_aspects_card.py fits on dumps made in code)")),
 ]
 
 #: The first line of a block that is a synopsis (options in brackets), not commands.

@@ -25,6 +25,7 @@ COMMANDS: Dict[str, str] = {
     "evaluate": "score models on a labelled dataset folder",
     "export": "turn a training run into a model folder",
     "bundle_template": "rebuild the upright reference head CT the engine ships (alignment)",
+    "aspects_fit": "fit the ASPECTS read-out card on aspects_bench.py --dump records",
 }
 
 

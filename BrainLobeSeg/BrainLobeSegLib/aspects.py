@@ -22,34 +22,36 @@ region by region, on the segmented scan:
    hemispheres (scanner shading, positioning), fitted to the whole brain's mirror
    difference and fitted again without the pairs that stand out, is subtracted. Mapped
    back to the scan grid this is the evidence volume a reader overlays (negative: darker).
-5. **Per region.** The mean evidence over the region's tissue (a drop over most of the
-   region), the darkest compact part of the region (the 5th percentile of the evidence
-   averaged over :data:`DARK_PART_SIGMA_MM` within the region: a drop over a third of it),
-   the share of the tissue at least :data:`VOXEL_DROP_HU` darker (the affected fraction),
-   the difference to the regions of the same kind in the scan, and the grey/white contrast
-   against the mirror region. A region is called when its mean is :data:`MEAN_DROP_HU`
-   darker than the mirror region, or its darkest part :data:`DARK_PART_DROP_HU` darker, or
-   when it is :data:`EXPECTED_DROP_HU` darker than the regions of its kind (bilateral
-   change, which a mirror comparison cannot see). Deep regions (caudate, lentiform,
-   internal capsule) are small and differ more between normal hemispheres, so their
-   thresholds are higher; on a scan whose evidence varies more than
-   :data:`EVIDENCE_SPREAD_HU` overall, both mirror thresholds are raised in proportion.
-   Grey/white contrast loss is reported as a reason only.
+5. **Per region.** Measures of the region's evidence (:data:`aspects_card.MEASURES`): its
+   mean (a drop over most of the region), its darkest compact part (the 5th percentile of
+   the evidence averaged over 5, 8 or 12 mm within the region: a drop over a third of it),
+   the mean of its darkest 30 % and 60 %, the share at least :data:`VOXEL_DROP_HU` darker
+   (the affected fraction), its difference to the regions of the same kind in the scan,
+   and its grey/white contrast against the mirror region.
+6. **Call.** The read-out card (:mod:`aspects_card`) turns each measure into a z-value
+   against normal scans *for that region* (a 4 ml deep nucleus differs more between normal
+   hemispheres than a 30 ml cortical region) and weighs them into a call score
+   (log-odds); the region is called from the card's threshold, with the measures that
+   pushed the score named as reasons. A region :data:`EXPECTED_DROP_HU` darker than the
+   regions of its kind is called too (bilateral change, which a mirror comparison cannot
+   see).
 
 ASPECTS per side = 10 minus the regions called on that side; the clinician can override
 any call (:meth:`AspectsResult.set_override`). The symptomatic side is the user's, or is
 proposed from the asymmetry, with the reason.
 
-The thresholds were chosen on two sets of synthetic scans (``training synth --seed 9350``
-and ``--seed 9400``, ``--no-infarcts``, plus graded inserted infarcts, segmented by the
-bundled 3D model) and measured on a third (seed 9500; ``Testing/benchmarks/aspects_bench.py``,
-ASPECTS_RESULTS.md). Between normal hemispheres of that synthesis a region's mean differs by
-about 0.6 HU (standard deviation, whatever the noise or the labels), which is what bounds
-them. Only numpy and SimpleITK are imported (the inference-path rule).
+The bundled card was fitted (``python -m training aspects_fit``) on synthetic scans made
+from one atlas with graded inserted infarcts, segmented by the bundled 3D model, and
+measured on scans no fit saw (``Testing/benchmarks/aspects_bench.py``,
+ASPECTS_RESULTS.md). Real normal hemispheres differ more than these, so on real scans the
+calls are a starting point; a site can refit the card on its own scans.
+
+Only numpy and SimpleITK are imported (the inference-path rule).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -58,7 +60,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from . import regions, steps
+from . import aspects_card, regions, steps
 from .errors import InputError
 
 # ----------------------------------------------------------------------------- settings
@@ -98,19 +100,16 @@ DENSE_GAP_HU = 5.0
 VOXEL_DROP_HU = 2.0
 #: Codes of the deep regions: 3-8 ml, with more normal left/right difference than cortex.
 DEEP_CODES = ("C", "L", "IC")
-#: A region is called when its mean evidence is this far below 0 (HU; cortex, deep) ...
-MEAN_DROP_HU: Dict[str, float] = {"cortex": 1.2, "deep": 1.56}
-#: ... or when its darkest compact part is this far below (HU; cortex, deep): the
-#: :data:`DARK_PART_PERCENTILE` th percentile of the evidence averaged over a Gaussian of
-#: :data:`DARK_PART_SIGMA_MM` within the region's tissue (normalised convolution) ...
-DARK_PART_DROP_HU: Dict[str, float] = {"cortex": 2.5, "deep": 3.5}
+#: The darkest compact part of a region: the :data:`DARK_PART_PERCENTILE` th percentile of
+#: its evidence averaged over a Gaussian of ``sigma`` mm within the region's tissue
+#: (normalised convolution), at the scales the read-out card's measures name.
 DARK_PART_SIGMA_MM = 8.0
+DARK_PART_SCALES_MM: Dict[str, float] = {"dark": 8.0, "dark5": 5.0, "dark12": 12.0}
 DARK_PART_PERCENTILE = 5.0
-#: Both thresholds are multiplied by ``max(1, spread / EVIDENCE_SPREAD_HU)``, where the
-#: spread is the robust standard deviation (1.4826 x median absolute value) of the
-#: evidence over all regions' tissue: on a scan whose hemispheres differ more everywhere
-#: (noise, asymmetry, segmentation trouble) one region's difference means less.
-EVIDENCE_SPREAD_HU = 2.0
+#: Shares of a region's darkest voxels whose mean evidence are the ``low30``/``low60`` measures.
+LOW_SHARES: Dict[str, float] = {"low30": 0.3, "low60": 0.6}
+#: A region is called when its call score (:mod:`aspects_card`, fitted on normal and
+#: infarcted scans) reaches the card's threshold ...
 #: ... or when its mean density is this far below the median of its kind (both sides).
 EXPECTED_DROP_HU = 6.0
 #: Regions with fewer parenchyma voxels than this (ml) are not called (slivers at the
@@ -149,9 +148,11 @@ class RegionCall:
     diff_to_expected_hu: Optional[float]  # region mean minus the median of its kind
     gw_contrast_hu: Optional[float]      # grey/white contrast (90th - 10th percentile)
     gw_loss_hu: Optional[float]          # mirror's contrast minus this one's (positive: lost)
+    call_score: Optional[float]          # log-odds from the read-out card (aspects_card)
     called: bool              # the automatic call
     reasons: List[str]
     override: Optional[bool] = None      # the clinician's call, when given
+    measures: Dict[str, Optional[float]] = field(default_factory=dict)  # aspects_card.MEASURES
 
     @property
     def affected(self) -> bool:
@@ -168,7 +169,7 @@ class AspectsResult:
     side_source: str          # "user" or "proposed"
     side_reason: str
     level_hu: float           # parenchyma level of the scan
-    evidence_spread_hu: float = 0.0   # robust SD of the evidence in the regions (EVIDENCE_SPREAD_HU)
+    evidence_spread_hu: float = 0.0   # robust SD of the evidence in the regions (a quality hint)
     evidence: Optional[sitk.Image] = None   # float32 HU on the scan grid, 0 outside tissue
     notice: str = NOTICE
     settings: Dict[str, Any] = field(default_factory=dict)
@@ -211,6 +212,7 @@ class AspectsResult:
         for r in self.regions:
             d = asdict(r)
             d["affected"] = r.affected
+            d["measures"] = {k: _round(v) for k, v in r.measures.items()}
             regs.append(d)
         return {"notice": self.notice,
                 "aspects": {"side": self.side, "side_source": self.side_source,
@@ -510,30 +512,31 @@ def shading_difference(raw: np.ndarray, tissue: np.ndarray,
 
 # ----------------------------------------------------------------------------- calls
 
-def darkest_part(maps: EvidenceMaps, label: int) -> Optional[float]:
+def darkest_part(maps: EvidenceMaps, label: int, sigma_mm: float = DARK_PART_SIGMA_MM) -> Optional[float]:
     """The :data:`DARK_PART_PERCENTILE` th percentile (HU) of the region's evidence averaged
-    over :data:`DARK_PART_SIGMA_MM` within its own tissue: how dark its darkest compact
-    part is. An infarct of a third of a region barely moves the region's mean, and single
-    voxels are too noisy; an average over about the infarct's size sees it. Only points
-    with at least 30 % of the best-supported point's weight count (not the region's rim)."""
+    over ``sigma_mm`` within its own tissue: how dark its darkest compact part is. An
+    infarct of a third of a region barely moves the region's mean, and single voxels are
+    too noisy; an average over about the infarct's size sees it. Only points with at least
+    30 % of the best-supported point's weight count (not the region's rim)."""
     m = (maps.labels == label) & maps.tissue
     if m.sum() < 30:
         return None
-    box = _region_box(m, int(math.ceil(3 * DARK_PART_SIGMA_MM / GRID_MM)))
-    mean, weight = _normalised(maps.evidence[box], m[box], DARK_PART_SIGMA_MM)
+    box = _region_box(m, int(math.ceil(3 * sigma_mm / GRID_MM)))
+    mean, weight = _normalised(maps.evidence[box], m[box], sigma_mm)
     inside = m[box]
     values = mean[inside & (weight >= 0.3 * weight[inside].max())]
     return float(np.percentile(values, DARK_PART_PERCENTILE))
 
 
-def _region_measures(maps: EvidenceMaps) -> Dict[int, dict]:
-    """Per region: tissue voxels' evidence, its darkest part, mean HU and grey/white
-    contrast."""
-    return steps.run_steps(_region_measures_steps(maps))
+def _region_measures(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dark",)) -> Dict[int, dict]:
+    """Per region: tissue voxels' evidence and HU, its darkest parts, grey/white contrast."""
+    return steps.run_steps(_region_measures_steps(maps, dark_parts))
 
 
-def _region_measures_steps(maps: EvidenceMaps) -> "steps.Steps[Dict[int, dict]]":
-    """:func:`_region_measures`, a step per 5 regions (each darkest part is a smoothing)."""
+def _region_measures_steps(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dark",)
+                           ) -> "steps.Steps[Dict[int, dict]]":
+    """:func:`_region_measures`, a step per 5 regions (each darkest part is a smoothing).
+    ``dark_parts``: which of :data:`DARK_PART_SCALES_MM` to measure."""
     ml = GRID_MM ** 3 / 1000.0
     lab = maps.labels.ravel()
     keep = maps.tissue.ravel() & (lab > 0)
@@ -546,9 +549,10 @@ def _region_measures_steps(maps: EvidenceMaps) -> "steps.Steps[Dict[int, dict]]"
         sel = lab_k == r.label
         ev, hu = ev_k[sel], hu_k[sel]
         out[r.label] = {"n": int(sel.sum()), "ml": float(sel.sum() * ml), "ev": ev,
-                        "dark": darkest_part(maps, r.label) if sel.any() else None,
                         "mean": float(hu.mean()) if hu.size else None,
-                        "gw": float(np.percentile(hu, 90) - np.percentile(hu, 10)) if hu.size > 10 else None}
+                        "gw": float(np.percentile(hu, 90) - np.percentile(hu, 10)) if hu.size > 10 else None,
+                        **{name: darkest_part(maps, r.label, DARK_PART_SCALES_MM[name]) if sel.any() else None
+                           for name in dark_parts}}
     return out
 
 
@@ -566,44 +570,54 @@ def _expected_diffs(measures: Dict[int, dict]) -> Dict[int, Optional[float]]:
     return out
 
 
+def region_values(me: dict, mirror: dict, expected: Optional[float]) -> Dict[str, Optional[float]]:
+    """Every measure of :data:`aspects_card.MEASURES` that ``me`` allows (None where the
+    region has too little tissue): the inputs of the call and of the benchmark's dumps."""
+    ev = np.sort(me["ev"])
+    if me["ml"] < MIN_MEASURED_ML or ev.size == 0:
+        return {name: None for name in aspects_card.MEASURES}
+    out: Dict[str, Optional[float]] = {name: me.get(name) for name in DARK_PART_SCALES_MM}
+    out["mean"] = float(ev.mean())
+    out.update({name: float(ev[:max(1, int(share * ev.size))].mean()) for name, share in LOW_SHARES.items()})
+    out["frac"] = float((ev <= -VOXEL_DROP_HU).mean())
+    out["expected"] = expected
+    out["gw_loss"] = mirror["gw"] - me["gw"] if me["gw"] is not None and mirror["gw"] is not None else None
+    return out
+
+
 def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
-                raise_by: float = 1.0) -> RegionCall:
-    """The evidence of one region and its call, with the reasons in words. ``raise_by``
-    multiplies the mirror thresholds (:data:`EVIDENCE_SPREAD_HU`)."""
+                card: aspects_card.ReadoutCard) -> RegionCall:
+    """The evidence of one region, its call score and call, with the reasons in words."""
     ml = GRID_MM ** 3 / 1000.0
     measured = me["ml"] >= MIN_MEASURED_ML
-    ev, dark = me["ev"], me["dark"]
-    frac = aff_ml = drop = mean_ev = gw_loss = None
+    values = region_values(me, mirror, expected)
+    frac = aff_ml = drop = score = None
     reasons: List[str] = []
     called = False
     if measured:
+        ev = me["ev"]
         hit = ev <= -VOXEL_DROP_HU
         frac, aff_ml = float(hit.mean()), float(hit.sum() * ml)
         drop = float(np.median(ev[hit])) if hit.any() else 0.0
-        mean_ev = float(ev.mean())
-        if me["gw"] is not None and mirror["gw"] is not None:
-            gw_loss = mirror["gw"] - me["gw"]
-        kind = "deep" if r.code in DEEP_CODES else "cortex"
-        if mean_ev <= -MEAN_DROP_HU[kind] * raise_by:
+        score = card.score(r.code, values)
+        if score is not None and score >= card.threshold:
             called = True
-            reasons.append(f"{-mean_ev:.1f} HU darker than the mirror side on average, "
-                           f"{100 * frac:.0f}% of it ({aff_ml:.1f} ml) by {VOXEL_DROP_HU:g} HU or more")
-        if dark is not None and dark <= -DARK_PART_DROP_HU[kind] * raise_by:
-            called = True
-            reasons.append(f"its darkest part is {-dark:.1f} HU darker than the mirror side "
-                           f"(averaged over {DARK_PART_SIGMA_MM:g} mm)")
+            reasons.append(f"call score {score:.1f} (called from {card.threshold:.1f}): "
+                           + "; ".join(card.reasons(r.code, values) or ["several small differences together"]))
         if expected is not None and expected <= -EXPECTED_DROP_HU:
             called = True
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
+        gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
             reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")
     else:
         reasons.append(f"too little tissue measured ({me['ml']:.1f} ml): not called")
     return RegionCall(label=r.label, region=r.segment_name, code=r.code, side=r.side,
                       parenchyma_ml=me["ml"], affected_fraction=frac, affected_ml=aff_ml,
-                      median_drop_hu=drop, darkest_part_hu=dark if measured else None,
-                      diff_to_mirror_hu=mean_ev, diff_to_expected_hu=expected,
-                      gw_contrast_hu=me["gw"], gw_loss_hu=gw_loss, called=called, reasons=reasons)
+                      median_drop_hu=drop, darkest_part_hu=values["dark"],
+                      diff_to_mirror_hu=values["mean"], diff_to_expected_hu=expected if measured else None,
+                      gw_contrast_hu=me["gw"], gw_loss_hu=values["gw_loss"], call_score=score,
+                      called=called, reasons=reasons, measures=values)
 
 
 def propose_side(calls: Sequence[RegionCall]) -> Tuple[str, str]:
@@ -635,17 +649,18 @@ def evidence_on_scan(maps: EvidenceMaps, scan: sitk.Image) -> sitk.Image:
 
 
 def assess(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
-           with_evidence_map: bool = True) -> AspectsResult:
+           with_evidence_map: bool = True, card: Optional[aspects_card.ReadoutCard] = None) -> AspectsResult:
     """The ASPECTS read-out of ``ct`` (HU) with its ASPECTS ``labels`` (same grid).
 
-    ``side``: the symptomatic side if the clinician knows it; else proposed.
+    ``side``: the symptomatic side if the clinician knows it; else proposed. ``card``: the
+    read-out card (default: the bundled one).
     """
-    return steps.run_steps(assess_steps(ct, labels, side, with_evidence_map))
+    return steps.run_steps(assess_steps(ct, labels, side, with_evidence_map, card=card))
 
 
 def assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
-                 with_evidence_map: bool = True,
-                 progress: Optional[steps.ProgressFn] = None) -> "steps.Steps[AspectsResult]":
+                 with_evidence_map: bool = True, progress: Optional[steps.ProgressFn] = None,
+                 card: Optional[aspects_card.ReadoutCard] = None) -> "steps.Steps[AspectsResult]":
     """:func:`assess` in short steps (see :mod:`steps`). The input is checked here, before
     the first step, so that a bad input fails at once with nothing started."""
     from .statistics import _check_same_grid, labels_array
@@ -653,23 +668,27 @@ def assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
     labels_array(labels)
     if side is not None and side not in SIDES:
         raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
-    return _assess_steps(ct, labels, side, with_evidence_map, progress or (lambda fraction, message: None))
+    card = card or bundled_card()   # a missing or broken card fails here, before any step
+    return _assess_steps(ct, labels, side, with_evidence_map, progress or (lambda fraction, message: None), card)
 
 
 def _assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str], with_evidence_map: bool,
-                  tell: steps.ProgressFn) -> "steps.Steps[AspectsResult]":
+                  tell: steps.ProgressFn, card: aspects_card.ReadoutCard) -> "steps.Steps[AspectsResult]":
     maps = yield from evidence_maps_steps(ct, labels, tell)
     tell(0.9, "ASPECTS: calling the regions")
-    result = yield from read_out_steps(maps, side)
+    result = yield from read_out_steps(maps, side, card)
     if with_evidence_map:
         yield
         result.evidence = evidence_on_scan(maps, ct)
     return result
 
 
-def read_out(maps: EvidenceMaps, side: Optional[str] = None) -> AspectsResult:
-    """The calls, the side and the scores from the evidence maps (no evidence volume)."""
-    return steps.run_steps(read_out_steps(maps, side))
+def read_out(maps: EvidenceMaps, side: Optional[str] = None,
+             card: Optional[aspects_card.ReadoutCard] = None, all_measures: bool = False) -> AspectsResult:
+    """The calls, the side and the scores from the evidence maps (no evidence volume).
+    ``card``: the read-out card (default: the bundled one); ``all_measures``: measure every
+    darkest-part scale, not only the card's (for fitting a card)."""
+    return steps.run_steps(read_out_steps(maps, side, card, all_measures))
 
 
 def evidence_spread(maps: EvidenceMaps) -> float:
@@ -678,13 +697,16 @@ def evidence_spread(maps: EvidenceMaps) -> float:
     return float(1.4826 * np.median(np.abs(ev))) if ev.size else 0.0
 
 
-def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None) -> "steps.Steps[AspectsResult]":
+def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
+                   card: Optional[aspects_card.ReadoutCard] = None,
+                   all_measures: bool = False) -> "steps.Steps[AspectsResult]":
     """:func:`read_out` in short steps."""
-    measures = yield from _region_measures_steps(maps)
+    card = card or bundled_card()
+    dark_parts = list(DARK_PART_SCALES_MM) if all_measures else \
+        [m for m in aspects_card.measure_names(card, ("dark",)) if m in DARK_PART_SCALES_MM]
+    measures = yield from _region_measures_steps(maps, dark_parts)
     expected = _expected_diffs(measures)
-    spread = evidence_spread(maps)
-    raise_by = max(1.0, spread / EVIDENCE_SPREAD_HU)
-    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label], raise_by)
+    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label], card)
              for r in regions.REGIONS]
     if side is None:
         side, reason = propose_side(calls)
@@ -693,8 +715,15 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None) -> "steps.Ste
         source, reason = "user", "chosen by the user"
     settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
                 "tissue_window_hu": list(TISSUE_WINDOW_HU), "voxel_drop_hu": VOXEL_DROP_HU,
-                "mean_drop_hu": dict(MEAN_DROP_HU), "dark_part_drop_hu": dict(DARK_PART_DROP_HU),
                 "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
-                "expected_drop_hu": EXPECTED_DROP_HU, "evidence_spread_reference_hu": EVIDENCE_SPREAD_HU,
-                "thresholds_raised_by": round(raise_by, 3), "min_measured_ml": MIN_MEASURED_ML}
-    return AspectsResult(calls, side, source, reason, maps.level, evidence_spread_hu=spread, settings=settings)
+                "expected_drop_hu": EXPECTED_DROP_HU, "min_measured_ml": MIN_MEASURED_ML,
+                "card": card.source, "card_measures": list(card.features),
+                "card_threshold": card.threshold, "card_trained_on": card.trained_on.get("summary", "")}
+    return AspectsResult(calls, side, source, reason, maps.level, evidence_spread_hu=evidence_spread(maps),
+                         settings=settings)
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_card() -> aspects_card.ReadoutCard:
+    """The bundled read-out card, read once per process."""
+    return aspects_card.load_card()

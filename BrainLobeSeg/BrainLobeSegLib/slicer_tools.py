@@ -623,6 +623,7 @@ ASPECTS_COLUMNS = (
     ("affected", "affected", "check"),
     ("called", "automatic call", "text"),
     ("override", "clinician", "text"),
+    ("call_score", "call score", "log-odds"),
     ("affected_percent", "darker part [%]", "%"),
     ("affected_ml", "darker part [ml]", "ml"),
     ("median_drop_hu", "median drop [HU]", "HU"),
@@ -762,7 +763,8 @@ def aspects_table_node(scene, result, name: str = "ASPECTS", table_node=None):
         table.SetNumberOfRows(len(result.regions))
         for i, r in enumerate(result.regions):
             values = {"region": r.region, "affected": 0, "called": "yes" if r.called else "no",
-                      "override": "", "affected_percent": _number(r.affected_fraction, 100.0),
+                      "override": "", "call_score": _number(r.call_score),
+                      "affected_percent": _number(r.affected_fraction, 100.0),
                       "affected_ml": _number(r.affected_ml), "median_drop_hu": _number(r.median_drop_hu),
                       "darkest_part_hu": _number(r.darkest_part_hu),
                       "diff_to_mirror_hu": _number(r.diff_to_mirror_hu),

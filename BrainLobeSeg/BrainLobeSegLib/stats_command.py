@@ -23,6 +23,7 @@ from .statistics import (BRAIN_WINDOW_HU, DEFAULT_DROP_THRESHOLD_HU, print_summa
 
 if TYPE_CHECKING:
     from .aspects import AspectsResult, RegionCall
+    from .aspects_card import ReadoutCard
 
 
 def _pose(args: argparse.Namespace, scan: sitk.Image):
@@ -38,6 +39,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from . import batch, output
     from .console import case_warnings
     output.check_output_folder(args.output)   # before minutes of inference, not after
+    args.card = _card(args)
     jobs = batch.expand_inputs(args.scan, args.transform)
     if args.labels and len(jobs) != 1:
         raise InputError(f"--labels goes with one scan; {len(jobs)} cases were given.",
@@ -118,7 +120,7 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
                                                   "match": round(pose.estimate.match, 3)}
                 print(cli.pose_line(case, pose, os.path.join(args.output, written)))
         report.extra["scan"] = os.path.abspath(job.scan)
-        read_out = None if args.no_aspects else _read_out(report, case, scan, labels, args.side)
+        read_out = None if args.no_aspects else _read_out(report, case, scan, labels, args.side, args.card)
         report.extra["warnings"] = (segmenters[0][1] if segmenters else []) + noted.messages
         if read_out is not None:
             write_aspects(out, case, scan, labels, read_out, report.extra)
@@ -139,8 +141,19 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
 SKIPPED = "ASPECTS read-out skipped"
 
 
-def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str]
-                   ) -> Tuple[Optional["AspectsResult"], Optional[str]]:
+def _card(args: argparse.Namespace) -> Optional["ReadoutCard"]:
+    """The ``--aspects-card`` read before any work (a bad card fails at once); None: the
+    bundled card."""
+    if not args.aspects_card:
+        return None
+    if args.no_aspects:
+        raise InputError("--aspects-card has no use with --no-aspects.", "Leave one of them out.")
+    from .aspects_card import load_card
+    return load_card(args.aspects_card)
+
+
+def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str],
+                   card: Optional["ReadoutCard"] = None) -> Tuple[Optional["AspectsResult"], Optional[str]]:
     """(the :class:`aspects.AspectsResult` of the case, None), or (None, the one warning
     line it gave) when there can be none.
 
@@ -151,7 +164,7 @@ def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str]
     """
     from . import aspects
     try:
-        result = aspects.assess(scan, labels, side=side)
+        result = aspects.assess(scan, labels, side=side, card=card)
     except InputError as exc:
         message = f"{SKIPPED}: {exc}"
         warnings.warn(InputWarning(message), stacklevel=2)
@@ -165,10 +178,10 @@ def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str]
     return result, None
 
 
-def _read_out(report, case: str, scan: sitk.Image, labels: sitk.Image, side: Optional[str]
-              ) -> Optional["AspectsResult"]:
+def _read_out(report, case: str, scan: sitk.Image, labels: sitk.Image, side: Optional[str],
+              card: Optional["ReadoutCard"] = None) -> Optional["AspectsResult"]:
     """The read-out of the case, its summary (or why there is none) put in the report."""
-    result, skipped = assess_or_warn(scan, labels, side)
+    result, skipped = assess_or_warn(scan, labels, side, card)
     report.extra["aspects"] = (aspects_summary(result, f"{case}-aspects-score.json")
                                if result is not None else {"skipped": skipped})
     return result
@@ -267,6 +280,9 @@ def register_cli(sub) -> None:
     read_out.add_argument("--no-aspects", action="store_true",
                           help="no ASPECTS read-out (<case>-aspects-score.json, "
                                "-aspects-evidence.nii.gz, -aspects-score.png)")
+    s.add_argument("--aspects-card", metavar="CARD",
+                   help="ASPECTS read-out card (JSON from 'python -m training aspects_fit'; default: "
+                        "the bundled one, fitted on synthetic scans)")
     s.add_argument("--force", action="store_true", help="skip the 'is this a CT in HU' check")
     s.add_argument("-o", "--output", required=True, help="output folder")
     add_verbosity(s)

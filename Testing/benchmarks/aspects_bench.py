@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from BrainLobeSegLib import aspects, inference, regions, transforms
+from BrainLobeSegLib import aspects, aspects_card, inference, regions, transforms
 
 DROPS = (-2.0, -4.0, -6.0, -10.0)
 EXTENTS = (0.1, 0.3, 0.6, 1.0)
@@ -142,24 +142,15 @@ class Tally:
         return sens, spec, self.exact / max(1, self.scans), self.within1 / max(1, self.scans)
 
 
-def features(result: aspects.AspectsResult, maps: aspects.EvidenceMaps) -> List[dict]:
-    """Per region, the calls' inputs and the evidence distribution (for tuning)."""
-    measures = aspects._region_measures(maps)
-    sigma = float(1.4826 * np.median(np.abs(maps.evidence[maps.tissue & (maps.labels > 0)])))
-    out = []
-    for r in result.regions:
-        ev = np.sort(measures[r.label]["ev"])
-        low = {str(q): float(ev[:max(1, int(q * ev.size))].mean()) if ev.size else None
-               for q in (0.1, 0.2, 0.3, 0.5, 1.0)}
-        frac = {str(t): float((ev <= -t).mean()) if ev.size else None for t in (1.5, 2.0, 3.0, 4.0)}
-        out.append({"label": r.label, "frac": r.affected_fraction, "drop": r.median_drop_hu, "dark": r.darkest_part_hu,
-                    "mean": r.diff_to_mirror_hu, "exp": r.diff_to_expected_hu, "ml": r.parenchyma_ml,
-                    "called": r.called, "low": low, "fracs": frac, "sigma": sigma})
-    return out
+def features(result: aspects.AspectsResult) -> List[dict]:
+    """Per region, every measure the read-out card can use (for ``training aspects_fit``)."""
+    return [{"label": r.label, "called": r.called, "call_score": r.call_score, "measures": r.measures}
+            for r in result.regions]
 
 
 def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed: int,
-        dump: Optional[Path], cache: Optional[Path] = None) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
+        dump: Optional[Path], cache: Optional[Path] = None, card: Optional[aspects_card.ReadoutCard] = None
+        ) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
     tallies = {(d, e): Tally() for d in drops for e in extents}
     normal = Tally()
     records: List[dict] = []
@@ -177,11 +168,11 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
                 sitk.WriteImage(labels, str(stored))
         t1 = time.perf_counter()
         maps = aspects.evidence_maps(ct, labels)
-        res = aspects.read_out(maps)
+        res = aspects.read_out(maps, card=card, all_measures=dump is not None)
         timing["segment_s"] += t1 - t0
         timing["assess_s"] += time.perf_counter() - t1
         timing["runs"] += 1
-        return res, (features(res, maps) if dump else [])
+        return res, (features(res) if dump else [])
 
     for i, case in enumerate(cases):
         res, feats = read_out(case.ct, case, "normal")
@@ -238,24 +229,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dump", type=Path, help="write per-region features of every run (JSON, for tuning)")
     p.add_argument("--cache", type=Path, help="folder to keep (and reuse) each run's segmentation")
     p.add_argument("--markdown", type=Path, help="write the result table there")
+    p.add_argument("--card", type=Path, help="read-out card to measure (default: the bundled one)")
     args = p.parse_args(argv)
+    card = aspects_card.load_card(args.card) if args.card else None
     cases = load_cases(args.data, args.cases)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     segmenter = inference.Segmenter(args.mode, args.model, "cpu")
     t0 = time.perf_counter()
-    tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache)
+    tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache,
+                                  card)
 
     lines = table(tallies, normal, args.drops, args.extents)
     print("\n".join(lines))
     print(f"{timing['runs']} read-outs in {time.perf_counter() - t0:.0f} s; per run "
           f"{timing['segment_s'] / timing['runs']:.2f} s segmentation, {timing['assess_s'] / timing['runs']:.2f} s ASPECTS")
+    used = card or aspects.bundled_card()
+    print(f"read-out card: {used.source} (fitted on: {used.trained_on.get('summary', '?')})")
     if args.markdown:
         head = ["# ASPECTS read-out on graded synthetic infarcts", "",
                 f"Data: {len(cases)} normal synthetic scans from `{args.data}` (synthetic, made from one "
                 "atlas by `python -m training synth --no-infarcts`), infarcts inserted as in "
                 "`Testing/benchmarks/aspects_bench.py`; segmentation mode "
-                f"`{args.mode}` with the true transform.", ""]
+                f"`{args.mode}` with the true transform; read-out card `{used.source}` (fitted on: "
+                f"{used.trained_on.get('summary', '?')}).", ""]
         args.markdown.write_text("\n".join(head + lines) + "\n")
     return 0
 

@@ -1,0 +1,169 @@
+"""The ASPECTS read-out card: how a region's measures become its call (one source of truth).
+
+A region's call is a logistic score over its measures (:data:`MEASURES`), each first
+turned into a z-value against what normal scans show *for that region* (a deep nucleus
+of 4 ml differs more between normal hemispheres than a cortical region of 30 ml, so the
+same HU means less there)::
+
+    z_f   = (value_f - normal_median[code][f]) / normal_sd[code][f]
+    score = bias + sum_f weight_f * z_f          (log-odds; called when >= threshold)
+
+The card is plain JSON (``Resources/ASPECTS/readout-card.json``), written by
+``python -m training aspects_fit`` from ``Testing/benchmarks/aspects_bench.py --dump``
+records and read here with :mod:`json` only: loading it never runs code. Its
+``trained_on`` block says which scans the numbers come from; the bundled card's are
+synthetic scans made from one atlas, so on real scans it is a starting point that a site
+should refit on its own normal and infarcted scans.
+
+Only the standard library and numpy-free arithmetic are used (the inference-path rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from . import regions
+from .errors import InputError
+from .resources import bundled_dir
+
+FORMAT = "brainlobeseg-aspects-card"
+FORMAT_VERSION = 1
+CARD_FILE = "readout-card.json"
+
+#: Every measure a card may use: name -> how a reader says it (``{v}``: the value, HU
+#: relative to the mirror region unless said otherwise). Negative means darker.
+MEASURES: Dict[str, str] = {
+    "mean": "mean {v:+.1f} HU against the mirror side",
+    "dark": "darkest part (8 mm) {v:+.1f} HU against the mirror side",
+    "dark5": "darkest part (5 mm) {v:+.1f} HU against the mirror side",
+    "dark12": "darkest part (12 mm) {v:+.1f} HU against the mirror side",
+    "low30": "darkest 30 % of it {v:+.1f} HU against the mirror side",
+    "low60": "darkest 60 % of it {v:+.1f} HU against the mirror side",
+    "frac": "{v:.0%} of it at least 2 HU darker than the mirror side",
+    "expected": "{v:+.1f} HU against the median of its kind (both sides)",
+    "gw_loss": "grey/white contrast {v:+.1f} HU lower than the mirror side",
+}
+#: A measure's contribution (weight x z) at least this large is named as a reason.
+REASON_CONTRIBUTION = 0.75
+
+
+@dataclass(frozen=True)
+class ReadoutCard:
+    """A fitted read-out: the measures, their normal values per region code, the weights."""
+
+    features: Tuple[str, ...]
+    normal: Dict[str, Dict[str, Tuple[float, float]]]   # code -> measure -> (median, sd)
+    weights: Dict[str, float]
+    bias: float
+    threshold: float
+    trained_on: Dict[str, Any]
+    fit: Dict[str, Any]
+    source: str = ""
+
+    def z_values(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[Dict[str, float]]:
+        """The measures as z-values for a region of ``code``; None if one is missing."""
+        out = {}
+        for f in self.features:
+            v = values.get(f)
+            if v is None or not math.isfinite(v):
+                return None
+            median, sd = self.normal[code][f]
+            out[f] = (v - median) / sd
+        return out
+
+    def score(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[float]:
+        """The call score (log-odds) of a region; None when a measure is missing."""
+        z = self.z_values(code, values)
+        if z is None:
+            return None
+        return self.bias + sum(self.weights[f] * z[f] for f in self.features)
+
+    def reasons(self, code: str, values: Mapping[str, Optional[float]]) -> List[str]:
+        """The measures that push the score up most, in words with their normal range."""
+        z = self.z_values(code, values) or {}
+        pushes = sorted(((self.weights[f] * z[f], f) for f in z), reverse=True)
+        out = []
+        for contribution, f in pushes:
+            if contribution < REASON_CONTRIBUTION:
+                break
+            median, sd = self.normal[code][f]
+            fmt = MEASURES[f]
+            out.append(f"{fmt.format(v=values[f])} (normal for this region "
+                       f"{_plain(f, median)} +/- {_plain(f, sd, sign=False)})")
+        return out
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "features": list(self.features),
+                "normal": {c: {f: list(v) for f, v in m.items()} for c, m in self.normal.items()},
+                "weights": dict(self.weights), "bias": self.bias, "threshold": self.threshold,
+                "trained_on": self.trained_on, "fit": self.fit}
+
+
+def _plain(measure: str, v: float, sign: bool = True) -> str:
+    if measure == "frac":
+        return f"{v:.0%}"
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
+
+
+def default_card_path() -> Path:
+    """``$BRAINLOBESEG_ASPECTS_CARD``'s folder, else ``Resources/ASPECTS`` (a wheel's
+    ``BrainLobeSegLib/bundled_aspects``), with :data:`CARD_FILE` in it."""
+    return bundled_dir("BRAINLOBESEG_ASPECTS", "ASPECTS", "bundled_aspects") / CARD_FILE
+
+
+def load_card(path: Optional[Path] = None) -> ReadoutCard:
+    """Read and check a card; every defect is one :class:`InputError` naming the file."""
+    path = Path(path) if path is not None else default_card_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"the ASPECTS read-out card {path} does not exist.",
+                         "Reinstall the extension, or make one with 'python -m training aspects_fit'.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"the ASPECTS read-out card {path} cannot be read ({exc}).",
+                         "Replace it with a card written by 'python -m training aspects_fit'.") from None
+    try:
+        return card_from_json(data, str(path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the ASPECTS read-out card {path} is not valid ({exc}).",
+                         "Replace it with a card written by 'python -m training aspects_fit'.") from None
+
+
+def card_from_json(data: Any, source: str = "") -> ReadoutCard:
+    """A card from its JSON; raises KeyError/TypeError/ValueError with what is wrong."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"format is not {FORMAT!r}")
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"version {data.get('version')!r}, this engine reads version {FORMAT_VERSION}")
+    features = tuple(str(f) for f in data["features"])
+    unknown = [f for f in features if f not in MEASURES]
+    if not features or unknown:
+        raise ValueError(f"unknown or no measures: {unknown}")
+    codes = sorted({r.code for r in regions.REGIONS})
+    normal = {}
+    for code in codes:
+        normal[code] = {}
+        for f in features:
+            median, sd = (_number(v) for v in data["normal"][code][f])
+            if sd <= 0:
+                raise ValueError(f"normal SD of {f} in {code} is not positive")
+            normal[code][f] = (median, sd)
+    weights = {f: _number(data["weights"][f]) for f in features}
+    return ReadoutCard(features, normal, weights, _number(data["bias"]), _number(data["threshold"]),
+                       dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source)
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"{v!r} is not a finite number")
+    return float(v)
+
+
+def measure_names(card: ReadoutCard, extra: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The card's measures plus ``extra`` (in :data:`MEASURES` order)."""
+    wanted = set(card.features) | set(extra)
+    return tuple(m for m in MEASURES if m in wanted)

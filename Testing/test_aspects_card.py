@@ -1,0 +1,137 @@
+"""The ASPECTS read-out card (aspects_card.py) and its fit (training/aspects_fit.py).
+
+The card is data: a broken or hostile file must fail with one clear message and never
+run code; a card fitted on records where infarcted regions are darker must call them and
+keep the asked specificity on the records it was fitted on; the bundled card must read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BrainLobeSegLib import aspects_card, regions
+from BrainLobeSegLib.errors import InputError
+from training import aspects_fit
+
+FEATURES = ("mean", "dark", "frac")
+
+
+def _records(n_scans: int, seed: int):
+    """aspects_bench --dump records: per scan a normal read-out and one with a region
+    whose measures are darker (-4 HU over 60 % of it) or faint (-2 HU over 10 %)."""
+    rng = np.random.default_rng(seed)
+
+    def regs(hit, strength):
+        out = []
+        for r in regions.REGIONS:
+            deep = r.code in ("C", "L", "IC")
+            sd = 1.0 if deep else 0.4
+            shift = strength if r.label in hit else 0.0
+            out.append({"label": r.label, "called": False, "measures": {
+                "mean": float(rng.normal(-0.6 * shift, sd)), "dark": float(rng.normal(-1 - 1.5 * shift, sd)),
+                "frac": float(np.clip(rng.normal(0.05 + 0.1 * shift, 0.03), 0, 1)), "dark5": None}})
+        return out
+
+    recs = []
+    for case in range(n_scans):
+        recs.append({"case": str(case), "drop": 0, "extent": 0, "kind": "normal", "truth": [], "regions": regs([], 0)})
+        hit = [int(rng.integers(1, 21))]
+        recs.append({"case": str(case), "drop": -4.0, "extent": 0.6, "kind": "cortical", "truth": hit,
+                     "regions": regs(hit, 2.0)})
+        faint = [int(rng.integers(1, 21))]
+        recs.append({"case": str(case), "drop": -2.0, "extent": 0.1, "kind": "cortical", "truth": faint,
+                     "regions": regs(faint, 0.3)})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dumps") / "dump.json"
+    path.write_text(json.dumps(_records(40, 1)))
+    return path
+
+
+def test_fitted_card_calls_darker_regions_and_keeps_its_specificity(dump, tmp_path):
+    rows = aspects_fit.load_rows([dump], FEATURES)
+    card = aspects_fit.fit_card(rows, FEATURES, specificity=0.98)
+    assert card.fit["specificity"] >= 0.975 and card.fit["target_sensitivity"] > 0.9
+    assert card.weights["dark"] < 0 and card.normal["M2"]["dark"][0] < 0   # darker (lower) -> called
+    # the normal values are per region code: deep nuclei vary more than cortex
+    assert card.normal["L"]["mean"][1] > 1.8 * card.normal["M2"]["mean"][1]
+    # written, it reads back as the same card and scores a fresh scan's regions the same way
+    out = tmp_path / "card.json"
+    aspects_fit.write_card(card, out, overwrite=False)
+    back = aspects_card.load_card(out)
+    fresh = [r for rec in _records(10, 2) for r in rec["regions"]]
+    code = {r.label: r.code for r in regions.REGIONS}
+    for reg in fresh:
+        assert back.score(code[reg["label"]], reg["measures"]) == pytest.approx(
+            card.score(code[reg["label"]], reg["measures"]), abs=1e-3)
+    with pytest.raises(InputError, match="exists"):
+        aspects_fit.write_card(card, out, overwrite=False)
+
+
+def test_reasons_name_the_measures_that_push_the_call(dump):
+    card = aspects_fit.fit_card(aspects_fit.load_rows([dump], FEATURES), FEATURES)
+    low = {f: card.normal["M2"][f][0] - 5 * card.normal["M2"][f][1] for f in ("mean", "dark")}
+    values = {**low, "frac": card.normal["M2"]["frac"][0]}   # frac as in a normal region
+    assert card.score("M2", values) >= card.threshold
+    reasons = card.reasons("M2", values)
+    assert len(reasons) == 2 and all("normal for this region" in why for why in reasons)
+    assert {why.split(" ")[0] for why in reasons} == {"darkest", "mean"}
+    assert card.score("M2", {**values, "frac": None}) is None   # a missing measure: no score
+
+
+def test_fit_command_writes_a_card_and_refuses_bad_input(dump, tmp_path):
+    out = tmp_path / "card.json"
+    cmd = [sys.executable, "-m", "training", "aspects_fit", str(dump), "--out", str(out), "--features", *FEATURES]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "target sensitivity" in done.stdout and aspects_card.load_card(out).features == FEATURES
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a dump"}')
+    done = subprocess.run(cmd[:4] + [str(bad), "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert done.returncode != 0 and "not an aspects_bench dump" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bundled_card_reads_and_uses_known_measures():
+    card = aspects_card.load_card()
+    assert set(card.features) <= set(aspects_card.MEASURES)
+    assert set(card.normal) == {r.code for r in regions.REGIONS}
+    assert card.trained_on["scans"] >= 30 and 0.9 < card.fit["specificity"] < 1.0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format="pickle"), "format"),
+    (lambda d: d.update(version=99), "version"),
+    (lambda d: d.update(features=["mean", "__import__('os')"]), "unknown"),
+    (lambda d: d["normal"].pop("M4"), "M4"),
+    (lambda d: d["normal"]["C"].__setitem__(d["features"][0], [0.0, 0.0]), "not positive"),
+    (lambda d: d.update(bias="os.system('x')"), "not a finite number"),
+    (lambda d: d.update(threshold=float("nan")), "not a finite number"),
+])
+def test_broken_card_is_one_clear_error(tmp_path, edit, message):
+    data = json.loads(aspects_card.default_card_path().read_text())
+    edit(data)
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="not valid") as err:
+        aspects_card.load_card(path)
+    assert message in str(err.value)
+
+
+def test_unreadable_card_is_one_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        aspects_card.load_card(tmp_path / "missing.json")
+    path = tmp_path / "card.json"
+    path.write_text("{ not json")
+    with pytest.raises(InputError, match="cannot be read"):
+        aspects_card.load_card(path)
+    assert not list(Path(tmp_path).glob(".*partial"))
