@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from BrainLobeSegLib import models, reference
+from BrainLobeSegLib import aspects_card, models, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +65,16 @@ def test_installed_wheel_finds_its_models(wheel, tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(site)
-    code = ("import json; from BrainLobeSegLib import models, reference; "
+    code = ("import json; from BrainLobeSegLib import aspects_card, models, reference; "
             "reference.upright_template(); "
-            "print(json.dumps([str(models.bundled_models_dir())] + "
+            "print(json.dumps([aspects_card.load_card().source, str(models.bundled_models_dir())] + "
             "[str(p) for p in models.find_models('ensemble')]))")
     env = {k: v for k, v in os.environ.items() if k != models.MODELS_ENV}
     env["PYTHONPATH"] = str(site)   # ahead of the editable install of the source tree
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, env=env, check=True)
-    root, *found = (Path(p) for p in json.loads(out.stdout))
+    card, root, *found = (Path(p) for p in json.loads(out.stdout))
+    assert card == site / "BrainLobeSegLib" / "bundled_aspects" / aspects_card.CARD_FILE   # the ASPECTS card
     assert root == site / "BrainLobeSegLib" / "bundled_models"
     assert [models.read_card(f).kind for f in found] == ["planar", "3d"]
     assert all(f.parent == root for f in found)
