@@ -25,6 +25,22 @@ from BrainLobeSegLib.errors import EXIT_INPUT_ERROR
 
 from test_robustness import head_image, leftovers, tree_hashes, write
 
+
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_python():
+    """Ctrl+C handled as Python does by default, whatever this process inherited.
+
+    A test run started in the background by a shell without job control (``cmd &`` in a
+    script) inherits SIGINT *ignored*; Python then installs no KeyboardInterrupt handler,
+    the SIGINTs these tests send vanish, and so would a subprocess's (exec keeps an ignored
+    signal ignored). Seen as three failures of this file in such a run, none in the
+    foreground. A handler set here is reset to the default at exec, so children get
+    Python's own handler too."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
 CANCELLED = 130
 
 
