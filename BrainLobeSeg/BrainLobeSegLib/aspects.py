@@ -98,8 +98,6 @@ DENSE_GAP_HU = 5.0
 #: A voxel counts as affected (the reported darker share) when its evidence is at least
 #: this many HU below the mirror.
 VOXEL_DROP_HU = 2.0
-#: Codes of the deep regions: 3-8 ml, with more normal left/right difference than cortex.
-DEEP_CODES = ("C", "L", "IC")
 #: The darkest compact part of a region: the :data:`DARK_PART_PERCENTILE` th percentile of
 #: its evidence averaged over a Gaussian of ``sigma`` mm within the region's tissue
 #: (normalised convolution), at the scales the read-out card's measures name.
