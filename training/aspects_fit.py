@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from BrainLobeSegLib import aspects_card, regions
 from BrainLobeSegLib.errors import InputError
+from BrainLobeSegLib.imageio import write_text_atomic
 
 #: Measures of the bundled card (see ASPECTS_RESULTS.md for how they were chosen).
 DEFAULT_FEATURES = ("mean", "dark", "dark12", "low30", "low60", "frac", "expected", "gw_loss")
@@ -152,9 +152,7 @@ def write_card(card: aspects_card.ReadoutCard, out: Path, overwrite: bool) -> No
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_rounded(card.to_json()), indent=1, allow_nan=False) + "\n"
     aspects_card.card_from_json(json.loads(text))   # what is written must read back
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(text, str(out))
 
 
 def _rounded(v: Any) -> Any:

@@ -526,15 +526,11 @@ def darkest_part(maps: EvidenceMaps, label: int, sigma_mm: float = DARK_PART_SIG
     return float(np.percentile(values, DARK_PART_PERCENTILE))
 
 
-def _region_measures(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dark",)) -> Dict[int, dict]:
-    """Per region: tissue voxels' evidence and HU, its darkest parts, grey/white contrast."""
-    return steps.run_steps(_region_measures_steps(maps, dark_parts))
-
-
 def _region_measures_steps(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dark",)
                            ) -> "steps.Steps[Dict[int, dict]]":
-    """:func:`_region_measures`, a step per 2 regions (each darkest part is a smoothing, the
-    card's take two per region). ``dark_parts``: which of :data:`DARK_PART_SCALES_MM` to measure."""
+    """Per region: tissue voxels' evidence and HU, its darkest parts, grey/white contrast;
+    a step per 2 regions (each darkest part is a smoothing, the card's take two per region).
+    ``dark_parts``: which of :data:`DARK_PART_SCALES_MM` to measure."""
     ml = GRID_MM ** 3 / 1000.0
     lab = maps.labels.ravel()
     keep = maps.tissue.ravel() & (lab > 0)
@@ -595,7 +591,7 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
     if measured:
         ev = me["ev"]
         hit = ev <= -VOXEL_DROP_HU
-        frac, aff_ml = float(hit.mean()), float(hit.sum() * ml)
+        frac, aff_ml = values["frac"], float(hit.sum() * ml)
         drop = float(np.median(ev[hit])) if hit.any() else 0.0
         score = card.score(r.code, values)
         if score is not None and score >= card.threshold:
