@@ -160,7 +160,7 @@ def _signal_while_writing(tmp_path, tiny_models, signum, attempts: int = 3):
     return result
 
 
-def _signal_once(tmp_path, tiny_models, signum):
+def _signal_once(tmp_path, tiny_models, signum, ignored: bool = False):
     tmp_path.mkdir()
     indir, outdir = tmp_path / "in", tmp_path / "out"
     indir.mkdir()
@@ -169,7 +169,7 @@ def _signal_once(tmp_path, tiny_models, signum):
     proc = subprocess.Popen([sys.executable, "-m", "BrainLobeSegLib.cli", "segment", str(scan),
                              "-o", str(outdir), "--model", str(tiny_models), "--device", "cpu",
                              "--assume-upright"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None)
     deadline = time.monotonic() + 180
     while not leftovers(outdir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -189,6 +189,17 @@ def test_signal_while_writing(signum, tmp_path, tiny_models):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines == ["brainlobeseg: cancelled; nothing was written."], err
     assert published(outdir) == [] and leftovers(outdir) == []
+
+
+def test_an_ignored_signal_does_not_stop_the_run(tmp_path, tiny_models):
+    """``nohup brainlobeseg ...`` ignores SIGHUP so that the run outlives the terminal; the
+    CLI used to install its interrupt handler over the ignored one, so a closed terminal
+    still cancelled the run (exit 130). A SIGHUP sent while it writes now changes nothing:
+    it finishes, exit 0, and publishes its outputs."""
+    code, out, err, outdir, caught = _signal_once(tmp_path / "run", tiny_models, signal.SIGHUP, ignored=True)
+    assert caught, f"the run ended before its write phase: {err}"
+    assert code == 0, err
+    assert published(outdir) and leftovers(outdir) == []
 
 
 def test_a_signal_just_after_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):

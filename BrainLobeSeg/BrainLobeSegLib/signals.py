@@ -24,11 +24,14 @@ STOP_SIGNALS: List[int] = [getattr(signal, name) for name in ("SIGINT", "SIGTERM
 @contextlib.contextmanager
 def handlers_swapped(signals: Sequence[int], handler: Callable) -> Iterator[None]:
     """``handler`` for ``signals`` inside the block, the previous handlers after it.
-    Signals whose handler was not set from Python (``getsignal`` is None) are left alone."""
+
+    Left alone: signals whose handler was not set from Python (``getsignal`` is None), and
+    signals the process was told to ignore (``nohup`` ignores SIGHUP, a background job of
+    a shell without job control SIGINT): the user asked for the run to outlive them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = [s for s in signals if signal.getsignal(s) is not None]
+    wanted = [s for s in signals if signal.getsignal(s) not in (None, signal.SIG_IGN)]
     previous = {s: signal.signal(s, handler) for s in wanted}
     try:
         yield
