@@ -87,9 +87,13 @@ CSF_MARGIN_MM = 1.5
 CSF_GAP_HU = 3.0
 #: Where the mirror region's smoothed weight is below this, its mean is the reference.
 MIRROR_WEIGHT = 0.1
-#: A left/right pair whose median evidence is further from 0 than this (HU) after the
-#: first shading fit is left out of the second (it holds an infarct or its mirror).
-PAIR_EXCLUDE_HU = 1.5
+#: A left/right pair whose median evidence is further from 0 than this (HU) after a
+#: shading fit is left out of the next (it holds an infarct or its mirror). Normal pairs
+#: differ by 0.3-1 HU; at 1.5 HU a -4 HU infarct of three regions kept only 0.8-1.7 HU of
+#: its drop on the code phantom (the fit took the rest), at 0.75 HU 3.2-3.3 HU.
+PAIR_EXCLUDE_HU = 0.75
+#: Fewest tissue voxels a shading fit uses (fewer: no correction).
+MIN_FIT_VOXELS = 1000
 #: Tissue this close (mm) to dense voxels (calcification, blood, bone: more than
 #: ``DENSE_GAP_HU`` above the window) is not measured: their partial-volume rim would make
 #: the region brighter and its mirror look darker.
@@ -441,27 +445,32 @@ def region_pair_evidence(hu: np.ndarray, lab: np.ndarray, tissue: np.ndarray, le
 
 
 def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np.ndarray:
-    """The shading field, fitted again without the region pairs that stand out.
+    """The shading field, fitted without the region pairs that stand out.
 
     A large infarct (a whole region or several) is a big share of the tissue and would
-    pull the fit towards itself, halving its own evidence. After a first fit, every
-    left/right pair whose median corrected difference exceeds :data:`PAIR_EXCLUDE_HU`
-    (an infarct, or its mirror) is left out and the field is fitted again.
+    pull the fit towards itself, halving its own evidence; an infarct of the whole MCA
+    cortex is most of the regions' tissue and would be taken for shading altogether. So
+    the first fit uses the tissue outside the regions on both sides (white matter, the
+    thalamus: rarely all infarcted); then, twice, every left/right pair whose median
+    corrected difference exceeds :data:`PAIR_EXCLUDE_HU` (an infarct, or its mirror) is
+    left out and the field is fitted to the rest of the tissue.
     """
     basis = _odd_basis(raw.shape)
-    shade = shading_difference(raw, fit_mask, basis)
     mirrored = lab[..., ::-1]
+    outside = fit_mask & (lab == 0) & (mirrored == 0)
+    shade = shading_difference(raw, outside if outside.sum() >= MIN_FIT_VOXELS else fit_mask, basis)
     idx = np.flatnonzero(fit_mask & (lab > 0))
     lab_fit = lab.ravel()[idx]
+    left_out: Optional[List[int]] = None
     for _ in range(2):
         corrected = (raw - shade).ravel()[idx]
         odd = [r for r in regions.REGIONS if (lab_fit == r.label).sum() > 50
                and abs(float(np.median(corrected[lab_fit == r.label]))) > PAIR_EXCLUDE_HU]
-        if not odd:
-            break
         ids = sorted({r.label for r in odd} | {r.mirror_label for r in odd})
-        excluded = np.isin(lab, ids) | np.isin(mirrored, ids)
-        shade = shading_difference(raw, fit_mask & ~excluded, basis)
+        if ids == left_out:
+            break
+        left_out = ids
+        shade = shading_difference(raw, fit_mask & ~(np.isin(lab, ids) | np.isin(mirrored, ids)), basis)
     return shade
 
 
@@ -494,7 +503,7 @@ def shading_difference(raw: np.ndarray, tissue: np.ndarray,
     """
     basis = _odd_basis(raw.shape) if basis is None else basis
     sel = tissue & (np.abs(basis[0]) > 0.08)
-    if sel.sum() < 1000:
+    if sel.sum() < MIN_FIT_VOXELS:
         return np.zeros_like(raw)
     a = np.stack([b[sel] for b in basis], axis=1)
     y = raw[sel]
