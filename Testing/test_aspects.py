@@ -8,6 +8,8 @@ ischaemia (a calcification, a CSF-dense old infarct, a scanner offset) must not 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +207,25 @@ def test_refuses_labels_off_the_grid_and_too_few_regions(case):
     one_pair.CopyInformation(case.labels_scan)
     with pytest.raises(InputError, match="region pairs"):
         aspects.assess(case.ct, one_pair)
+
+
+def test_rescoring_a_dump_calls_what_the_read_out_called(case, tmp_path, capsys):
+    """``aspects_bench.py --rescore`` measures a card on dumped measures instead of reading
+    every scan again; it must call exactly what the read-out called (both decide by
+    :func:`aspects.call_of_values`), here on a normal phantom and one with M2 left -6 HU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from Testing.benchmarks import aspects_bench
+    m2 = regions.region("M2", "left").label
+    runs = [(aspects.assess(case.ct, case.labels_scan, with_evidence_map=False), [], 0, 0),
+            (aspects.assess(_lowered(case, "M2", "left", 6.0), case.labels_scan, with_evidence_map=False),
+             [m2], -6.0, 1.0)]
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps([{"case": "0", "drop": d, "extent": e, "truth": truth,
+                                 "regions": aspects_bench.features(res)} for res, truth, d, e in runs]))
+    for res, _, _, _ in runs:
+        for r in res.regions:
+            assert aspects.call_of_values(r.code, r.measures, aspects.bundled_card()) == (r.call_score, r.called)
+    assert aspects_bench.main(["--rescore", str(dump), "--drops", "-6", "--extents", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| -6 | 100 % | 1.000 | 1.000 | 1.000 | 1.000 |" in out
+    assert "Normal scans: 0 of 20 regions called" in out and "2 dumped read-outs re-scored" in out

@@ -588,6 +588,20 @@ def region_values(me: dict, mirror: dict, expected: Optional[float]) -> Dict[str
     return out
 
 
+def call_of_values(code: str, values: Dict[str, Optional[float]],
+                   card: aspects_card.ReadoutCard) -> Tuple[Optional[float], bool]:
+    """(call score, called) of a region with these :func:`region_values`: the card's score
+    from its threshold on, or a mean this far below its kind (:data:`EXPECTED_DROP_HU`).
+    The one place the call is decided, so a benchmark re-scoring dumped values with
+    another card calls exactly what a read-out would."""
+    if values.get("mean") is None:
+        return None, False      # too little tissue measured
+    score = card.score(code, values)
+    expected = values.get("expected")
+    below_kind = expected is not None and expected <= -EXPECTED_DROP_HU
+    return score, bool((score is not None and score >= card.threshold) or below_kind)
+
+
 def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
                 card: aspects_card.ReadoutCard) -> RegionCall:
     """The evidence of one region, its call score and call, with the reasons in words."""
@@ -602,13 +616,11 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         hit = ev <= -VOXEL_DROP_HU
         frac, aff_ml = values["frac"], float(hit.sum() * ml)
         drop = float(np.median(ev[hit])) if hit.any() else 0.0
-        score = card.score(r.code, values)
+        score, called = call_of_values(r.code, values, card)
         if score is not None and score >= card.threshold:
-            called = True
             reasons.append(f"call score {score:.1f} (called from {card.threshold:.1f}): "
                            + "; ".join(card.reasons(r.code, values) or ["several small differences together"]))
         if expected is not None and expected <= -EXPECTED_DROP_HU:
-            called = True
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:

@@ -19,6 +19,9 @@ mixed (one deep + one cortical) and multiple (three regions) on a random side.
 
     python Testing/benchmarks/aspects_bench.py --data /work/data/aspects-bench \\
         --markdown Testing/benchmarks/ASPECTS_RESULTS.md
+
+``--dump`` keeps every region's measures; ``--rescore DUMP ... --card CARD`` prints the
+table for another card from them, without reading the scans again.
 """
 
 from __future__ import annotations
@@ -197,6 +200,32 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
     return tallies, normal, timing
 
 
+def rescore(dumps: Sequence[Path], card: aspects_card.ReadoutCard, drops, extents
+            ) -> Tuple[Dict[Tuple[float, float], Tally], Tally, int]:
+    """The tallies a run would give with ``card``, from the measures in ``--dump`` files
+    of runs with the same read-out code (calls by :func:`aspects.call_of_values`): a card
+    is measured in seconds instead of re-reading every scan. Also returns the runs read."""
+    tallies = {(d, e): Tally() for d in drops for e in extents}
+    normal = Tally()
+    runs = 0
+    for path in dumps:
+        for rec in json.loads(path.read_text()):
+            called = {reg["label"] for reg in rec["regions"]
+                      if aspects.call_of_values(regions.REGION_BY_LABEL[reg["label"]].code,
+                                                reg["measures"], card)[1]}
+            runs += 1
+            if not rec["truth"]:
+                normal.add(set(), called, 10, 10)
+                continue
+            key = (float(rec["drop"]), float(rec["extent"]))
+            if key not in tallies:
+                continue
+            side = regions.REGION_BY_LABEL[rec["truth"][0]].side
+            on_side = sum(1 for lab in called if regions.REGION_BY_LABEL[lab].side == side)
+            tallies[key].add(set(rec["truth"]), called, 10 - len(rec["truth"]), 10 - on_side)
+    return tallies, normal, runs
+
+
 def table(tallies, normal: Tally, drops, extents) -> List[str]:
     lines = ["| drop (HU) | extent | sensitivity | specificity | score exact | score within 1 |",
              "|---|---|---|---|---|---|"]
@@ -219,7 +248,7 @@ def table(tallies, normal: Tally, drops, extents) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder of normal synthetic cases (synth --no-infarcts)")
+    p.add_argument("--data", type=Path, help="folder of normal synthetic cases (synth --no-infarcts)")
     p.add_argument("--cases", type=int, default=None, help="use the first N cases")
     p.add_argument("--mode", default="3d", help="segmentation mode (default 3d)")
     p.add_argument("--model", default=None, help="model folder (default: the bundled models)")
@@ -230,8 +259,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cache", type=Path, help="folder to keep (and reuse) each run's segmentation")
     p.add_argument("--markdown", type=Path, help="write the result table there")
     p.add_argument("--card", type=Path, help="read-out card to measure (default: the bundled one)")
+    p.add_argument("--rescore", type=Path, nargs="+", metavar="DUMP",
+                   help="no read-out: score the measures in these --dump files with the card")
     args = p.parse_args(argv)
     card = aspects_card.load_card(args.card) if args.card else None
+    if args.rescore:
+        used = card or aspects.bundled_card()
+        tallies, normal, runs = rescore(args.rescore, used, args.drops, args.extents)
+        print("\n".join(table(tallies, normal, args.drops, args.extents)))
+        print(f"{runs} dumped read-outs re-scored with {used.source}")
+        return 0
+    if args.data is None:
+        p.error("--data is needed (or --rescore DUMP ...)")
     cases = load_cases(args.data, args.cases)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
