@@ -730,7 +730,8 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
     else:
         source, reason = "user", "chosen by the user"
     settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
-                "tissue_window_hu": list(TISSUE_WINDOW_HU), "voxel_drop_hu": VOXEL_DROP_HU,
+                "tissue_window_hu": list(TISSUE_WINDOW_HU), "shading_pair_exclude_hu": PAIR_EXCLUDE_HU,
+                "voxel_drop_hu": VOXEL_DROP_HU,
                 "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
                 "expected_drop_hu": EXPECTED_DROP_HU, "min_measured_ml": MIN_MEASURED_ML,
                 "card": card.source, "card_measures": list(card.features),
