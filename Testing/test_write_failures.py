@@ -161,6 +161,9 @@ def _signal_while_writing(tmp_path, tiny_models, signum, attempts: int = 3):
 
 
 def _signal_once(tmp_path, tiny_models, signum, ignored: bool = False):
+    """One run of ``segment`` that gets ``signum`` while writing; the child starts with the
+    signal ignored (``ignored``) or at its default, whatever this test process inherited
+    (under ``nohup`` SIGHUP arrives ignored, and the CLI now keeps an ignored signal so)."""
     tmp_path.mkdir()
     indir, outdir = tmp_path / "in", tmp_path / "out"
     indir.mkdir()
@@ -169,7 +172,7 @@ def _signal_once(tmp_path, tiny_models, signum, ignored: bool = False):
     proc = subprocess.Popen([sys.executable, "-m", "BrainLobeSegLib.cli", "segment", str(scan),
                              "-o", str(outdir), "--model", str(tiny_models), "--device", "cpu",
                              "--assume-upright"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=(lambda: signal.signal(signum, signal.SIG_IGN)) if ignored else None)
+                            text=True, preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while not leftovers(outdir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
