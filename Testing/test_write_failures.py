@@ -41,6 +41,7 @@ def ctrl_c_reaches_python():
     yield
     signal.signal(signal.SIGINT, before)
 
+
 CANCELLED = 130
 
 
@@ -172,7 +173,8 @@ def _signal_once(tmp_path, tiny_models, signum, ignored: bool = False):
     proc = subprocess.Popen([sys.executable, "-m", "BrainLobeSegLib.cli", "segment", str(scan),
                              "-o", str(outdir), "--model", str(tiny_models), "--device", "cpu",
                              "--assume-upright"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL))
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while not leftovers(outdir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -598,9 +598,15 @@ def call_of_values(code: str, values: Dict[str, Optional[float]],
     if values.get("mean") is None:
         return None, False      # too little tissue measured
     score = card.score(code, values)
-    expected = values.get("expected")
-    below_kind = expected is not None and expected <= -EXPECTED_DROP_HU
-    return score, bool((score is not None and score >= card.threshold) or below_kind)
+    return score, _score_calls(score, card) or _below_its_kind(values.get("expected"))
+
+
+def _score_calls(score: Optional[float], card: aspects_card.ReadoutCard) -> bool:
+    return score is not None and score >= card.threshold
+
+
+def _below_its_kind(expected: Optional[float]) -> bool:
+    return expected is not None and expected <= -EXPECTED_DROP_HU
 
 
 def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
@@ -618,10 +624,10 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         frac, aff_ml = values["frac"], float(hit.sum() * ml)
         drop = float(np.median(ev[hit])) if hit.any() else 0.0
         score, called = call_of_values(r.code, values, card)
-        if score is not None and score >= card.threshold:
+        if _score_calls(score, card):
             reasons.append(f"call score {score:.1f} (called from {card.threshold:.1f}): "
                            + "; ".join(card.reasons(r.code, values) or ["several small differences together"]))
-        if expected is not None and expected <= -EXPECTED_DROP_HU:
+        if _below_its_kind(expected):
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
