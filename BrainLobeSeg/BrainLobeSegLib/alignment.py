@@ -114,7 +114,10 @@ def _estimate_steps(scan: sitk.Image, template: Optional[sitk.Image], spacing: f
     report(0.45, "matching the reference head")
     yield
     ref = bundled_reference(float(spacing)) if template is None else prepare_reference(template, spacing)
-    match = yield from register_reference(match_image(hu), fov, ref, plane_rotation, (brain, head_centre),
+    yield   # the reference, the scan's matching image and the first registration: a step each
+    scan_match = match_image(hu)
+    yield
+    match = yield from register_reference(scan_match, fov, ref, plane_rotation, (brain, head_centre),
                                           scales=starting_scales(brain_ml, ref.brain_ml))
     if match.correlation < MIN_MATCH:
         raise InputError(f"the scan does not match a head well enough to find its pose "

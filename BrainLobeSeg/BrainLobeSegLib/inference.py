@@ -303,16 +303,18 @@ def labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
-def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float,
-                  margin: int = 2) -> "Steps[Tuple[np.ndarray, Grid]]":
+def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float, margin: int = 2,
+                  coarse: Optional[np.ndarray] = None) -> "Steps[Tuple[np.ndarray, Grid]]":
     """Labels on a finer grid over the regions' bounding box, from interpolated probabilities.
 
     Taking the argmax after linear interpolation gives smooth region borders where a
     nearest-neighbour copy of coarse labels would give 2 mm stairs on a 0.45 mm scan.
     Only the box around the regions is refined, which keeps time and memory small.
-    In steps of one class each.
+    In steps of one class each. ``coarse``: the labels of ``probs`` where the caller
+    already has them (the clean-up's), so this step does not take a second whole-grid
+    argmax (it made the step after the clean-up the longest of a run).
     """
-    coarse = labels_from_probabilities(probs)
+    coarse = labels_from_probabilities(probs) if coarse is None else coarse
     if spacing_mm >= min(grid.spacing) or not coarse.any():
         return coarse, grid
     box = geometry.crop_box(coarse.shape, coarse > 0)
@@ -423,7 +425,7 @@ def fused_to_labels(fused: np.ndarray, grid: Grid, scan: sitk.Image, transform: 
     with st.stage("to scan grid"):
         out_labels, out_grid = labels, grid
         if refine_mm and refine_mm < min(grid.spacing):
-            out_labels, out_grid = yield from refine_labels(fused, grid, refine_mm)
+            out_labels, out_grid = yield from refine_labels(fused, grid, refine_mm, coarse=labels)
         labels_scan, labels_upright = yield from scan_layouts(out_labels, out_grid, grid, scan,
                                                               transform, non_brain)
     return labels, labels_scan, labels_upright, report

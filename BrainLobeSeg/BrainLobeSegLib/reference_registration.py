@@ -154,9 +154,10 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
     map is refined: :data:`SIZE_ROUNDS` rounds of fitting ``a`` with the similarity held,
     then the similarity with ``a`` held, the last at the working resolution. Last, the
     roll and yaw of the mid-sagittal plane replace the registration's where they
-    correlate better (:func:`_plane_roll_if_better`). In steps of one registration each.
+    correlate better (:func:`_plane_roll_if_better`). In steps of one registration or size fit each.
     """
     moving_mask = mask_image(scan_fov, scan_img)
+    yield
     best: Optional[Match] = None
     pairs = list(zip(centres, (ref.centre, ref.head_centre)))   # scan point <- reference point
     for scale, (scan_centre, ref_centre), pitch in itertools.product(scales, pairs, starts):
@@ -179,6 +180,7 @@ def register_reference(scan_img: sitk.Image, scan_fov: np.ndarray, ref: Referenc
     for k in range(SIZE_ROUNDS):
         shrink = 1 if k == SIZE_ROUNDS - 1 else 2
         sizes = _fit_sizes(sample, sim, sizes)
+        yield
         best = _fit_similarity(ref, scan_img, moving_mask, sim, sizes, shrink)
         yield
     return _plane_roll_if_better(best, correlation, plane_rotation[:, 0])
