@@ -81,6 +81,8 @@ def test_lowered_region_scores_9_on_its_side(files, tmp_path, capsys):
     assert [r["region"] for r in data["regions"] if r["affected"]] == ["M2 left"]
     assert data["scan"] == str(files["low"]) and data["labels"] == str(files["labels"])
     assert data["warnings"] == [] and "not a diagnosis" in data["notice"]
+    # the settings the read-out ran with, for a reader who compares runs of versions
+    assert data["settings"]["csf_margin_mm"] == aspects.CSF_MARGIN_MM
     summary = strict_json(tmp_path / "low-stats.json")["aspects"]
     assert (summary["score"], summary["score_left"], summary["score_right"]) == (9, 9, 10)
     assert summary["affected"] == {"left": ["M2 left"], "right": []}
