@@ -311,8 +311,8 @@ def refine_labels(probs: np.ndarray, grid: Grid, spacing_mm: float, margin: int 
     nearest-neighbour copy of coarse labels would give 2 mm stairs on a 0.45 mm scan.
     Only the box around the regions is refined, which keeps time and memory small.
     In steps of one class each. ``coarse``: the labels of ``probs`` where the caller
-    already has them (the clean-up's), so this step does not take a second whole-grid
-    argmax (it made the step after the clean-up the longest of a run).
+    already has them (the clean-up's), so the step after the clean-up does not take a
+    second whole-grid argmax of the same probabilities (0.05-0.1 s on a head).
     """
     coarse = labels_from_probabilities(probs) if coarse is None else coarse
     if spacing_mm >= min(grid.spacing) or not coarse.any():
