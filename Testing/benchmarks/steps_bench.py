@@ -55,18 +55,21 @@ def paused_at(gen: "steps.Steps") -> str:
 
 def timed_steps(gen: "steps.Steps", messages: List[str]) -> Tuple[object, List[Tuple[float, str]]]:
     """Run every step, timing each; its label is the last progress message and the code
-    the step ran from and to (:func:`paused_at`)."""
+    the step ran from and to (:func:`paused_at`, looked up after the clock stops)."""
     durations: List[Tuple[float, str]] = []
     start = "start"
     while True:
         t = time.perf_counter()
         try:
             next(gen)
-        except StopIteration as done:
-            durations.append((time.perf_counter() - t, f"{messages[-1] if messages else ''}; {start} -> end"))
+            done: Optional[StopIteration] = None
+        except StopIteration as finished:
+            done = finished
+        elapsed = time.perf_counter() - t
+        end = "end" if done is not None else paused_at(gen)
+        durations.append((elapsed, f"{messages[-1] if messages else ''}; {start} -> {end}"))
+        if done is not None:
             return done.value, durations
-        end = paused_at(gen)
-        durations.append((time.perf_counter() - t, f"{messages[-1] if messages else ''}; {start} -> {end}"))
         start = end
 
 
@@ -80,6 +83,16 @@ def typical_steps(runs: Sequence[List[Tuple[float, str]]]) -> List[Tuple[float, 
     if len({len(r) for r in runs}) != 1:
         return [d for r in runs for d in r]
     return [(statistics.median(r[i][0] for r in runs), runs[-1][i][1]) for i in range(len(runs[-1]))]
+
+
+def longest_steps(runs: Sequence[List[Tuple[float, str]]]
+                  ) -> Tuple[Tuple[float, str], Tuple[float, str], str]:
+    """(the longest step by its median over the runs, the longest single step of any run,
+    the five longest medians as one printed line)."""
+    typical = typical_steps(runs)
+    top = sorted(typical, reverse=True)[:5]
+    return (max(typical), max(d for r in runs for d in r),
+            "five longest steps (medians): " + "; ".join(f"{d:.3f} s '{m}'" for d, m in top))
 
 
 def panel_like(seg: inference.Segmenter, scan, transform, budget: float) -> Tuple[float, int, float]:
@@ -116,15 +129,13 @@ def estimate_path(seg: inference.Segmenter, repeat: int) -> bool:
         (_, pose), durations = timed_steps(whole(), messages)
         totals.append(time.perf_counter() - t)
         runs.append(durations)
-    typical = typical_steps(runs)
-    worst, raw = max(typical), max(d for r in runs for d in r)
+    worst, raw, five = longest_steps(runs)
     again = ", segment again" if pose.estimate.region_corrected else ""
     print(f"automatic pose path (estimate, segment, region check{again}): "
           f"{statistics.median(totals):.2f} s in {len(durations)} steps (median of {repeat}); "
           f"longest step (its median over the runs) {worst[0]:.3f} s at '{worst[1]}'; "
           f"longest single step {raw[0]:.3f} s at '{raw[1]}'")
-    top = sorted(typical, reverse=True)[:5]
-    print("five longest steps (medians): " + "; ".join(f"{d:.3f} s '{m}'" for d, m in top))
+    print(five)
     return worst[0] <= TARGET_STEP_S
 
 
@@ -159,16 +170,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         total, count, _ = panel_like(seg, scan, transform, args.budget)
         panel_s.append(total)
     cli, panel = statistics.median(cli_s), statistics.median(panel_s)
-    typical = typical_steps(runs)
-    worst, raw = max(typical), max(d for r in runs for d in r)
+    worst, raw, five = longest_steps(runs)
     print(f"scan: {desc}; mode {args.mode}; {len(durations)} steps per run; tick budget {args.budget} s")
     print(f"CLI loop (median of {args.repeat}): {cli:.2f} s; panel-like stepped run: {panel:.2f} s "
           f"({count} steps); ratio {panel / cli:.3f} (target <= {TARGET_RATIO})")
     print(f"longest step (its median over the {args.repeat} runs): {worst[0]:.3f} s at '{worst[1]}' "
           f"(target <= {TARGET_STEP_S})")
     print(f"longest single step of any run: {raw[0]:.3f} s at '{raw[1]}'")
-    top = sorted(typical, reverse=True)[:5]
-    print("five longest steps (medians): " + "; ".join(f"{d:.3f} s '{m}'" for d, m in top))
+    print(five)
     ok = worst[0] <= TARGET_STEP_S and panel / cli <= TARGET_RATIO
     if args.estimate:
         ok &= estimate_path(seg, args.repeat)
