@@ -110,6 +110,18 @@ def largest_pieces(labels: np.ndarray) -> "Steps[np.ndarray]":
     return stray
 
 
+def labels_in_slabs(probs: np.ndarray, slab: int = 16) -> "Steps[np.ndarray]":
+    """The most probable class per voxel of ``(classes, z, y, x)`` probabilities as uint8
+    labels, ``slab`` z-planes per step. Each slab's argmax output stays under the 4 MB from
+    which NumPy asks for transparent huge pages: on this project's VM the whole head's
+    8.8 MB argmax output stalled 0.8-1.4 s in its page faults."""
+    out = np.empty(probs.shape[1:], np.uint8)
+    for z in range(0, probs.shape[1], slab):
+        out[z:z + slab] = np.argmax(probs[:, z:z + slab], axis=0)
+        yield
+    return out
+
+
 def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> Tuple[np.ndarray, CleanupReport]:
     """Apply the two rules to fused probabilities ``(classes, z, y, x)``, in place; return
     the labels they now give (their argmax, computed once here) and what was removed."""
@@ -119,7 +131,7 @@ def clean_probabilities(probs: np.ndarray, non_brain: np.ndarray) -> Tuple[np.nd
 def clean_probabilities_steps(probs: np.ndarray, non_brain: np.ndarray
                               ) -> "Steps[Tuple[np.ndarray, CleanupReport]]":
     """:func:`clean_probabilities` in steps (see :mod:`steps`)."""
-    labels = np.argmax(probs, axis=0).astype(np.uint8)
+    labels = yield from labels_in_slabs(probs)
     outside = non_brain & (labels > 0)
     outside_counts = _counts(labels[outside])
     labels[outside] = 0

@@ -494,7 +494,8 @@ class Segmenter:
                     member_labels.update(planes)
                 else:
                     probs = yield from predict_3d(model, volume, lateral, st, span)
-            member_labels.setdefault(model.card.name, labels_from_probabilities(probs))
+            if model.card.name not in member_labels:
+                member_labels[model.card.name] = yield from cleanup.labels_in_slabs(probs)
             outputs.append((grid, probs))
             yield
         st.report(0.9, "fusing")
