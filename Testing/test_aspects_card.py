@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from BrainLobeSegLib import aspects_card, regions
+from BrainLobeSegLib import aspects, aspects_card, regions
 from BrainLobeSegLib.errors import InputError
 from training import aspects_fit
 
@@ -106,6 +106,42 @@ def test_bundled_card_reads_and_uses_known_measures():
     assert set(card.features) <= set(aspects_card.MEASURES)
     assert set(card.normal) == {r.code for r in regions.REGIONS}
     assert card.trained_on["scans"] >= 30 and 0.9 < card.fit["specificity"] < 1.0
+    # fitted with this engine's read-out settings: a change to one of them needs a refit
+    assert card.readout and aspects.card_settings_mismatch(card) == []
+
+
+def test_the_card_records_the_read_out_settings_of_its_dumps(tmp_path):
+    """aspects_fit copies the dumps' read-out settings into the card (they round-trip);
+    dumps made with different settings cannot make one card; dumps that do not say make
+    a card without the block, and the fit says so."""
+    settings = aspects.measure_settings()
+    recs = _records(40, 3)
+    for rec in recs:
+        rec["settings"] = settings
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(recs))
+    out = tmp_path / "card.json"
+    cmd = [sys.executable, "-m", "training", "aspects_fit", str(same), "--out", str(out), "--features", *FEATURES]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    card = aspects_card.load_card(out)
+    assert card.readout == json.loads(json.dumps(settings)) and aspects.card_settings_mismatch(card) == []
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{**rec, "settings": {**settings, "csf_margin_mm": 1.5}} for rec in recs]))
+    with pytest.raises(InputError, match="2 different read-out settings"):
+        aspects_fit.dump_settings([same, other])
+    older = aspects_card.card_from_json({**card.to_json(), "readout": {**card.readout, "csf_margin_mm": 1.5}})
+    assert aspects.card_settings_mismatch(older) == [f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}"]
+
+
+def test_dumps_without_settings_make_a_card_without_the_block(dump, tmp_path):
+    out = tmp_path / "card.json"
+    cmd = [sys.executable, "-m", "training", "aspects_fit", str(dump), "--out", str(out), "--features", *FEATURES]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0 and "do not record their read-out settings" in done.stdout
+    card = aspects_card.load_card(out)
+    assert card.readout == {} and "readout" not in json.loads(out.read_text())
+    assert aspects.card_settings_mismatch(card) == []     # nothing to compare: no warning
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -116,6 +152,7 @@ def test_bundled_card_reads_and_uses_known_measures():
     (lambda d: d["normal"]["C"].__setitem__(d["features"][0], [0.0, 0.0]), "not positive"),
     (lambda d: d.update(bias="os.system('x')"), "not a finite number"),
     (lambda d: d.update(threshold=float("nan")), "not a finite number"),
+    (lambda d: d.update(readout=["csf_margin_mm", 3.0]), "readout"),
 ])
 def test_broken_card_is_one_clear_error(tmp_path, edit, message):
     data = json.loads(aspects_card.default_card_path().read_text())

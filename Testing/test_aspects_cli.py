@@ -290,3 +290,21 @@ def test_another_read_out_card_is_used_and_a_broken_one_refused(files, tmp_path,
                         "-o", str(tmp_path / "none")], capsys)
     assert code == EXIT_INPUT_ERROR and "read-out card" in err and "not valid" in err and "Traceback" not in err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_card_fitted_with_other_read_out_settings_warns(files, tmp_path, capsys):
+    """A card records the read-out settings its measures were made with; used with an
+    engine whose settings differ (here the fluid margin of an older version), the run
+    still reads out but says, once, which setting differs and to refit."""
+    card = json.loads(aspects_card.default_card_path().read_text())
+    card["readout"]["csf_margin_mm"] = 1.5
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(card))
+    code, _, err = run(["stats", str(files["low"]), "--labels", str(files["labels"]), "--aspects-card", str(old),
+                        "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    data = strict_json(tmp_path / "out" / "low-aspects-score.json")
+    assert data["settings"]["card_readout_mismatch"] == [f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}"]
+    assert len(data["warnings"]) == 1 and "csf_margin_mm: 1.5 -> 3.0" in data["warnings"][0]
+    assert "aspects_fit" in data["warnings"][0] and "csf_margin_mm: 1.5" in err
+    assert data["aspects"]["affected"] == ["M2 left"]     # the read-out itself still runs

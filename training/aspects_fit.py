@@ -25,7 +25,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,18 +54,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def read_dump(path: Path) -> List[Dict[str, Any]]:
+    """The records of one ``aspects_bench --dump`` file (one clear error if it is not one)."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the dump {path} ({exc}).",
+                         "Give files written by Testing/benchmarks/aspects_bench.py --dump.") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "regions" in r for r in records):
+        raise InputError(f"{path} is not an aspects_bench dump (a list of records with 'regions').",
+                         "Give files written by Testing/benchmarks/aspects_bench.py --dump.")
+    return records
+
+
+def dump_settings(dumps: Sequence[Path]) -> Dict[str, Any]:
+    """The read-out settings the dumps' measures were made with (their records'
+    ``settings``), for the card's ``readout`` block; empty when no record says (dumps
+    from before they were recorded). Dumps made with different settings cannot make one
+    card: its normal values would mix two kinds of measure."""
+    seen: Dict[str, Dict[str, Any]] = {}
+    for path in dumps:
+        for rec in read_dump(path):
+            if isinstance(rec.get("settings"), dict):
+                seen.setdefault(json.dumps(rec["settings"], sort_keys=True), rec["settings"])
+    if len(seen) > 1:
+        raise InputError(f"the dumps were made with {len(seen)} different read-out settings "
+                         "(their records' 'settings' differ).",
+                         "Fit a card on dumps made by one version of the read-out.")
+    return next(iter(seen.values()), {})
+
+
 def load_rows(dumps: Sequence[Path], features: Sequence[str]) -> List[Dict[str, Any]]:
     """One row per measured region: its code, truth, condition and measures."""
     rows = []
     for path in dumps:
-        try:
-            records = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the dump {path} ({exc}).",
-                             "Give files written by Testing/benchmarks/aspects_bench.py --dump.") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) and "regions" in r for r in records):
-            raise InputError(f"{path} is not an aspects_bench dump (a list of records with 'regions').",
-                             "Give files written by Testing/benchmarks/aspects_bench.py --dump.")
+        records = read_dump(path)
         for rec in records:
             for reg in rec["regions"]:
                 values = reg.get("measures") or {}
@@ -116,8 +139,10 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray, l2: float) ->
 
 
 def fit_card(rows: Sequence[dict], features: Sequence[str], specificity: float = 0.985,
-             positives: str = "target", l2: float = 1.0, summary: str = "") -> aspects_card.ReadoutCard:
-    """The card fitted on ``rows`` (see the module's docstring)."""
+             positives: str = "target", l2: float = 1.0, summary: str = "",
+             readout: Optional[Dict[str, Any]] = None) -> aspects_card.ReadoutCard:
+    """The card fitted on ``rows`` (see the module's docstring); ``readout``: the read-out
+    settings the rows' measures were made with (:func:`dump_settings`)."""
     normal = normal_values(rows, features)
     x = np.array([[(r["values"][f] - normal[r["code"]][f][0]) / normal[r["code"]][f][1] for f in features]
                   for r in rows])
@@ -142,7 +167,7 @@ def fit_card(rows: Sequence[dict], features: Sequence[str], specificity: float =
     trained_on = {"summary": summary, "scans": len({r["scan"] for r in rows}),
                   "normal_scans": len({r["scan"] for r in rows if r["normal"]})}
     return aspects_card.ReadoutCard(tuple(features), normal, dict(zip(features, map(float, w))), bias,
-                                    threshold, trained_on, fit)
+                                    threshold, trained_on, fit, readout=dict(readout or {}))
 
 
 def write_card(card: aspects_card.ReadoutCard, out: Path, overwrite: bool) -> None:
@@ -169,11 +194,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0.5 < args.specificity < 1.0:
         raise InputError(f"--specificity {args.specificity} is not between 0.5 and 1.", "Use e.g. 0.98.")
     rows = load_rows(args.dumps, args.features)
+    readout = dump_settings(args.dumps)
     card = fit_card(rows, args.features, args.specificity, args.positives, args.l2,
-                    args.summary or ", ".join(p.name for p in args.dumps))
+                    args.summary or ", ".join(p.name for p in args.dumps), readout)
     write_card(card, args.out, args.overwrite)
     f = card.fit
     print(f"card written to {args.out}: {card.trained_on['scans']} scans, {f['regions']} regions; on them "
           f"target sensitivity {f['target_sensitivity']:.3f} at specificity {f['specificity']:.3f}, "
           f"{100 * f['normal_scan_regions_called']:.2f} % of normal-scan regions called")
+    if not readout:
+        print("note: the dumps do not record their read-out settings, so neither does the card "
+              "(a read-out cannot warn when it is used with other settings)")
     return 0

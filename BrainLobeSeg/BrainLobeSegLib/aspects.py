@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -61,7 +62,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import aspects_card, regions, steps
-from .errors import InputError
+from .errors import InputError, InputWarning
 
 # ----------------------------------------------------------------------------- settings
 
@@ -694,6 +695,7 @@ def assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
     if side is not None and side not in SIDES:
         raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
     card = card or bundled_card()   # a missing or broken card fails here, before any step
+    warn_if_card_mismatch(card)
     return _assess_steps(ct, labels, side, with_evidence_map, progress or (lambda fraction, message: None), card)
 
 
@@ -738,16 +740,51 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
         source = "proposed"
     else:
         source, reason = "user", "chosen by the user"
-    settings = {"grid_mm": GRID_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
-                "tissue_window_hu": list(TISSUE_WINDOW_HU), "csf_margin_mm": CSF_MARGIN_MM,
-                "shading_pair_exclude_hu": PAIR_EXCLUDE_HU,
-                "voxel_drop_hu": VOXEL_DROP_HU,
-                "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
-                "expected_drop_hu": EXPECTED_DROP_HU, "min_measured_ml": MIN_MEASURED_ML,
+    settings = {**measure_settings(), "expected_drop_hu": EXPECTED_DROP_HU,
                 "card": card.source, "card_measures": list(card.features),
-                "card_threshold": card.threshold, "card_trained_on": card.trained_on.get("summary", "")}
+                "card_threshold": card.threshold, "card_trained_on": card.trained_on.get("summary", ""),
+                "card_readout": "matches" if card.readout else "not recorded in the card",
+                "card_readout_mismatch": card_settings_mismatch(card)}
     return AspectsResult(calls, side, source, reason, maps.level, evidence_spread_hu=evidence_spread(maps),
                          settings=settings)
+
+
+def measure_settings() -> Dict[str, Any]:
+    """The settings that change what a region's measures read (JSON values).
+
+    A read-out card's normal values and threshold hold only for measures made with these
+    settings, so ``aspects_bench --dump`` records them, ``aspects_fit`` writes them into the
+    card's ``readout`` block and :func:`card_settings_mismatch` compares them.
+    """
+    return {"grid_mm": GRID_MM, "mask_sigma_mm": MASK_SIGMA_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
+            "tissue_window_hu": list(TISSUE_WINDOW_HU), "csf_margin_mm": CSF_MARGIN_MM,
+            "csf_gap_hu": CSF_GAP_HU, "dense_margin_mm": DENSE_MARGIN_MM, "dense_gap_hu": DENSE_GAP_HU,
+            "mirror_weight": MIRROR_WEIGHT, "shading_pair_exclude_hu": PAIR_EXCLUDE_HU,
+            "voxel_drop_hu": VOXEL_DROP_HU, "dark_part_scales_mm": dict(DARK_PART_SCALES_MM),
+            "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
+            "low_shares": dict(LOW_SHARES), "min_measured_ml": MIN_MEASURED_ML}
+
+
+def card_settings_mismatch(card: aspects_card.ReadoutCard) -> List[str]:
+    """The read-out settings (``name: card's -> this engine's``) that differ between the
+    card's ``readout`` block and :func:`measure_settings`; empty when they agree or the
+    card does not record them (cards fitted before the block existed)."""
+    here = json.loads(json.dumps(measure_settings()))   # the JSON form the card holds
+    return [f"{k}: {card.readout.get(k)!r} -> {v!r}" for k, v in here.items()
+            if card.readout and card.readout.get(k) != v]
+
+
+def warn_if_card_mismatch(card: aspects_card.ReadoutCard) -> None:
+    """One :class:`InputWarning` when ``card`` was fitted on measures made with other
+    read-out settings: its normal values and threshold then do not hold, and the calls
+    may be too many or too few."""
+    diff = card_settings_mismatch(card)
+    if diff:
+        warnings.warn(InputWarning(
+            f"the ASPECTS read-out card {card.source or '(given)'} was fitted with other read-out "
+            f"settings than this engine uses ({'; '.join(diff)}), so its calls may be too many or too "
+            "few; refit it with 'python -m training aspects_fit' on dumps made by this version"),
+            stacklevel=3)
 
 
 @functools.lru_cache(maxsize=1)

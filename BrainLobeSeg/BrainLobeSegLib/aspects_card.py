@@ -13,7 +13,9 @@ The card is plain JSON (``Resources/ASPECTS/readout-card.json``), written by
 records and read here with :mod:`json` only: loading it never runs code. Its
 ``trained_on`` block says which scans the numbers come from; the bundled card's are
 synthetic scans made from one atlas, so on real scans it is a starting point that a site
-should refit on its own normal and infarcted scans.
+should refit on its own normal and infarcted scans. Its ``readout`` block records the
+read-out settings the measures were made with (``aspects.measure_settings``): a read-out
+with a card fitted under other settings warns, since its normal values no longer hold.
 
 Only the standard library and numpy-free arithmetic are used (the inference-path rule).
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -63,6 +65,9 @@ class ReadoutCard:
     trained_on: Dict[str, Any]
     fit: Dict[str, Any]
     source: str = ""
+    #: The read-out settings the fitted measures were made with (``aspects.measure_settings``);
+    #: empty in cards written before it was recorded.
+    readout: Dict[str, Any] = field(default_factory=dict)
 
     def z_values(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[Dict[str, float]]:
         """The measures as z-values for a region of ``code``; None if one is missing."""
@@ -100,7 +105,8 @@ class ReadoutCard:
         return {"format": FORMAT, "version": FORMAT_VERSION, "features": list(self.features),
                 "normal": {c: {f: list(v) for f, v in m.items()} for c, m in self.normal.items()},
                 "weights": dict(self.weights), "bias": self.bias, "threshold": self.threshold,
-                "trained_on": self.trained_on, "fit": self.fit}
+                "trained_on": self.trained_on, "fit": self.fit,
+                **({"readout": self.readout} if self.readout else {})}
 
 
 def _plain(measure: str, v: float, sign: bool = True) -> str:
@@ -153,8 +159,11 @@ def card_from_json(data: Any, source: str = "") -> ReadoutCard:
                 raise ValueError(f"normal SD of {f} in {code} is not positive")
             normal[code][f] = (median, sd)
     weights = {f: _number(data["weights"][f]) for f in features}
+    readout = data.get("readout") or {}
+    if not isinstance(readout, dict):
+        raise TypeError("readout is not a mapping of setting names to values")
     return ReadoutCard(features, normal, weights, _number(data["bias"]), _number(data["threshold"]),
-                       dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source)
+                       dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source, dict(readout))
 
 
 def _number(v: Any) -> float:

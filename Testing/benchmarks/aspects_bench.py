@@ -181,7 +181,8 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
         res, feats = read_out(case.ct, case, "normal")
         called = {r.label for r in res.regions if r.called}
         normal.add(set(), called, 10, 10)
-        records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": feats})
+        records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": feats,
+                        "settings": aspects.measure_settings()})
         for j, (d, e) in enumerate((d, e) for d in drops for e in extents):
             rng = np.random.default_rng([seed, int(case.name), j])
             kind = KINDS[(i + j) % len(KINDS)]
@@ -191,7 +192,7 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
             called = {r.label for r in res.regions if r.called}
             tallies[(d, e)].add(set(labs), called, 10 - len(labs), res.score(side))
             records.append({"case": case.name, "drop": d, "extent": e, "kind": kind, "truth": labs,
-                            "regions": feats})
+                            "regions": feats, "settings": aspects.measure_settings()})
         print(f"[{i + 1}/{len(cases)}] case {case.name}: {normal.fp} normal-scan calls so far, "
               f"{timing['segment_s'] / timing['runs']:.2f} s segment, "
               f"{timing['assess_s'] / timing['runs']:.2f} s read-out per run", flush=True)
