@@ -120,6 +120,30 @@ def test_resample_probabilities_between_grids():
     np.testing.assert_allclose(out[0, :, 0, 0], expected, atol=1e-4)
 
 
+def test_resampling_and_fusion_class_by_class_match_whole_volume_arithmetic():
+    """Resampling and fusion work one class at a time (no whole-volume temporaries); the
+    result must be plain trilinear interpolation (clamped at the edges) along all three
+    axes, the fused mean or vote of the inputs, and the inputs must stay unchanged."""
+    rng = np.random.default_rng(5)
+    probs = rng.random((4, 7, 8, 9)).astype(np.float32)
+    src = geometry.Grid((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (9, 8, 7))
+    dst = geometry.Grid((-1.0, 0.5, 1.25), (1.5, 1.5, 1.5), (12, 10, 9))
+    cx, cy, cz = geometry.grid_points_in(src, dst)
+    expected = probs
+    for axis, coords in ((1, cz), (2, cy), (3, cx)):
+        expected = np.apply_along_axis(lambda line: np.interp(coords, np.arange(line.size), line), axis, expected)
+    np.testing.assert_allclose(inference.resample_probabilities(probs, src, dst), expected, atol=1e-5)
+    other = rng.random(probs.shape).astype(np.float32)
+    before = (probs.copy(), other.copy())
+    np.testing.assert_allclose(inference.fuse_probabilities([probs, other]), (probs + other) / 2, rtol=1e-6)
+    labels = [rng.integers(0, 4, probs.shape[1:]).astype(np.uint8) for _ in range(3)]
+    votes = sum((lab == np.arange(4)[:, None, None, None]).astype(np.float32) for lab in labels)
+    np.testing.assert_allclose(inference.fuse_probabilities([probs, other], labels, "vote"),
+                               votes + 1e-3 * (probs + other) / 2, atol=1e-6)
+    np.testing.assert_array_equal(probs, before[0])
+    np.testing.assert_array_equal(other, before[1])
+
+
 def test_refinement_argmax_one_class_at_a_time_equals_the_full_argmax():
     """The memory-saving running argmax must pick the same label as interpolating all
     classes and taking np.argmax (ties included: equal classes go to the lower label)."""

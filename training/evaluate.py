@@ -116,10 +116,9 @@ def fuse_ensemble(planar: SegmentationResult, threed: SegmentationResult, scan: 
         raise ValueError("fuse_ensemble needs results segmented with keep_probabilities=True")
     outputs = [(planar.grid, planar.probabilities), (threed.grid, threed.probabilities)]
     grid = min((g for g, _ in outputs), key=lambda g: min(g.spacing))
-    probs = [inference.resample_probabilities(p, g, grid) for g, p in outputs]
     merged = {**planar.member_labels, **threed.member_labels}
     members = [v for v in merged.values() if v.shape == grid.shape]
-    fused = inference.fuse_probabilities(probs, members, fusion)
+    fused = inference.fuse_outputs(outputs, grid, members, fusion)   # the results stay unchanged
     non_brain = next((r.non_brain for r in (planar, threed) if r.grid == grid), None)
     return run_steps(inference.fused_to_labels(fused, grid, scan, transform, refine_mm, non_brain))[2]
 
@@ -699,4 +698,3 @@ def run(args: argparse.Namespace) -> int:
              overlays=args.overlays, fusion=args.fusion, threads=args.threads,
              refine_mm=args.refine_mm or None, invert_transform=args.invert_transform)
     return 0
-
