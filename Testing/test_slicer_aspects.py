@@ -12,6 +12,8 @@ else in the scene changes and a second read-out adds no node.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -289,6 +291,24 @@ def test_ticking_a_box_in_the_table_is_an_override(scene, core, case, darker_ct)
     session.clear()                             # scene closing: no more observation
     tick(table, M4_RIGHT.label, False)
     assert len(changes) == 3 and session.aspects_status() == ""
+
+
+def test_a_card_fitted_with_other_settings_is_said_in_the_panel(scene, core, case, darker_ct, monkeypatch):
+    """The read-out card in use (here the bundled one as if fitted with an older fluid
+    margin) is checked before the first step; the panel's ASPECTS line says which setting
+    differs and to refit, and keeps saying it after the clinician's overrides."""
+    card = aspects.bundled_card()
+    older = dataclasses.replace(card, readout={**card.readout, "csf_margin_mm": 1.5})
+    monkeypatch.setattr(aspects, "bundled_card", lambda: older)
+    volume, segmentation = add_case(scene, darker_ct, case.labels_scan)
+    session = panel.Session(core)
+    session.result = last_result(core, segmentation, volume)
+    text = session.read_aspects()
+    assert text.startswith("ASPECTS left: 9") and "Warning: the ASPECTS read-out card" in text
+    assert f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}" in text and "aspects_fit" in text
+    assert "Warning:" in session.override_aspects("M4 right", True)
+    monkeypatch.setattr(aspects, "bundled_card", lambda: card)
+    assert "Warning" not in session.read_aspects()       # the bundled card's own settings: nothing to say
 
 
 def test_the_symptomatic_side_is_the_users_or_proposed(scene, core, case, darker_ct):

@@ -466,11 +466,11 @@ class PanelRun(SteppedPanelRun):
             status = _("Done in {seconds:.1f} s: '{name}' has the 20 regions; '{uncertainty}' "
                        "shows where the models disagree. Check every region and correct it in "
                        "the Segment Editor.").format(seconds=seconds, name=node.GetName(),
-                                                      uncertainty=uncertainty.GetName())
+                                                     uncertainty=uncertainty.GetName())
         else:
             status = _("Done in {seconds:.1f} s: '{name}' has the 20 regions. Check every region "
                        "and correct it in the Segment Editor.").format(seconds=seconds,
-                                                                      name=node.GetName())
+                                                                       name=node.GetName())
         problems = node.GetAttribute("BrainLobeSeg.qualityProblems")
         if problems:   # the engine's quality check (quality.py): said where it is seen
             status = _("Done in {seconds:.1f} s, but the result looks implausible: {problems}. "
@@ -651,7 +651,8 @@ def aspects_message(readout: slicer_logic.AspectsReadout) -> str:
              "other side. Decision support, not a diagnosis: read the images.").format(
         side=r.side, score=r.score(), left=r.score("left"), right=r.score("right"),
         side_line=side, affected=affected, changed=changed,
-        evidence=readout.evidence.GetName() if readout.evidence is not None else "")
+        evidence=readout.evidence.GetName() if readout.evidence is not None else "") + "".join(
+        " " + _("Warning: {warning}.").format(warning=w) for w in readout.warnings)
 
 
 def saved_case_status(segmentation_node, name: str, folder: str) -> str:

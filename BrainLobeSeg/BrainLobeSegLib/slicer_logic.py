@@ -58,7 +58,7 @@ import slicer
 
 from . import slicer_tools, steps, transforms
 from .quality import require_regions
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, InputWarning
 from .modes import DEFAULT_MODE
 from .slicer_tools import (add_upright_transform_node, check_volume, fill_segmentation, ijk_to_ras,
                            image_from_volume_node, remove_node, transform_from_node,
@@ -185,7 +185,9 @@ class AspectsReadout:
 
     ``result`` is the engine's ``aspects.AspectsResult`` (calls, overrides, scores);
     ``table`` and ``evidence`` are its nodes, any of which the user may delete;
-    ``side_choice`` is "auto" (the proposed side) or the side the user chose.
+    ``side_choice`` is "auto" (the proposed side) or the side the user chose;
+    ``warnings`` what the read-out said about its input (e.g. a read-out card fitted with
+    other settings), shown with the scores.
     """
 
     segmentation: Any
@@ -194,6 +196,7 @@ class AspectsReadout:
     table: Any
     evidence: Any
     side_choice: str = "auto"
+    warnings: List[str] = field(default_factory=list)
 
     def score(self, side: Optional[str] = None) -> int:
         """ASPECTS of ``side`` (default: the symptomatic side), overrides counted."""
@@ -468,11 +471,14 @@ class BrainLobeSegLogic:
         choice = side or "auto"
         ct = image_from_volume_node(volume_node)
         labels = slicer_tools.labelmap_from_segmentation(segmentation_node, volume_node)
-        work = aspects.assess_steps(ct, labels, side=None if choice == "auto" else choice, progress=progress)
-        return self._readout_steps(work, segmentation_node, volume_node, choice, previous)
+        with warnings.catch_warnings(record=True) as caught:   # said before the first step
+            warnings.simplefilter("always", InputWarning)
+            work = aspects.assess_steps(ct, labels, side=None if choice == "auto" else choice, progress=progress)
+        said = [str(w.message) for w in caught if issubclass(w.category, InputWarning)]
+        return self._readout_steps(work, segmentation_node, volume_node, choice, previous, said)
 
     def _readout_steps(self, work, segmentation_node, volume_node, choice: str,
-                       previous: Optional["AspectsReadout"]) -> "steps.Steps[AspectsReadout]":
+                       previous: Optional["AspectsReadout"], said: List[str]) -> "steps.Steps[AspectsReadout]":
         result = yield from work
         if not (_in_scene(segmentation_node) and _in_scene(volume_node)):
             raise InputError("the segmentation or its CT was removed during the ASPECTS read-out.",
@@ -493,7 +499,7 @@ class BrainLobeSegLogic:
             node.SetAttribute("BrainLobeSeg.segmentation", segmentation_node.GetID())
             node.SetAttribute("BrainLobeSeg.sourceVolume", volume_node.GetID())
         table.SetAttribute("BrainLobeSeg.evidenceVolume", evidence.GetID())
-        readout = AspectsReadout(segmentation_node, volume_node, result, table, evidence, choice)
+        readout = AspectsReadout(segmentation_node, volume_node, result, table, evidence, choice, said)
         self._show_calls(readout)
         return readout
 
@@ -552,7 +558,8 @@ class BrainLobeSegLogic:
         """A new linear transform node with an automatic estimate of ``R`` for the CT.
 
         :func:`alignment.estimate_pose` finds the mid-sagittal plane and registers the
-        bundled upright reference head (the models' frame) to the scan as acquired (the volume's own geometry, its parent transform ignored, like
+        bundled upright reference head (the models' frame) to the scan as acquired (the
+        volume's own geometry, its parent transform ignored, like
         :meth:`prepare`), so the node is meant to be chosen as the transform node, or
         applied to the CT *instead of* any transform it has. The node follows the same
         convention as a loaded ITK-SNAP file (:func:`add_upright_transform_node`). It is
