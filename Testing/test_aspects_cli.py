@@ -83,6 +83,7 @@ def test_lowered_region_scores_9_on_its_side(files, tmp_path, capsys):
     assert data["warnings"] == [] and "not a diagnosis" in data["notice"]
     # the settings the read-out ran with, for a reader who compares runs of versions
     assert data["settings"]["csf_margin_mm"] == aspects.CSF_MARGIN_MM
+    assert data["settings"]["card_readout"] == "matches" and data["settings"]["card_readout_mismatch"] == []
     summary = strict_json(tmp_path / "low-stats.json")["aspects"]
     assert (summary["score"], summary["score_left"], summary["score_right"]) == (9, 9, 10)
     assert summary["affected"] == {"left": ["M2 left"], "right": []}
@@ -305,6 +306,7 @@ def test_a_card_fitted_with_other_read_out_settings_warns(files, tmp_path, capsy
     assert code == 0, err
     data = strict_json(tmp_path / "out" / "low-aspects-score.json")
     assert data["settings"]["card_readout_mismatch"] == [f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}"]
+    assert data["settings"]["card_readout"] == "differs from this engine's"
     assert len(data["warnings"]) == 1 and "csf_margin_mm: 1.5 -> 3.0" in data["warnings"][0]
     assert "aspects_fit" in data["warnings"][0] and "csf_margin_mm: 1.5" in err
     assert data["aspects"]["affected"] == ["M2 left"]     # the read-out itself still runs

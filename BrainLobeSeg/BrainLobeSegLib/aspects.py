@@ -740,11 +740,13 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
         source = "proposed"
     else:
         source, reason = "user", "chosen by the user"
+    mismatch = card_settings_mismatch(card)
     settings = {**measure_settings(), "expected_drop_hu": EXPECTED_DROP_HU,
                 "card": card.source, "card_measures": list(card.features),
                 "card_threshold": card.threshold, "card_trained_on": card.trained_on.get("summary", ""),
-                "card_readout": "matches" if card.readout else "not recorded in the card",
-                "card_readout_mismatch": card_settings_mismatch(card)}
+                "card_readout": ("not recorded in the card" if not card.readout
+                                 else "differs from this engine's" if mismatch else "matches"),
+                "card_readout_mismatch": mismatch}
     return AspectsResult(calls, side, source, reason, maps.level, evidence_spread_hu=evidence_spread(maps),
                          settings=settings)
 
