@@ -73,14 +73,21 @@ def dump_settings(dumps: Sequence[Path]) -> Dict[str, Any]:
     from before they were recorded). Dumps made with different settings cannot make one
     card: its normal values would mix two kinds of measure."""
     seen: Dict[str, Dict[str, Any]] = {}
+    unsaid = 0
     for path in dumps:
         for rec in read_dump(path):
             if isinstance(rec.get("settings"), dict):
                 seen.setdefault(json.dumps(rec["settings"], sort_keys=True), rec["settings"])
+            else:
+                unsaid += 1
     if len(seen) > 1:
         raise InputError(f"the dumps were made with {len(seen)} different read-out settings "
                          "(their records' 'settings' differ).",
                          "Fit a card on dumps made by one version of the read-out.")
+    if seen and unsaid:   # the card would claim settings for measures of unknown origin
+        raise InputError(f"{unsaid} records of the dumps do not say their read-out settings and the "
+                         "others do.", "Dump the older scans again with this version, or fit on "
+                         "dumps of one kind.")
     return next(iter(seen.values()), {})
 
 
