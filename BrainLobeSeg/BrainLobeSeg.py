@@ -314,7 +314,7 @@ class BrainLobeSegTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SimpleITK as sitk
         from BrainLobeSegLib import regions, slicer_tools, transforms
-        volume, R = fixtures.phantom_volume(slicer.mrmlScene), transforms.rotation((10.0, -6.0, 8.0), center=(0.0, 0.0, 0.0))
+        volume, R = fixtures.phantom_volume(slicer.mrmlScene), transforms.rotation((10.0, -6.0, 8.0))
         path = os.path.join(self._folder("files"), "pose.txt")
         transforms.write_transform(path, R)
         transformNode = slicer_tools.load_itksnap_transform(slicer.mrmlScene, path)

@@ -458,8 +458,9 @@ def test_failed_run_keeps_an_earlier_complete_result(tmp_path, tiny_models, capf
 
 # --------------------------------------------------------------------------- the real entry point
 
-SUBPROCESS_ROWS = ["truncated .nii.gz", "DICOM series of modality MR", "MR-like intensities", "transform: B-spline (non-linear)",
-                   "transform: truncated .h5 (HDF5 diagnostics)", "scan: a FIFO"]
+SUBPROCESS_ROWS = ["truncated .nii.gz", "DICOM series of modality MR", "MR-like intensities",
+                   "transform: B-spline (non-linear)", "transform: truncated .h5 (HDF5 diagnostics)",
+                   "scan: a FIFO"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_ROWS)

@@ -275,7 +275,7 @@ def posed_head(scene, seed: int = 21):
 
 
 def test_the_estimate_choice_adds_one_transform_node_after_success_only(scene, core, tiny_models,
-                                                                         monkeypatch):
+                                                                        monkeypatch):
     """Nothing is added when the run starts; after success exactly one transform node (the
     pose the result was made with) and the status says so; after a cancel (during the
     estimate, or during the networks) or a failure, no node at all."""

@@ -615,7 +615,7 @@ def write_dicom_series(img: sitk.Image, folder: Path, drop: Optional[int] = None
                            ("0020|0013", str(i)), ("0028|0030", "\\".join(map(str, img.GetSpacing()[:2]))),
                            ("0020|0037", "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1]))),
                            ("0020|0032", "\\".join(f"{v:.6f}" for v in
-                                                    img.TransformIndexToPhysicalPoint((0, 0, i))))):
+                                                   img.TransformIndexToPhysicalPoint((0, 0, i))))):
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{i:03d}.dcm"))
         writer.Execute(sl)

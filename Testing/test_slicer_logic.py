@@ -626,7 +626,8 @@ def test_the_automatic_estimate_is_made_by_the_run_and_added_with_its_result(
     assert scene.GetNumberOfNodes() == count                   # the run reads, never adds
     assert any(m.startswith("head pose:") for f, m in seen if f <= 0.1)
     assert alignment.angle_error_deg(job.transform, truth) < 2.0
-    assert job.pose_estimate is not None and job.pose_estimate.region_residual_deg is None  # an untrained model: no check
+    # an untrained model: no region check
+    assert job.pose_estimate is not None and job.pose_estimate.region_residual_deg is None
     segmentation = fast_logic.create_output(job, result)
     assert nodes_of(scene, "vtkMRMLLinearTransformNode") == 1
     node = job.estimated_node

@@ -298,5 +298,5 @@ def test_cli_stats_on_a_gantry_tilted_grid_writes_nrrd(files, tmp_path, tiny_mod
     assert cli.main(["stats", str(path), "--assume-upright", "--mode", "3d", "--model", str(tiny_models),
                      "--device", "cpu", "--no-aspects", "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["tilted-aspects.nrrd", "tilted-stats.csv",
-                                                      "tilted-stats.json", "tilted-uncertainty.nrrd"]
+                                                     "tilted-stats.json", "tilted-uncertainty.nrrd"]
     assert np.allclose(sitk.ReadImage(str(out / "tilted-uncertainty.nrrd")).GetDirection(), scan.GetDirection())

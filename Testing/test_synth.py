@@ -156,7 +156,7 @@ def _in_grey_range(ct: sitk.Image, seg: sitk.Image, transform, params: dict) -> 
     sc = params.get("scanner") or {"gain": 1.0, "offset_hu": 0.0}
     grey, csf = (params[k] * sc["gain"] + sc["offset_hu"] for k in ("grey_hu", "csf_hu"))
     up = sitk.GetArrayFromImage(sitk.Resample(ct, ct, transform, sitk.sitkLinear, -1024.0,
-                                                  sitk.sitkFloat32))
+                                              sitk.sitkFloat32))
     lab = sitk.GetArrayViewFromImage(seg) > 0
     return float(((up[lab] > (grey + csf) / 2) & (up[lab] < 150.0)).mean())
 

@@ -228,7 +228,7 @@ def test_engine_is_not_imported_when_slicer_loads_the_module(module_ast, paramet
         elif isinstance(node, ast.ImportFrom):
             top_level.setdefault(node.module or "", []).extend(a.name for a in node.names)
     assert not [m for m in top_level if m.startswith(("BrainLobeSegLib", "torch", "SimpleITK",
-                                                       "numpy")) and m not in light]
+                                                      "numpy")) and m not in light]
     source = MODULE_PY.read_text(encoding="utf-8")
     assert "sys.path.insert(0, _MODULE_DIR)" in source
     # parameters.py needs Slicer's own modules; it may import nothing else heavy

@@ -869,7 +869,6 @@ class ScanGrid:
         ref.SetSpacing((h, h, dz))
         return ref
 
-
     def work_reference_v2(self) -> sitk.Image:
         """v2: same in-plane extent at ``work_spacing``; thin planes ``thickness / sub``
         apart from the lower edge of the first slice to the upper edge of the last.

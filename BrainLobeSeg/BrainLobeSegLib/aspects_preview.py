@@ -242,4 +242,3 @@ def write_aspects_preview(ct: sitk.Image, labels: sitk.Image, result: aspects.As
                           path: str) -> None:
     """:func:`aspects_picture` as a PNG at ``path`` (written atomically)."""
     output.write_png(aspects_picture(ct, labels, result), path)
-

@@ -42,7 +42,7 @@ def _expand_glob(pattern: str) -> List[str]:
             if os.path.isdir(p) or (_is_image_file(p) and not imageio.strip_image_suffix(p).endswith("-seg"))]
     if not hits:
         raise InputError(f"no scan matches {pattern}.", "Check the pattern (quote it to let "
-                                                         "brainlobeseg expand it).")
+                         "brainlobeseg expand it).")
     return sorted(hits, key=lambda p: natural_key(os.path.basename(p)))
 
 

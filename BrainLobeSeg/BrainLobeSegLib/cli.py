@@ -108,7 +108,8 @@ def pose_line(name: str, pose: "alignment.PoseChoice", written: Optional[str] = 
     """The one line a run prints about the head pose it used."""
     from . import alignment
     if pose.estimate is None:
-        return f"{name}: head pose from {'the transform file' if pose.source == 'file' else 'none: taken as upright (--assume-upright)'}"
+        source = 'the transform file' if pose.source == 'file' else 'none: taken as upright (--assume-upright)'
+        return f"{name}: head pose from {source}"
     where = f"; written to {written} (check it; --transform wins, --assume-upright skips this)" if written else ""
     return f"{name}: {alignment.describe(pose.estimate)}{where}"
 

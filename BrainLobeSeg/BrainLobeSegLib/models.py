@@ -291,7 +291,6 @@ def save_model(folder: Path, card: ModelCard, nets: Dict[str, torch.nn.Module]) 
     return folder
 
 
-
 def make_tiny_model(folder: Path, kind: str, spacing: float = 4.0, seed: int = 0) -> Path:
     """A real model folder holding a very small, randomly initialised network of ``kind``.
 

@@ -3,9 +3,10 @@
 A network given a scan it cannot read (a half-blanked head, a wrong pose, damaged
 weights) still returns labels, and an empty or lopsided map would otherwise be written
 with exit 0. :func:`check_labels` measures the regions' volumes; no region at all is an
-:class:`InputError` for the front ends (:func:`require_regions`: nothing is written), while a missing region, a total or regional
-volume outside the range of the model card's ``quality`` section, or a strong left/right
-imbalance become one :class:`QualityWarning` and a ``N-qc.json`` next to the outputs.
+:class:`InputError` for the front ends (:func:`require_regions`: nothing is written),
+while a missing region, a total or regional volume outside the range of the model card's
+``quality`` section, or a strong left/right imbalance become one :class:`QualityWarning`
+and a ``N-qc.json`` next to the outputs.
 Without a ``quality`` section (a user's own model) only the empty result is checked.
 """
 

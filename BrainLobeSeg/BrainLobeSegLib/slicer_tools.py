@@ -252,7 +252,6 @@ def transform_from(transform_node_or_R) -> Optional[sitk.Transform]:
     return transform_from_node(transform_node_or_R)
 
 
-
 # ----------------------------------------------------------------------------- segmentations
 
 def ensure_segmentation_converters() -> None:

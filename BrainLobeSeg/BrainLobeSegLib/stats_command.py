@@ -126,7 +126,7 @@ def _stats_case(args: argparse.Namespace, job, noted, segmenters: list) -> None:
             write_aspects(out, case, scan, labels, read_out, report.extra)
         output.write_text_atomic(report.to_csv(), out.path(f"{case}-stats.csv"))
         output.write_text_atomic(json.dumps(report.to_json(), indent=2, allow_nan=False),
-                                    out.path(f"{case}-stats.json"))
+                                 out.path(f"{case}-stats.json"))
         files = out.commit()
     print_summary(report)
     if read_out is not None:

@@ -283,7 +283,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = table(tallies, normal, args.drops, args.extents)
     print("\n".join(lines))
     print(f"{timing['runs']} read-outs in {time.perf_counter() - t0:.0f} s; per run "
-          f"{timing['segment_s'] / timing['runs']:.2f} s segmentation, {timing['assess_s'] / timing['runs']:.2f} s ASPECTS")
+          f"{timing['segment_s'] / timing['runs']:.2f} s segmentation, "
+          f"{timing['assess_s'] / timing['runs']:.2f} s ASPECTS")
     used = card or aspects.bundled_card()
     print(f"read-out card: {used.source} (fitted on: {used.trained_on.get('summary', '?')})")
     if args.markdown:

@@ -735,7 +735,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="time at most this many windows and extrapolate the rest")
     p.add_argument("--nnunet-budget", type=float, default=150.0,
                    help="stop timing windows after this many seconds (>= 2 windows) and extrapolate")
-    p.add_argument("--atlas-dir", type=Path, default=None, help="atlas folder (docs/DESIGN.md section 5.2): adds the atlas baseline")
+    p.add_argument("--atlas-dir", type=Path, default=None,
+                   help="atlas folder (docs/DESIGN.md section 5.2): adds the atlas baseline")
     p.add_argument("--heldout", type=Path, default=None, help="dataset folder of labelled held-out scans")
     p.add_argument("--n-heldout", type=int, default=3)
     p.add_argument("--heldout-seed", type=int, default=90210)

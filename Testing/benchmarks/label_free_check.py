@@ -105,8 +105,9 @@ def check(path: str, seg: inference.Segmenter, turn, montage_path: Optional[str]
     # only where the turned scan still showed the head (its field of view is the same grid)
     seen = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(turned > -1023.0, sitk.sitkUInt8), scan, Q,
                                                 sitk.sitkNearestNeighbor, 0)) > 0
+    expected = transforms.affine_from_matrix(transforms.matrix_of(Q) @ transforms.matrix_of(est.transform))
     print(f"  turned by {tuple(turn)} deg and segmented without a transform: pose "
-          f"{alignment.angle_error_deg(est2.transform, transforms.affine_from_matrix(transforms.matrix_of(Q) @ transforms.matrix_of(est.transform))):.2f} deg "
+          f"{alignment.angle_error_deg(est2.transform, expected):.2f} deg "
           f"from Q R_0; mean Dice of the mapped-back labels with the unturned ones "
           f"{mean_dice(np.where(seen, labels, 0), np.where(seen, back, 0)):.3f}")
     if montage_path:

@@ -125,7 +125,8 @@ def main() -> None:
         probs[c] = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
             sitk.GetImageFromArray((lab == c).astype(np.float32)), 1.0))
     coarse = inference.labels_from_probabilities(probs)
-    print(f"model grid {grid.shape}, region box {[s.stop - s.start for s in geometry.crop_box(coarse.shape, coarse > 0)]}")
+    box = [s.stop - s.start for s in geometry.crop_box(coarse.shape, coarse > 0)]
+    print(f"model grid {grid.shape}, region box {box}")
     fine_lab, fine = timed("to scan grid: refine_labels to 1 mm (engine)",
                            lambda: run_steps(inference.refine_labels(probs, grid, 1.0)), memory=True)
     alt, _ = timed("to scan grid: refine one class at a time (same result)",
@@ -134,7 +135,8 @@ def main() -> None:
           f"(differs on {(alt != fine_lab).mean() * 100:.4f} % voxels)")
     timed("to scan grid: labels_to_scan (NN, 1 mm -> scan grid)",
           lambda: geometry.labels_to_scan(fine_lab, fine, scan, R))
-    timed("to scan grid: labels_to_upright_scan_grid", lambda: geometry.labels_to_upright_scan_grid(fine_lab, fine, scan))
+    timed("to scan grid: labels_to_upright_scan_grid",
+          lambda: geometry.labels_to_upright_scan_grid(fine_lab, fine, scan))
     coarse_only = timed("to scan grid: labels_to_scan from the 2 mm grid (no refine)",
                         lambda: geometry.labels_to_scan(coarse, grid, scan, R))
     labels_scan = geometry.labels_to_scan(fine_lab, fine, scan, R)
@@ -145,7 +147,8 @@ def main() -> None:
     out.mkdir()
     timed("write: labelmap .nii.gz (default compression)",
           lambda: output.write_labelmap(labels_scan, str(out / "a.nii.gz")))
-    timed("write: seg.nrrd (gzip) incl. label_extents", lambda: output.write_seg_nrrd(labels_scan, str(out / "a.seg.nrrd")))
+    timed("write: seg.nrrd (gzip) incl. label_extents",
+          lambda: output.write_seg_nrrd(labels_scan, str(out / "a.seg.nrrd")))
     timed("write: label_extents alone", lambda: output.label_extents(labels_scan))
     for level in (1, 6):
         timed(f"write: labelmap .nii.gz compressionLevel={level}", lambda: sitk.WriteImage(
