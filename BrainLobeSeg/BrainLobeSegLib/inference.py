@@ -210,19 +210,19 @@ def predict_3d(model: models.LoadedModel, volume: np.ndarray, lateral: np.ndarra
     if patch is None or all(n <= p for n, p in zip(volume.shape, patch)):
         xp, spatial = _pad_to(x, net.divisor)
         stages.report(span[0], "3D network")
-        layers = 5 * net.depth - 3   # the steps of forward_steps: 2 per encoder, 3 per decoder
+        layers = 5 * net.depth - 3   # the steps of features_steps: 2 per encoder, 3 per decoder
         done = 0
-        forward = net.forward_steps(xp)
+        forward = net.features_steps(xp)
         while True:
             try:
                 next(forward)
             except StopIteration as finished:
-                logits = finished.value
+                features = finished.value
                 break
             done += 1
             stages.report(span[0] + (span[1] - span[0]) * min(done / layers, 1.0), "3D network")
             yield
-        probs = yield from softmax_in_slabs(logits[0, :, :spatial[0], :spatial[1], :spatial[2]])
+        probs = yield from softmax_in_slabs(features[0, :, :spatial[0], :spatial[1], :spatial[2]], head=net.head)
         stages.report(span[1], "3D network done")
         return probs
     x, spatial = _pad_to(x, net.divisor)
@@ -244,12 +244,19 @@ def predict_3d(model: models.LoadedModel, volume: np.ndarray, lateral: np.ndarra
     return acc[:, :spatial[0], :spatial[1], :spatial[2]].cpu().numpy()
 
 
-def softmax_in_slabs(logits: torch.Tensor, slab: int = 16) -> "Steps[np.ndarray]":
+def softmax_in_slabs(logits: torch.Tensor, slab: int = 16,
+                     head: Optional[torch.nn.Module] = None) -> "Steps[np.ndarray]":
     """Softmax over classes of ``(C, z, y, x)`` logits as a float32 numpy array, ``slab``
-    z-planes per step (a whole head's 21 classes at once take a long step)."""
-    out = np.empty(tuple(logits.shape), np.float32)
+    z-planes per step (a whole head's 21 classes at once take a long step). ``head``: a
+    voxel-wise layer (the network's 1x1 head) that turns ``logits``, then features, into
+    logits slab by slab, so the whole-head logits never exist at once."""
+    classes = logits.shape[0] if head is None else head.out_channels
+    out = np.empty((classes,) + tuple(logits.shape[1:]), np.float32)   # its pages are touched slab by slab
     for z in range(0, logits.shape[1], slab):
-        out[:, z:z + slab] = torch.softmax(logits[:, z:z + slab].float(), dim=0).cpu().numpy()
+        part = logits[:, z:z + slab]
+        if head is not None:
+            part = head(part[None])[0]
+        out[:, z:z + slab] = torch.softmax(part.float(), dim=0).cpu().numpy()
         yield
     return out
 

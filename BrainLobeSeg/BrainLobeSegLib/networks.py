@@ -70,6 +70,13 @@ class UNet(nn.Module):
         """:meth:`forward` in steps of one convolution (with its norm and activation)
         each, so a whole-head 3D pass never holds Slicer's main thread for long (see
         :mod:`steps`). The same code path serves training and inference."""
+        x = yield from self.features_steps(x)
+        return self.head(x)
+
+    def features_steps(self, x: torch.Tensor) -> "Steps[torch.Tensor]":
+        """The last decoder's features, before the 1x1 ``head``: the head works voxel by
+        voxel, so a caller may apply it to one slab at a time (a whole head's 21-class
+        logits are a fresh 90 MB tensor in one step)."""
         skips = []
         for enc in self.encoders:
             x = yield from _block_steps(enc, x)
@@ -79,7 +86,7 @@ class UNet(nn.Module):
             x = torch.cat([up(x), skips.pop()], dim=1)
             yield
             x = yield from _block_steps(dec, x)
-        return self.head(x)
+        return x
 
 
 def _block_steps(block: ConvBlock, x: torch.Tensor) -> "Steps[torch.Tensor]":
