@@ -144,6 +144,22 @@ def test_resampling_and_fusion_class_by_class_match_whole_volume_arithmetic():
     np.testing.assert_array_equal(other, before[1])
 
 
+def test_head_applied_slab_by_slab_gives_the_whole_volume_softmax():
+    """The 3D network's 1x1 head is applied with the softmax one slab at a time (the
+    whole-head logits are never made at once): the probabilities must be the network's."""
+    import torch
+    from BrainLobeSegLib import networks
+    torch.manual_seed(0)
+    net = networks.UNet(3, in_channels=2, num_classes=regions.NUM_LABELS + 1, base_features=4, depth=3).eval()
+    x = torch.randn(1, 2, 20, 12, 8)
+    with torch.no_grad():
+        whole = torch.softmax(net(x)[0], dim=0).numpy()
+        features = run_steps(net.features_steps(x))
+        slabbed = run_steps(inference.softmax_in_slabs(features[0], slab=6, head=net.head))
+    assert slabbed.shape == whole.shape == (regions.NUM_LABELS + 1, 20, 12, 8)
+    np.testing.assert_allclose(slabbed, whole, atol=1e-6)
+
+
 def test_refinement_argmax_one_class_at_a_time_equals_the_full_argmax():
     """The memory-saving running argmax must pick the same label as interpolating all
     classes and taking np.argmax (ties included: equal classes go to the lower label)."""
