@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from BrainLobeSegLib import geometry, inference, models, output, phantom, regions, transforms
+from BrainLobeSegLib import geometry, inference, models, output, phantom, regions, steps, transforms
 from BrainLobeSegLib.errors import Cancelled, InputError
 from BrainLobeSegLib.steps import run_steps
 
@@ -142,6 +142,41 @@ def test_resampling_and_fusion_class_by_class_match_whole_volume_arithmetic():
                                votes + 1e-3 * (probs + other) / 2, atol=1e-6)
     np.testing.assert_array_equal(probs, before[0])
     np.testing.assert_array_equal(other, before[1])
+
+
+def test_engine_steps_run_without_numpy_huge_page_advice_and_restore_it():
+    """Each segmentation step runs with NumPy's huge-page advice off (its page faults
+    stalled steps for up to a second) and inference mode on; between steps, and after,
+    the caller's own setting holds, whichever it was."""
+    import torch
+    from BrainLobeSegLib import numpy_pages
+    switch = numpy_pages._switch()
+    assert switch is not None, "this NumPy has no _set_madvise_hugepage"
+
+    def current() -> bool:
+        previous = switch(True)
+        switch(previous)
+        return previous
+
+    seen = []
+
+    def probe():
+        for _ in range(2):
+            seen.append((current(), torch.is_inference_mode_enabled()))
+            yield
+        return "done"
+
+    for outside in (True, False):
+        before = switch(outside)
+        try:
+            gen = steps.within(inference.engine_step, probe())
+            next(gen)
+            assert current() is outside and not torch.is_inference_mode_enabled()   # between steps
+            assert run_steps(gen) == "done"
+            assert current() is outside
+        finally:
+            switch(before)
+    assert seen == [(False, True)] * 4
 
 
 def test_head_applied_slab_by_slab_gives_the_whole_volume_softmax():

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import cleanup, geometry, models, quality, transforms
+from . import cleanup, geometry, models, numpy_pages, quality, transforms
 from .steps import ProgressFn, Steps, run_steps, within
 from .errors import Cancelled, InputError, InputWarning
 from .geometry import Grid, HeadBox
@@ -479,6 +479,15 @@ def fused_to_labels(fused: np.ndarray, grid: Grid, scan: sitk.Image, transform: 
     return labels, labels_scan, labels_upright, report
 
 
+@contextmanager
+def engine_step() -> Iterator[None]:
+    """What each step of a segmentation runs inside: PyTorch's inference mode, and NumPy
+    without huge-page advice (:mod:`numpy_pages`: its page faults stalled steps for up to
+    a second). Both are restored between steps."""
+    with torch.inference_mode(), numpy_pages.without_numpy_huge_pages():
+        yield
+
+
 class Segmenter:
     """Loads the models for a mode once and segments any number of scans."""
 
@@ -512,11 +521,11 @@ class Segmenter:
                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                       keep_probabilities: bool = False) -> "Steps[SegmentationResult]":
         """:meth:`segment` as a sequence of short steps (see :mod:`steps`): each ``next()``
-        does one piece (a network layer, a region's clean-up, a slab of scan slices) with
-        PyTorch's inference mode on, and returns. Progress and ``cancel`` are checked
+        does one piece (a network layer, a region's clean-up, a slab of scan slices) inside
+        :func:`engine_step`, and returns. Progress and ``cancel`` are checked
         within the steps; closing the generator abandons the run."""
-        return within(torch.inference_mode,
-                      self._segment_steps(scan, transform, _Stages(progress, cancel), keep_probabilities))
+        return within(engine_step, self._segment_steps(scan, transform, _Stages(progress, cancel),
+                                                       keep_probabilities))
 
     def _segment_steps(self, scan: sitk.Image, transform: sitk.Transform, st: _Stages,
                        keep_probabilities: bool) -> "Steps[SegmentationResult]":
