@@ -61,7 +61,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from . import aspects_card, regions, steps
+from . import aspects_card, numpy_pages, regions, steps
 from .errors import InputError, InputWarning
 
 # ----------------------------------------------------------------------------- settings
@@ -381,6 +381,7 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     level = parenchyma_level(hu[lab > 0])
     soft = (hu > -200) & (hu < 300)
     hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
+    yield
     tissue = parenchyma_mask(hu1, soft, level)
     yield
     tell(0.3, "ASPECTS: comparing with the mirror side")
@@ -391,7 +392,7 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     brain |= brain[..., ::-1]
     yield
     tell(0.4, "ASPECTS: correcting scanner shading")
-    shade = robust_shading(raw, both & brain, lab)
+    shade = yield from robust_shading_steps(raw, both & brain, lab)
     evidence = np.where(both, raw - shade, 0.0).astype(np.float32)
     in_region = tissue & (lab > 0)
     evidence[lab > 0] = 0.0
@@ -449,7 +450,13 @@ def region_pair_evidence(hu: np.ndarray, lab: np.ndarray, tissue: np.ndarray, le
 
 
 def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np.ndarray:
-    """The shading field, fitted again without the region pairs that stand out.
+    """:func:`robust_shading_steps` in a plain loop."""
+    return steps.run_steps(robust_shading_steps(raw, fit_mask, lab))
+
+
+def robust_shading_steps(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> "steps.Steps[np.ndarray]":
+    """The shading field, fitted again without the region pairs that stand out; a step
+    per fit (each is a least-squares fit to the whole brain's tissue).
 
     A large infarct (a whole region or several) is a big share of the tissue and would
     pull the fit towards itself, halving its own evidence. After a fit, every left/right
@@ -468,6 +475,7 @@ def robust_shading(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray) -> np
     lab_fit = lab.ravel()[idx]
     left_out: List[int] = []
     for _ in range(2):
+        yield
         corrected = (raw - shade).ravel()[idx]
         odd = [r for r in regions.REGIONS if (lab_fit == r.label).sum() > 50
                and abs(float(np.median(corrected[lab_fit == r.label]))) > PAIR_EXCLUDE_HU]
@@ -696,7 +704,9 @@ def assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str] = None,
         raise InputError(f"unknown side {side!r}.", "Use left, right, or leave it out to have it proposed.")
     card = card or bundled_card()   # a missing or broken card fails here, before any step
     warn_if_card_mismatch(card)
-    return _assess_steps(ct, labels, side, with_evidence_map, progress or (lambda fraction, message: None), card)
+    return steps.within(numpy_pages.without_numpy_huge_pages,   # as the segmentation's steps
+                        _assess_steps(ct, labels, side, with_evidence_map,
+                                      progress or (lambda fraction, message: None), card))
 
 
 def _assess_steps(ct: sitk.Image, labels: sitk.Image, side: Optional[str], with_evidence_map: bool,
