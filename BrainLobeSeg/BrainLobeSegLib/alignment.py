@@ -39,12 +39,12 @@ from typing import Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry, transforms
+from . import geometry, numpy_pages, transforms
 from .errors import InputError
 from .head_grid import WORK_SPACING_MM, working_image_steps
 from .reference_registration import (bundled_reference, brain_centroid, match_image, prepare_reference,
                                      register_reference, starting_scales)
-from .steps import ProgressFn, Steps, run_steps, timed
+from .steps import ProgressFn, Steps, run_steps, timed, within
 from .symmetry_plane import symmetry_plane_steps
 
 #: Below this correlation with the reference head the pose is not trusted (head CTs
@@ -94,7 +94,8 @@ def estimate_pose_steps(scan: sitk.Image, template: Optional[sitk.Image] = None,
     if not (math.isfinite(spacing) and 0.5 <= spacing <= 10.0):
         raise InputError(f"--spacing {spacing:g} is outside 0.5..10 mm.",
                          f"Leave it out (default {WORK_SPACING_MM:g} mm) or give a value in that range.")
-    est, seconds = yield from timed(_estimate_steps(scan, template, spacing, progress or (lambda f, m: None)))
+    work = _estimate_steps(scan, template, spacing, progress or (lambda f, m: None))
+    est, seconds = yield from timed(within(numpy_pages.without_numpy_huge_pages, work))   # as the engine's steps
     return dataclasses.replace(est, seconds=seconds)
 
 
