@@ -129,11 +129,11 @@ def test_the_card_records_the_read_out_settings_of_its_dumps(tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**rec, "settings": {**settings, "csf_margin_mm": 1.5}} for rec in recs]))
     with pytest.raises(InputError, match="2 different read-out settings"):
-        aspects_fit.dump_settings([same, other])
+        aspects_fit.dump_settings(aspects_fit.read_dumps([same, other]))
     unsaid = tmp_path / "unsaid.json"
     unsaid.write_text(json.dumps(_records(2, 4)))
     with pytest.raises(InputError, match="records of the dumps do not say their read-out settings"):
-        aspects_fit.dump_settings([same, unsaid])
+        aspects_fit.dump_settings(aspects_fit.read_dumps([same, unsaid]))
     older = aspects_card.card_from_json({**card.to_json(), "readout": {**card.readout, "csf_margin_mm": 1.5}})
     assert aspects.card_settings_mismatch(older) == [f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}"]
 

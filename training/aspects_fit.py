@@ -54,28 +54,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
-def read_dump(path: Path) -> List[Dict[str, Any]]:
-    """The records of one ``aspects_bench --dump`` file (one clear error if it is not one)."""
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the dump {path} ({exc}).",
-                         "Give files written by Testing/benchmarks/aspects_bench.py --dump.") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "regions" in r for r in records):
-        raise InputError(f"{path} is not an aspects_bench dump (a list of records with 'regions').",
-                         "Give files written by Testing/benchmarks/aspects_bench.py --dump.")
-    return records
+def read_dumps(dumps: Sequence[Path]) -> List[Tuple[Path, List[Dict[str, Any]]]]:
+    """The records of each ``aspects_bench --dump`` file, read once (one clear error for
+    a file that is not one)."""
+    out: List[Tuple[Path, List[Dict[str, Any]]]] = []
+    for path in map(Path, dumps):
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the dump {path} ({exc}).",
+                             "Give files written by Testing/benchmarks/aspects_bench.py --dump.") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "regions" in r for r in records):
+            raise InputError(f"{path} is not an aspects_bench dump (a list of records with 'regions').",
+                             "Give files written by Testing/benchmarks/aspects_bench.py --dump.")
+        out.append((path, records))
+    return out
 
 
-def dump_settings(dumps: Sequence[Path]) -> Dict[str, Any]:
+def dump_settings(read: Sequence[Tuple[Path, List[Dict[str, Any]]]]) -> Dict[str, Any]:
     """The read-out settings the dumps' measures were made with (their records'
-    ``settings``), for the card's ``readout`` block; empty when no record says (dumps
-    from before they were recorded). Dumps made with different settings cannot make one
-    card: its normal values would mix two kinds of measure."""
+    ``settings``; ``read`` from :func:`read_dumps`), for the card's ``readout`` block;
+    empty when no record says (dumps from before they were recorded). Dumps made with
+    different settings cannot make one card: its normal values would mix two kinds of
+    measure."""
     seen: Dict[str, Dict[str, Any]] = {}
     unsaid = 0
-    for path in dumps:
-        for rec in read_dump(path):
+    for _, records in read:
+        for rec in records:
             if isinstance(rec.get("settings"), dict):
                 seen.setdefault(json.dumps(rec["settings"], sort_keys=True), rec["settings"])
             else:
@@ -92,10 +97,14 @@ def dump_settings(dumps: Sequence[Path]) -> Dict[str, Any]:
 
 
 def load_rows(dumps: Sequence[Path], features: Sequence[str]) -> List[Dict[str, Any]]:
-    """One row per measured region: its code, truth, condition and measures."""
+    """One row per measured region of the dump files: its code, truth, condition and measures."""
+    return rows_of(read_dumps(dumps), features)
+
+
+def rows_of(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> List[Dict[str, Any]]:
+    """:func:`load_rows` of dumps already read (:func:`read_dumps`)."""
     rows = []
-    for path in dumps:
-        records = read_dump(path)
+    for path, records in read:
         for rec in records:
             for reg in rec["regions"]:
                 values = reg.get("measures") or {}
@@ -104,7 +113,7 @@ def load_rows(dumps: Sequence[Path], features: Sequence[str]) -> List[Dict[str, 
                 rows.append({"code": CODE_OF_LABEL[reg["label"]], "truth": reg["label"] in rec["truth"],
                              "normal": not rec["truth"], "drop": float(rec["drop"]),
                              "extent": float(rec["extent"]), "values": values,
-                             "scan": f"{Path(path).name}:{rec['case']}"})
+                             "scan": f"{path.name}:{rec['case']}"})
     if not rows:
         raise InputError("the dumps hold no measured regions.", "Run aspects_bench.py --dump on a few scans first.")
     return rows
@@ -200,8 +209,9 @@ def _rounded(v: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     if not 0.5 < args.specificity < 1.0:
         raise InputError(f"--specificity {args.specificity} is not between 0.5 and 1.", "Use e.g. 0.98.")
-    rows = load_rows(args.dumps, args.features)
-    readout = dump_settings(args.dumps)
+    read = read_dumps(args.dumps)   # each file parsed once
+    rows = rows_of(read, args.features)
+    readout = dump_settings(read)
     card = fit_card(rows, args.features, args.specificity, args.positives, args.l2,
                     args.summary or ", ".join(p.name for p in args.dumps), readout)
     write_card(card, args.out, args.overwrite)
