@@ -150,7 +150,7 @@ def test_engine_steps_run_without_numpy_huge_page_advice_and_restore_it():
     the caller's own setting holds, whichever it was."""
     import torch
     from BrainLobeSegLib import numpy_pages
-    switch = numpy_pages._switch()
+    switch = numpy_pages.madvise_switch()
     assert switch is not None, "this NumPy has no _set_madvise_hugepage"
 
     def current() -> bool:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 
-def _switch() -> Optional[Callable[[bool], bool]]:
+def madvise_switch() -> Optional[Callable[[bool], bool]]:
     """NumPy's ``_set_madvise_hugepage(enabled) -> previous``, where this NumPy has it."""
     import numpy as np
     for module in ("_core", "core"):   # NumPy 2 / NumPy 1.x
@@ -35,7 +35,7 @@ def _switch() -> Optional[Callable[[bool], bool]]:
 @contextmanager
 def without_numpy_huge_pages() -> Iterator[None]:
     """NumPy allocates without huge-page advice inside the block (see the module)."""
-    switch = _switch()
+    switch = madvise_switch()
     if switch is None:
         yield
         return

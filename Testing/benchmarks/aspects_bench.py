@@ -158,6 +158,7 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
     normal = Tally()
     records: List[dict] = []
     timing = {"segment_s": 0.0, "assess_s": 0.0, "runs": 0}
+    settings = aspects.measure_settings()   # what every dumped record's measures were made with
 
     def read_out(ct: sitk.Image, case: Case, key: str):
         t0 = time.perf_counter()
@@ -182,7 +183,7 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
         called = {r.label for r in res.regions if r.called}
         normal.add(set(), called, 10, 10)
         records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": feats,
-                        "settings": aspects.measure_settings()})
+                        "settings": settings})
         for j, (d, e) in enumerate((d, e) for d in drops for e in extents):
             rng = np.random.default_rng([seed, int(case.name), j])
             kind = KINDS[(i + j) % len(KINDS)]
@@ -192,7 +193,7 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
             called = {r.label for r in res.regions if r.called}
             tallies[(d, e)].add(set(labs), called, 10 - len(labs), res.score(side))
             records.append({"case": case.name, "drop": d, "extent": e, "kind": kind, "truth": labs,
-                            "regions": feats, "settings": aspects.measure_settings()})
+                            "regions": feats, "settings": settings})
         print(f"[{i + 1}/{len(cases)}] case {case.name}: {normal.fp} normal-scan calls so far, "
               f"{timing['segment_s'] / timing['runs']:.2f} s segment, "
               f"{timing['assess_s'] / timing['runs']:.2f} s read-out per run", flush=True)

@@ -28,9 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent / "BrainLobeSeg"))
 sys.path.insert(0, str(HERE.parent.parent))
 
-import numpy as np  # noqa: E402
-
-from BrainLobeSegLib import imageio, inference, steps, transforms  # noqa: E402
+from BrainLobeSegLib import imageio, inference, numpy_pages, steps, transforms  # noqa: E402
 from Testing.benchmarks.bench import make_bench_scan  # noqa: E402
 
 LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
@@ -151,9 +149,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="off: NumPy does not ask for transparent huge pages (a diagnosis: on this "
                         "project's VM a fresh huge page has stalled a 0.06 s argmax for 1.3 s)")
     args = p.parse_args(argv)
-    if args.numpy_hugepages == "off":
-        numpy_core = getattr(np, "_core", None) or np.core
-        numpy_core.multiarray._set_madvise_hugepage(False)
+    if args.numpy_hugepages == "off":   # for the whole process, not only inside the engine's steps
+        switch = numpy_pages.madvise_switch()
+        if switch is None:
+            raise SystemExit("this NumPy has no _set_madvise_hugepage: --numpy-hugepages off is not possible")
+        switch(False)
     with tempfile.TemporaryDirectory() as tmp:
         scan_path, tf_path, desc = make_bench_scan(Path(tmp), (512, 512, 110), None, (10.0, 5.0, -4.0), 0)
         scan, transform = imageio.read_scan(scan_path), transforms.read_transform(tf_path)
