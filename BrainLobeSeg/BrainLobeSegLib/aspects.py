@@ -103,6 +103,17 @@ MIN_FIT_VOXELS = 1000
 #: the region brighter and its mirror look darker.
 DENSE_MARGIN_MM = 3.0
 DENSE_GAP_HU = 5.0
+#: Compact dark spots are not measured: tissue-window voxels more than ``SPOT_GAP_HU``
+#: below the window tissue's own mean over ``SPOT_SIGMA_MM`` (normalised convolution),
+#: grown by ``SPOT_MARGIN_MM``. A lacune or small old infarct of 2-5 mm is fluid, but on
+#: 5 mm slices its partial volume keeps it above the fluid threshold, so its dark rim
+#: counted as tissue and read as a density drop in that nucleus. An acute infarct is a
+#: shallow, broad drop (-10 HU over 7 mm is about -4 HU against its 5 mm mean) and stays.
+#: On 12 synthetic normal scans the SD of the mean evidence fell L 0.81 -> 0.64, IC 0.88
+#: -> 0.72, C 0.70 -> 0.65 HU (cortex within 0.06); 2.4 % of the tissue is left out.
+SPOT_GAP_HU = 10.0
+SPOT_SIGMA_MM = 5.0
+SPOT_MARGIN_MM = 1.5
 #: A voxel counts as affected (the reported darker share) when its evidence is at least
 #: this many HU below the mirror.
 VOXEL_DROP_HU = 2.0
@@ -384,6 +395,8 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     yield
     tissue = parenchyma_mask(hu1, soft, level)
     yield
+    tissue &= ~compact_dark_spots(hu1, soft, level)
+    yield
     tell(0.3, "ASPECTS: comparing with the mirror side")
     smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
     both = tissue & tissue[..., ::-1]
@@ -414,6 +427,17 @@ def parenchyma_mask(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarr
     dense = hu1 > hi + DENSE_GAP_HU
     return ((hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(fluid, CSF_MARGIN_MM)
             & ~_near_regions(dense, DENSE_MARGIN_MM))
+
+
+def compact_dark_spots(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarray:
+    """Voxels of the tissue window more than :data:`SPOT_GAP_HU` darker than the window's
+    tissue around them (mean over :data:`SPOT_SIGMA_MM`), grown by :data:`SPOT_MARGIN_MM`:
+    lacunes and other small fluid spots that partial volume lifted into the window."""
+    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+    window = soft & (hu1 >= lo) & (hu1 <= hi)
+    around = masked_smooth(hu1, window, SPOT_SIGMA_MM, GRID_MM)
+    spots = window & (hu1 < around - SPOT_GAP_HU)
+    return _near_regions(spots, SPOT_MARGIN_MM) if spots.any() else spots
 
 
 def _region_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
@@ -771,6 +795,7 @@ def measure_settings() -> Dict[str, Any]:
     return {"grid_mm": GRID_MM, "mask_sigma_mm": MASK_SIGMA_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
             "tissue_window_hu": list(TISSUE_WINDOW_HU), "csf_margin_mm": CSF_MARGIN_MM,
             "csf_gap_hu": CSF_GAP_HU, "dense_margin_mm": DENSE_MARGIN_MM, "dense_gap_hu": DENSE_GAP_HU,
+            "spot_gap_hu": SPOT_GAP_HU, "spot_sigma_mm": SPOT_SIGMA_MM, "spot_margin_mm": SPOT_MARGIN_MM,
             "mirror_weight": MIRROR_WEIGHT, "shading_pair_exclude_hu": PAIR_EXCLUDE_HU,
             "voxel_drop_hu": VOXEL_DROP_HU, "dark_part_scales_mm": dict(DARK_PART_SCALES_MM),
             "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
