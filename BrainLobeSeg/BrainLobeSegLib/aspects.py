@@ -419,10 +419,16 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
 
 
+def window_bounds(level: float) -> Tuple[float, float]:
+    """The parenchyma window (HU) around the scan's parenchyma ``level``: one place for
+    the measured tissue (:func:`parenchyma_mask`) and the dark spots' reference."""
+    return level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+
+
 def parenchyma_mask(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarray:
     """Measured tissue: inside the window around ``level`` and away from fluid and dense
     voxels (their partial-volume rims differ between the hemispheres)."""
-    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+    lo, hi = window_bounds(level)
     fluid = soft & (hu1 < lo - CSF_GAP_HU)
     dense = hu1 > hi + DENSE_GAP_HU
     return ((hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(fluid, CSF_MARGIN_MM)
@@ -433,7 +439,7 @@ def compact_dark_spots(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.nd
     """Voxels of the tissue window more than :data:`SPOT_GAP_HU` darker than the window's
     tissue around them (mean over :data:`SPOT_SIGMA_MM`), grown by :data:`SPOT_MARGIN_MM`:
     lacunes and other small fluid spots that partial volume lifted into the window."""
-    lo, hi = level + TISSUE_WINDOW_HU[0], level + TISSUE_WINDOW_HU[1]
+    lo, hi = window_bounds(level)
     window = soft & (hu1 >= lo) & (hu1 <= hi)
     around = masked_smooth(hu1, window, SPOT_SIGMA_MM, GRID_MM)
     spots = window & (hu1 < around - SPOT_GAP_HU)
