@@ -209,6 +209,61 @@ def test_refinement_argmax_one_class_at_a_time_equals_the_full_argmax():
     np.testing.assert_allclose(fused, (probs + probs[::-1]) / 2, rtol=1e-6)
 
 
+def test_refinement_argmax_skips_only_classes_that_cannot_win():
+    """Classes that are small away from their own region are interpolated only near it;
+    the labels must still be exactly the whole-box argmax, also where the fine grid runs
+    past the coarse one (clamped) and for vote-fused inputs that do not sum to one."""
+    rng = np.random.default_rng(5)
+    shape = (12, 14, 13)
+    logits = rng.normal(0.0, 0.3, (regions.NUM_LABELS + 1,) + shape)
+    logits[0] += 4.0   # background wherever no region is
+    for c in range(1, regions.NUM_LABELS + 1):   # each region a blob in its own place
+        z, y, x = (rng.integers(0, n) for n in shape)
+        logits[c, max(z - 2, 0):z + 2, max(y - 2, 0):y + 2, max(x - 2, 0):x + 2] += 6.0
+    logits[:, :4, :4, :4] = rng.normal(0.0, 0.05, (regions.NUM_LABELS + 1, 4, 4, 4))   # a near tie
+    probs = np.exp(logits - logits.max(axis=0)).astype(np.float32)
+    probs /= probs.sum(axis=0)
+    src = geometry.Grid((1.0, -2.0, 0.5), (2.0, 2.0, 2.5), (13, 14, 12))
+    dst = geometry.Grid((-1.0, -3.0, -1.0), (0.9, 0.9, 0.9), (32, 34, 37))
+    points = geometry.grid_points_in(src, dst)
+    boxes = [inference._class_reach(p >= 0.9 / probs.shape[0], points)[0] for p in probs[1:]]
+    assert np.mean([np.prod([s.stop - s.start for s in b]) for b in boxes]) < probs[0].size / 2   # real skips
+    for p in (probs, inference.fuse_probabilities([probs, probs[::-1].copy()], method="mean"),
+              (probs > 0.3).astype(np.float32)):
+        full = inference.labels_from_probabilities(inference.resample_probabilities(p, src, dst))
+        np.testing.assert_array_equal(run_steps(inference.running_argmax(p, src, dst)), full)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1)])
+def test_scan_layouts_equal_the_whole_image_resample(tilted, direction):
+    """Only the scan voxels that can reach the labels' box are resampled; both layouts must
+    equal resampling the whole scan grid at once and clearing bone near the skull."""
+    from BrainLobeSegLib import cleanup
+    scan = sitk.Image(tilted.ct)
+    scan.SetDirection(direction)   # a flipped scan frame moves where the box lies
+    head = geometry.head_box(scan, tilted.transform)
+    grid = head.grid((2.0, 2.0, 2.0))
+    labels_grid = geometry.Grid(tuple(o + 40.0 for o in grid.origin), (1.0, 1.0, 1.0),
+                                tuple(int(n * 2 * 0.45) for n in grid.size))   # inside the scan
+    labels = np.zeros(labels_grid.shape, np.uint8)
+    labels[:] = 1 + np.arange(labels.shape[2], dtype=np.uint8) % regions.NUM_LABELS   # to its edges
+    non_brain = cleanup.find_non_brain(geometry.upright_resample(scan, tilted.transform, grid), grid.spacing)
+    got = run_steps(inference.scan_layouts(labels, labels_grid, grid, scan, tilted.transform, non_brain))
+    near = sitk.BinaryDilate(grid.image(non_brain.skull.astype(np.uint8)), [1, 1, 1])
+    inverse = transforms.affine_from_matrix(np.linalg.inv(transforms.matrix_of(tilted.transform)))
+    hu = {"scan": sitk.GetArrayFromImage(scan),
+          "upright": sitk.GetArrayFromImage(sitk.Resample(scan, scan, tilted.transform, sitk.sitkLinear,
+                                                          geometry.AIR_HU, scan.GetPixelID()))}
+    for image, (layout, tf) in zip(got, (("scan", inverse), ("upright", transforms.identity()))):
+        def nearest(source: sitk.Image) -> np.ndarray:
+            return sitk.GetArrayFromImage(sitk.Resample(source, scan, tf, sitk.sitkNearestNeighbor, 0,
+                                                        sitk.sitkUInt8))
+        want = cleanup.strip_bone(nearest(labels_grid.image(labels)), hu[layout], nearest(near),
+                                  non_brain.shift)
+        assert want.any()
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), want)
+
+
 def test_seg_nrrd_has_20_named_segments(tmp_path, tilted):
     slicerio = pytest.importorskip("slicerio")
     path = str(tmp_path / "x.seg.nrrd")
