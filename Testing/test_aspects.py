@@ -258,3 +258,22 @@ def test_rescoring_a_dump_calls_what_the_read_out_called(case, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "| -6 | 100 % | 1.000 | 1.000 | 1.000 | 1.000 |" in out
     assert "Normal scans: 0 of 20 regions called" in out and "2 dumped read-outs re-scored" in out
+
+
+def test_regions_are_measured_without_their_edge():
+    """A voxel is measured for its region only when its 6 neighbours carry the same label
+    (one 1.5 mm grid voxel): labels and the next structure's partial volume mix at the
+    edge. A border between two regions loses a voxel on each side, a structure one voxel
+    thin disappears, background stays background, and the labels given are not changed."""
+    assert aspects.REGION_EDGE_MM == aspects.GRID_MM   # one grid voxel
+    lab = np.zeros((9, 10, 11), np.uint8)
+    lab[1:8, 1:9, 1:6] = 4
+    lab[1:8, 1:9, 6:10] = 14
+    lab[4, 1:9, 10] = 7   # one voxel thin
+    given = lab.copy()
+    expected = np.zeros_like(lab)
+    expected[2:7, 2:8, 2:5] = 4    # x = 5 touches region 14, x = 6 region 4
+    expected[2:7, 2:8, 7:9] = 14   # x = 9 touches the thin structure's background
+    np.testing.assert_array_equal(aspects.region_cores(lab), expected)
+    np.testing.assert_array_equal(lab, given)
+    np.testing.assert_array_equal(aspects.region_cores(lab, edge_mm=0.0), lab)

@@ -22,9 +22,11 @@ region by region, on the segmented scan:
    hemispheres (scanner shading, positioning), fitted to the whole brain's mirror
    difference and fitted again without the pairs that stand out, is subtracted. Mapped
    back to the scan grid this is the evidence volume a reader overlays (negative: darker).
-5. **Per region.** Measures of the region's evidence (:data:`aspects_card.MEASURES`): its
-   mean (a drop over most of the region), its darkest compact part (the 5th percentile of
-   the evidence averaged over 5, 8 or 12 mm within the region: a drop over a third of it),
+5. **Per region.** Measures of the region's evidence (:data:`aspects_card.MEASURES`),
+   over the region without its edge (:data:`REGION_EDGE_MM`, where labels and the next
+   structure's partial volume mix in tissue an infarct did not reach): its mean (a drop
+   over most of the region), its darkest compact part (the 5th percentile of the
+   evidence averaged over 5, 8 or 12 mm within the region: a drop over a third of it),
    the mean of its darkest 30 % and 60 %, the share at least :data:`VOXEL_DROP_HU` darker
    (the affected fraction), its difference to the regions of the same kind in the scan,
    and its grey/white contrast against the mirror region.
@@ -71,6 +73,12 @@ from .errors import InputError, InputWarning
 GRID_MM = 1.5
 #: Margin around the labelled regions on the mirror grid (mm).
 MARGIN_MM = 12.0
+#: Each region is measured without its edge: a grid voxel counts for its region only when
+#: its 6 neighbours carry the same label (eroded this many mm, one grid voxel). At the
+#: edge the model's labels and the partial volume of the next structure mix in tissue the
+#: infarct did not reach (an infarcted caudate's mean kept half of the drop). The shading
+#: fit still leaves out whole regions, edges included (ASPECTS_RESULTS.md has the numbers).
+REGION_EDGE_MM = 1.5
 #: Light smoothing (mm) before the parenchyma window: scanner noise of up to 20 HU per
 #: voxel would otherwise push real tissue out of the window and bias what is left.
 MASK_SIGMA_MM = 1.5
@@ -387,6 +395,7 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
                                               sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
     lab = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), grid, ident,
                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    whole, lab = lab, region_cores(lab)
     yield
     tell(0.15, "ASPECTS: finding the parenchyma")
     level = parenchyma_level(hu[lab > 0])
@@ -401,11 +410,11 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     smooth = masked_smooth(hu1, tissue, EVIDENCE_SIGMA_MM, GRID_MM)
     both = tissue & tissue[..., ::-1]
     raw = np.where(both, smooth - smooth[..., ::-1], 0.0).astype(np.float32)
-    brain = _near_regions(lab > 0, 10.0)
+    brain = _near_regions(whole > 0, 10.0)
     brain |= brain[..., ::-1]
     yield
     tell(0.4, "ASPECTS: correcting scanner shading")
-    shade = yield from robust_shading_steps(raw, both & brain, lab)
+    shade = yield from robust_shading_steps(raw, both & brain, whole)
     evidence = np.where(both, raw - shade, 0.0).astype(np.float32)
     in_region = tissue & (lab > 0)
     evidence[lab > 0] = 0.0
@@ -417,6 +426,21 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
         yield
     evidence[in_region] -= shade[in_region]
     return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
+
+
+def region_cores(lab: np.ndarray, edge_mm: float = REGION_EDGE_MM) -> np.ndarray:
+    """``lab`` (mirror grid) without each region's edge: voxels with a 6-neighbour of
+    another label are made background, ``edge_mm`` / :data:`GRID_MM` times."""
+    out = lab
+    for _ in range(int(round(edge_mm / GRID_MM))):
+        padded = np.pad(out, 1)
+        core = out.copy()
+        for axis in range(3):
+            for shift in (-1, 1):
+                neighbour = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+                core[neighbour != out] = 0
+        out = core
+    return out
 
 
 def window_bounds(level: float) -> Tuple[float, float]:
@@ -798,7 +822,8 @@ def measure_settings() -> Dict[str, Any]:
     settings, so ``aspects_bench --dump`` records them, ``aspects_fit`` writes them into the
     card's ``readout`` block and :func:`card_settings_mismatch` compares them.
     """
-    return {"grid_mm": GRID_MM, "mask_sigma_mm": MASK_SIGMA_MM, "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
+    return {"grid_mm": GRID_MM, "region_edge_mm": REGION_EDGE_MM, "mask_sigma_mm": MASK_SIGMA_MM,
+            "evidence_sigma_mm": EVIDENCE_SIGMA_MM,
             "tissue_window_hu": list(TISSUE_WINDOW_HU), "csf_margin_mm": CSF_MARGIN_MM,
             "csf_gap_hu": CSF_GAP_HU, "dense_margin_mm": DENSE_MARGIN_MM, "dense_gap_hu": DENSE_GAP_HU,
             "spot_gap_hu": SPOT_GAP_HU, "spot_sigma_mm": SPOT_SIGMA_MM, "spot_margin_mm": SPOT_MARGIN_MM,
