@@ -212,7 +212,7 @@ def test_refinement_argmax_one_class_at_a_time_equals_the_full_argmax():
 def test_refinement_argmax_skips_only_classes_that_cannot_win():
     """Classes that are small away from their own region are interpolated only near it;
     the labels must still be exactly the whole-box argmax, also where the fine grid runs
-    past the coarse one (clamped) and for vote-fused inputs that do not sum to one."""
+    past the coarse one (clamped) and for 0/1 inputs (as a vote gives) that do not sum to one."""
     rng = np.random.default_rng(5)
     shape = (12, 14, 13)
     logits = rng.normal(0.0, 0.3, (regions.NUM_LABELS + 1,) + shape)
@@ -226,7 +226,7 @@ def test_refinement_argmax_skips_only_classes_that_cannot_win():
     src = geometry.Grid((1.0, -2.0, 0.5), (2.0, 2.0, 2.5), (13, 14, 12))
     dst = geometry.Grid((-1.0, -3.0, -1.0), (0.9, 0.9, 0.9), (32, 34, 37))
     points = geometry.grid_points_in(src, dst)
-    boxes = [inference._class_reach(p >= 0.9 / probs.shape[0], points)[0] for p in probs[1:]]
+    boxes = [inference._class_reach(p >= inference.class_floor(probs), points)[0] for p in probs[1:]]
     assert np.mean([np.prod([s.stop - s.start for s in b]) for b in boxes]) < probs[0].size / 2   # real skips
     for p in (probs, inference.fuse_probabilities([probs, probs[::-1].copy()], method="mean"),
               (probs > 0.3).astype(np.float32)):

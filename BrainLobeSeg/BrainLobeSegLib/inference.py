@@ -388,7 +388,7 @@ def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> "Steps[np.ndarray
     and the classes sum to at least 21 x ``low`` (interpolation keeps sums), so it cannot
     be the largest there and the labels are exactly the whole-box argmax's."""
     points = geometry.grid_points_in(src, dst)
-    low = 0.9 * float(probs.sum(axis=0).min()) / probs.shape[0]
+    low = class_floor(probs)
     best = _resample_class(probs[0], points)
     labels = np.zeros(best.shape, np.uint8)
     for c in range(1, probs.shape[0]):
@@ -405,17 +405,24 @@ def running_argmax(probs: np.ndarray, src: Grid, dst: Grid) -> "Steps[np.ndarray
     return labels
 
 
+def class_floor(probs: np.ndarray) -> float:
+    """A probability below which a class cannot be the largest of ``probs`` (C, ...) at a
+    point, nor anywhere interpolated between such points: 0.9 x the smallest class sum / C
+    (the 0.9 keeps float rounding on the safe side)."""
+    return 0.9 * float(probs.sum(axis=0).min()) / probs.shape[0]
+
+
 def _class_reach(mask: np.ndarray, points: Tuple[np.ndarray, np.ndarray, np.ndarray]
                  ) -> Optional[Tuple[Tuple[slice, ...], Tuple[slice, ...], Tuple[np.ndarray, ...]]]:
     """The coarse (z, y, x) box of ``mask`` grown by one voxel, the fine voxels whose
     interpolation reads it, and their fractional indices within that box (x, y, z, as
     ``points``); None for an empty mask."""
+    if not mask.any():
+        return None
+    box = geometry.crop_box(mask.shape, mask)
     coarse, fine, sub = [], [], []
     for axis, coords in zip((0, 1, 2), points[::-1]):   # points are (x, y, z)
-        seen = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if seen.size == 0:
-            return None
-        lo, hi = max(int(seen[0]) - 1, 0), min(int(seen[-1]) + 1, mask.shape[axis] - 1)
+        lo, hi = max(box[axis].start - 1, 0), min(box[axis].stop, mask.shape[axis] - 1)
         clamped = np.clip(coords, 0, mask.shape[axis] - 1)
         inside = np.flatnonzero((clamped >= lo) & (clamped <= hi))
         if inside.size == 0:
