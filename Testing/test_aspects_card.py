@@ -88,6 +88,19 @@ def test_reasons_name_the_measures_that_push_the_call(dump):
     assert card.score("M2", {**values, "frac": None}) is None   # a missing measure: no score
 
 
+def test_a_wider_spread_than_the_mirror_is_read_as_such():
+    """A card that weighs a negative grey/white measure as evidence (as the fitted ones do:
+    part of the region darker widens its spread) names it as a wider spread, not as a
+    contrast "-2.5 HU lower"; a positive value keeps the contrast wording."""
+    normal = {r.code: {"gw_loss": (0.0, 1.0)} for r in regions.REGIONS}
+    card = aspects_card.ReadoutCard(("gw_loss",), normal, {"gw_loss": -1.0}, 0.0, 1.0, {}, {})
+    wider = card.reasons("M3", {"gw_loss": -2.5})
+    assert len(wider) == 1 and wider[0].startswith("density spread 2.5 HU wider than the mirror side")
+    assert "lower" not in wider[0]
+    flat = aspects_card.ReadoutCard(("gw_loss",), normal, {"gw_loss": 1.0}, 0.0, 1.0, {}, {})
+    assert flat.reasons("M3", {"gw_loss": 3.0})[0].startswith("grey/white contrast +3.0 HU lower")
+
+
 def test_fit_command_writes_a_card_and_refuses_bad_input(dump, tmp_path):
     out = tmp_path / "card.json"
     cmd = [sys.executable, "-m", "training", "aspects_fit", str(dump), "--out", str(out), "--features", *FEATURES]

@@ -49,6 +49,14 @@ MEASURES: Dict[str, str] = {
     "expected": "{v:+.1f} HU against the median of its kind (both sides)",
     "gw_loss": "grey/white contrast {v:+.1f} HU lower than the mirror side",
 }
+#: How a reader says a measure whose value below zero means another finding, not less of
+#: the same (``{v}``: the value's size). The grey/white measure is the region's density
+#: spread (90th minus 10th percentile) below the mirror's: below zero the region is *more*
+#: uneven than its mirror, as when an infarct darkens part of it, and the fitted cards
+#: weigh that as evidence. "contrast -2.0 HU lower" would read as the opposite.
+NEGATIVE_READING: Dict[str, str] = {
+    "gw_loss": "density spread {v:.1f} HU wider than the mirror side (part of it darker)",
+}
 #: A measure's contribution (weight x z) at least this large is named as a reason.
 REASON_CONTRIBUTION = 0.75
 
@@ -96,8 +104,7 @@ class ReadoutCard:
             if contribution < REASON_CONTRIBUTION:
                 break
             median, sd = self.normal[code][f]
-            fmt = MEASURES[f]
-            out.append(f"{fmt.format(v=values[f])} (normal for this region "
+            out.append(f"{_reading(f, values[f])} (normal for this region "
                        f"{_plain(f, median)} +/- {_plain(f, sd, sign=False)})")
         return out
 
@@ -107,6 +114,13 @@ class ReadoutCard:
                 "weights": dict(self.weights), "bias": self.bias, "threshold": self.threshold,
                 "trained_on": self.trained_on, "fit": self.fit,
                 **({"readout": self.readout} if self.readout else {})}
+
+
+def _reading(measure: str, v: float) -> str:
+    """A measure's value in words (:data:`MEASURES`, or :data:`NEGATIVE_READING` below zero)."""
+    if v < 0 and measure in NEGATIVE_READING:
+        return NEGATIVE_READING[measure].format(v=-v)
+    return MEASURES[measure].format(v=v)
 
 
 def _plain(measure: str, v: float, sign: bool = True) -> str:
