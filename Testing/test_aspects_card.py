@@ -77,6 +77,29 @@ def test_fitted_card_calls_darker_regions_and_keeps_its_specificity(dump, tmp_pa
         aspects_fit.write_card(card, out, overwrite=False)
 
 
+def test_unmeasured_target_regions_count_as_missed_in_the_fit(tmp_path):
+    """A target region without its measures (too little tissue) is left out of the fit but
+    has no call score, so the card's fit sensitivity counts it as missed instead of quietly
+    shrinking the denominator."""
+    records = _records(40, 1)
+    hit = next(r for r in records if r["drop"] == -4.0)
+    for reg in hit["regions"]:
+        if reg["label"] in hit["truth"]:
+            reg["measures"] = {f: None for f in reg["measures"]}
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps(records))
+    read = aspects_fit.read_dumps([path])
+    assert aspects_fit.unmeasured_targets(read, FEATURES) == 1
+    rows = aspects_fit.rows_of(read, FEATURES)
+    card = aspects_fit.fit_card(rows, FEATURES, unmeasured=1)
+    plain = aspects_fit.fit_card(rows, FEATURES)
+    measured = plain.fit["target_regions"]
+    assert card.fit["target_regions"] == measured + 1 and card.fit["target_regions_unmeasured"] == 1
+    assert card.fit["target_sensitivity"] == pytest.approx(plain.fit["target_sensitivity"] * measured / (measured + 1),
+                                                           abs=1e-4)
+    assert card.threshold == plain.threshold   # the fit itself is the same
+
+
 def test_reasons_name_the_measures_that_push_the_call(dump):
     card = aspects_fit.fit_card(aspects_fit.load_rows([dump], FEATURES), FEATURES)
     low = {f: card.normal["M2"][f][0] - 5 * card.normal["M2"][f][1] for f in ("mean", "dark")}

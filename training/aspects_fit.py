@@ -101,6 +101,23 @@ def load_rows(dumps: Sequence[Path], features: Sequence[str]) -> List[Dict[str, 
     return rows_of(read_dumps(dumps), features)
 
 
+def is_target(drop: float, extent: float) -> bool:
+    """Issue 16's target condition: an infarct of -4 HU or more over at least 30 % of a region."""
+    return drop <= -4 and extent >= 0.3
+
+
+def unmeasured_targets(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> int:
+    """Infarcted regions of the target condition that :func:`rows_of` leaves out (a measure
+    missing: too little tissue in the region or its mirror). They have no call score, so the
+    fit's sensitivity, which counts score calls, counts them as missed instead of dropping
+    them from its denominator (a read-out can still call one whose mean is far below its
+    kind, ``aspects.EXPECTED_DROP_HU``)."""
+    return sum(1 for _, records in read for rec in records
+               if is_target(float(rec["drop"]), float(rec["extent"]))
+               for reg in rec["regions"] if reg["label"] in rec["truth"]
+               and any((reg.get("measures") or {}).get(f) is None for f in features))
+
+
 def rows_of(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> List[Dict[str, Any]]:
     """:func:`load_rows` of dumps already read (:func:`read_dumps`)."""
     rows = []
@@ -156,14 +173,16 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray, l2: float) ->
 
 def fit_card(rows: Sequence[dict], features: Sequence[str], specificity: float = 0.985,
              positives: str = "target", l2: float = 1.0, summary: str = "",
-             readout: Optional[Dict[str, Any]] = None) -> aspects_card.ReadoutCard:
+             readout: Optional[Dict[str, Any]] = None, unmeasured: int = 0) -> aspects_card.ReadoutCard:
     """The card fitted on ``rows`` (see the module's docstring); ``readout``: the read-out
-    settings the rows' measures were made with (:func:`dump_settings`)."""
+    settings the rows' measures were made with (:func:`dump_settings`); ``unmeasured``: target
+    regions left out of ``rows`` (:func:`unmeasured_targets`), counted as missed in the fit's
+    sensitivity."""
     normal = normal_values(rows, features)
     x = np.array([[(r["values"][f] - normal[r["code"]][f][0]) / normal[r["code"]][f][1] for f in features]
                   for r in rows])
     y = np.array([r["truth"] for r in rows], float)
-    target = np.array([r["truth"] and r["drop"] <= -4 and r["extent"] >= 0.3 for r in rows])
+    target = np.array([r["truth"] and is_target(r["drop"], r["extent"]) for r in rows])
     weight = np.ones(len(rows))
     if positives == "target":
         weight[(y > 0) & ~target] = 0.0
@@ -175,10 +194,11 @@ def fit_card(rows: Sequence[dict], features: Sequence[str], specificity: float =
     threshold = float(np.quantile(score[y == 0], specificity))
     called = score >= threshold
     is_normal = np.array([r["normal"] for r in rows])
-    fit = {"target_sensitivity": round(float(called[target].mean()), 4),
+    fit = {"target_sensitivity": round(float(called[target].sum() / (target.sum() + unmeasured)), 4),
            "specificity": round(float(1 - called[y == 0].mean()), 4),
            "normal_scan_regions_called": round(float(called[is_normal].mean()), 4),
-           "regions": len(rows), "target_regions": int(target.sum()),
+           "regions": len(rows), "target_regions": int(target.sum()) + unmeasured,
+           "target_regions_unmeasured": unmeasured,
            "specificity_asked": specificity, "positives": positives, "l2": l2}
     trained_on = {"summary": summary, "scans": len({r["scan"] for r in rows}),
                   "normal_scans": len({r["scan"] for r in rows if r["normal"]})}
@@ -212,13 +232,17 @@ def run(args: argparse.Namespace) -> int:
     read = read_dumps(args.dumps)   # each file parsed once
     rows = rows_of(read, args.features)
     readout = dump_settings(read)
+    unmeasured = unmeasured_targets(read, args.features)
     card = fit_card(rows, args.features, args.specificity, args.positives, args.l2,
-                    args.summary or ", ".join(p.name for p in args.dumps), readout)
+                    args.summary or ", ".join(p.name for p in args.dumps), readout, unmeasured)
     write_card(card, args.out, args.overwrite)
     f = card.fit
     print(f"card written to {args.out}: {card.trained_on['scans']} scans, {f['regions']} regions; on them "
           f"target sensitivity {f['target_sensitivity']:.3f} at specificity {f['specificity']:.3f}, "
           f"{100 * f['normal_scan_regions_called']:.2f} % of normal-scan regions called")
+    if unmeasured:
+        print(f"({unmeasured} of the {f['target_regions']} infarcted target regions lack a measure (too "
+              "little tissue in them or their mirror): no call score, counted as missed)")
     if not readout:
         print("note: the dumps do not record their read-out settings, so neither does the card "
               "(a read-out cannot warn when it is used with other settings)")
