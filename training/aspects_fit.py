@@ -106,6 +106,13 @@ def is_target(drop: float, extent: float) -> bool:
     return drop <= -4 and extent >= 0.3
 
 
+def _measured(reg: Dict[str, Any], features: Sequence[str]) -> bool:
+    """Whether a dumped region has every measure in ``features`` (none when too little
+    tissue was measured in it or its mirror: it then has no call score)."""
+    values = reg.get("measures") or {}
+    return all(values.get(f) is not None for f in features)
+
+
 def unmeasured_targets(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> int:
     """Infarcted regions of the target condition that :func:`rows_of` leaves out (a measure
     missing: too little tissue in the region or its mirror). They have no call score, so the
@@ -114,8 +121,7 @@ def unmeasured_targets(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], featur
     kind, ``aspects.EXPECTED_DROP_HU``)."""
     return sum(1 for _, records in read for rec in records
                if is_target(float(rec["drop"]), float(rec["extent"]))
-               for reg in rec["regions"] if reg["label"] in rec["truth"]
-               and any((reg.get("measures") or {}).get(f) is None for f in features))
+               for reg in rec["regions"] if reg["label"] in rec["truth"] and not _measured(reg, features))
 
 
 def rows_of(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> List[Dict[str, Any]]:
@@ -124,12 +130,11 @@ def rows_of(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequenc
     for path, records in read:
         for rec in records:
             for reg in rec["regions"]:
-                values = reg.get("measures") or {}
-                if any(values.get(f) is None for f in features):
-                    continue   # too little tissue: never called, nothing to learn
+                if not _measured(reg, features):
+                    continue   # no call score, nothing to learn (unmeasured_targets counts them)
                 rows.append({"code": CODE_OF_LABEL[reg["label"]], "truth": reg["label"] in rec["truth"],
                              "normal": not rec["truth"], "drop": float(rec["drop"]),
-                             "extent": float(rec["extent"]), "values": values,
+                             "extent": float(rec["extent"]), "values": reg["measures"],
                              "scan": f"{path.name}:{rec['case']}"})
     if not rows:
         raise InputError("the dumps hold no measured regions.", "Run aspects_bench.py --dump on a few scans first.")
