@@ -39,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from BrainLobeSegLib import aspects, aspects_card, inference, regions, transforms
+from training.aspects_fit import is_target   # the target condition the card's fit counts
 
 DROPS = (-2.0, -4.0, -6.0, -10.0)
 EXTENTS = (0.1, 0.3, 0.6, 1.0)
@@ -237,7 +238,7 @@ def table(tallies, normal: Tally, drops, extents) -> List[str]:
             lines.append(f"| {d:+g} | {100 * e:.0f} % | {s:.3f} | {p:.3f} | {ex:.3f} | {w1:.3f} |")
     pooled = Tally()
     for (d, e), t in tallies.items():
-        if d <= -4 and e >= 0.3:
+        if is_target(d, e):
             for k in ("tp", "fn", "fp", "tn"):
                 setattr(pooled, k, getattr(pooled, k) + getattr(t, k))
     s, p, _, _ = pooled.row()
