@@ -2,7 +2,8 @@
 
 The phantom's hemispheres are mirror images, so a normal phantom has no call; a region
 lowered by a few HU must be called and cost one point on its side; what mimics early
-ischaemia (a calcification, a CSF-dense old infarct, a scanner offset) must not be called.
+ischaemia (a calcification, a CSF-dense old infarct, a scanner offset) must not be called,
+and a haemorrhage leaves its region pair not assessed.
 """
 
 from __future__ import annotations
@@ -144,6 +145,27 @@ def test_calcification_is_not_early_ischaemia(case):
     hu = _hu(case)
     hu[_ball(case, "L", "left", 4.0)] = 250.0
     assert called(aspects.assess(_image(case, hu), case.labels_scan)) == []
+
+
+def test_haemorrhage_leaves_its_pair_not_assessed(case, monkeypatch):
+    """A 62 HU haemorrhage of 6 mm in the left lentiform: its rim lies inside the tissue
+    window, so compared with it the right lentiform reads several HU darker. The pair is
+    reported not assessed, with the reason, and costs no point on either side."""
+    centre = aspects.region_centroids(case.labels_scan)[regions.region("L", "left").label]
+    scan = phantom.add_dense_ball(case.ct, centre, 6.0, 62.0)
+    result = aspects.assess(scan, case.labels_scan)
+    left, right = result.region("L left"), result.region("L right")
+    assert left.dense_lesion_ml is not None and left.dense_lesion_ml >= aspects.DENSE_LESION_ML
+    assert right.dense_lesion_ml == left.dense_lesion_ml
+    assert left.call_score is None and right.call_score is None
+    assert "dense lesion" in left.reasons[0] and "in L left" in left.reasons[0]
+    assert "in the mirror region" in right.reasons[0]
+    assert called(result) == [] and result.score("left") == result.score("right") == 10
+    assert [r.region for r in result.regions if r.dense_lesion_ml is not None] == ["L left", "L right"]
+    # what the rule prevents: compared with the haemorrhage's rim, the right side reads darker
+    monkeypatch.setattr(aspects, "DENSE_LESION_ML", float("inf"))
+    compared = aspects.assess(scan, case.labels_scan, with_evidence_map=False)
+    assert compared.region("L right").diff_to_mirror_hu < -2.0
 
 
 def test_csf_dense_old_infarct_is_not_early_ischaemia(case):

@@ -186,6 +186,25 @@ def test_missing_regions_are_named_in_a_warning(files, case, tmp_path, capsys):
     assert data["aspects"]["score_left"] == 9 and data["warnings"] == [warned[0].split("low: ", 1)[1]]
 
 
+def test_a_haemorrhage_pair_is_named_in_a_warning_and_kept_out_of_the_score(files, case, tmp_path, capsys):
+    """A 65 HU haemorrhage of 7 mm in the left lentiform (edge blurred 1.5 mm): one warning
+    line names the lentiform pair as not assessed and why; the JSON says how much dense
+    lesion it holds; the lowered M2 left is still called (score 9)."""
+    centre = aspects.region_centroids(case.labels_scan)[regions.region("L", "left").label]
+    bleed = phantom.add_dense_ball(sitk.ReadImage(str(files["low"])), centre, 7.0, 65.0)
+    path = tmp_path / "low.nii.gz"
+    sitk.WriteImage(bleed, str(path))
+    out = tmp_path / "out"
+    code, _, err = run(["stats", str(path), "--labels", str(files["labels"]), "-o", str(out)], capsys)
+    assert code == 0 and names(out) == sorted(STATS + READ_OUT)
+    warned = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and "L left, L right: not assessed, a dense lesion" in warned[0]
+    data = strict_json(out / "low-aspects-score.json")
+    pair = [r for r in data["regions"] if r["code"] == "L"]
+    assert all(r["dense_lesion_ml"] >= aspects.DENSE_LESION_ML and r["call_score"] is None for r in pair)
+    assert data["aspects"]["score_left"] == 9 and data["aspects"]["affected"] == ["M2 left"]
+
+
 def test_gantry_tilted_grid_keeps_its_evidence_map_in_nrrd(files, tmp_path, capsys):
     """NIfTI cannot store a sheared grid: the evidence map is written as .nrrd there, as
     `segment` writes its labels."""

@@ -15,6 +15,9 @@ region by region, on the segmented scan:
    that are not within 3 mm of fluid or of dense voxels: CSF, sulci, old infarcts
    and lacunes (near-CSF density) fall below, calcification, blood and bone above, and
    their partial-volume rims are left out; none of it is ever counted as early ischaemia.
+   A region pair with a dense lesion of blood-like density (:data:`DENSE_LESION_HU`) in
+   either region is not assessed: a haemorrhage's rim stays inside the window and would
+   make the mirror region look darker.
 4. **Evidence.** For each left/right pair, each side is smoothed (3 mm Gaussian) over its
    own region's parenchyma only (normalised convolution, so CSF, white matter outside the
    region or a neighbour do not dilute a drop); a voxel's evidence is its value minus the
@@ -122,6 +125,28 @@ DENSE_GAP_HU = 5.0
 SPOT_GAP_HU = 10.0
 SPOT_SIGMA_MM = 5.0
 SPOT_MARGIN_MM = 1.5
+#: A dense lesion in a region (an acute haemorrhage, a large calcification) leaves the
+#: region and its mirror *not assessed*: its partial-volume rim lies inside the tissue
+#: window, so the region reads brighter and its mirror darker (seed 10100: a 64 HU
+#: haemorrhage of 10 mm in a left caudate had the right caudate called, call score 3.5).
+#: Dense-lesion voxels: more than ``DENSE_LESION_HU`` above the parenchyma level (1.5 mm
+#: smoothed; grey matter lies a few HU above it), more than ``DENSE_LESION_ASYMMETRY_HU``
+#: brighter than the mirror point (a haemorrhage is one-sided; beam hardening is not), at
+#: least ``DENSE_LESION_BONE_MM`` from bone (the inner table's partial volume and one-sided
+#: beam hardening brighten the cortex beside it) and in connected parts of at least
+#: ``DENSE_LESION_PART_ML``; a pair is not assessed when either region's measured core holds
+#: ``DENSE_LESION_ML`` of them. Parts that peak more than ``DENSE_LESION_PEAK_HU`` above
+#: the level are calcification (blood stays below about 90 HU), whose rim the dense margin
+#: above already leaves out: a calcified nucleus stays assessed. A superficial lobar
+#: haemorrhage within the bone margin is not found this way.
+DENSE_LESION_HU = 15.0
+DENSE_LESION_PEAK_HU = 70.0
+DENSE_LESION_ASYMMETRY_HU = 10.0
+DENSE_LESION_BONE_MM = 9.0
+DENSE_LESION_PART_ML = 0.1
+DENSE_LESION_ML = 0.5
+#: Bone (HU): above it a voxel is never soft tissue.
+BONE_HU = 300.0
 #: A voxel counts as affected (the reported darker share) when its evidence is at least
 #: this many HU below the mirror.
 VOXEL_DROP_HU = 2.0
@@ -178,6 +203,9 @@ class RegionCall:
     reasons: List[str]
     override: Optional[bool] = None      # the clinician's call, when given
     measures: Dict[str, Optional[float]] = field(default_factory=dict)  # aspects_card.MEASURES
+    #: ml of dense lesion in this region or its mirror when that leaves the pair not
+    #: assessed (:data:`DENSE_LESION_ML`); None when the pair is compared
+    dense_lesion_ml: Optional[float] = None
 
     @property
     def affected(self) -> bool:
@@ -375,6 +403,7 @@ class EvidenceMaps:
     tissue: np.ndarray        # bool, parenchyma here and at the mirror point
     evidence: np.ndarray      # HU: smoothed tissue minus the same at the mirror point
     level: float
+    dense: Optional[np.ndarray] = None   # bool, dense-lesion voxels (:func:`dense_lesions`)
 
 
 def evidence_maps(ct: sitk.Image, labels: sitk.Image) -> EvidenceMaps:
@@ -399,9 +428,10 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
     yield
     tell(0.15, "ASPECTS: finding the parenchyma")
     level = parenchyma_level(hu[lab > 0])
-    soft = (hu > -200) & (hu < 300)
-    hu1 = masked_smooth(np.clip(hu, -200, 300), soft, MASK_SIGMA_MM, GRID_MM)
+    soft = (hu > -200) & (hu < BONE_HU)
+    hu1 = masked_smooth(np.clip(hu, -200, BONE_HU), soft, MASK_SIGMA_MM, GRID_MM)
     yield
+    dense = dense_lesions(hu, hu1, level)
     tissue = parenchyma_mask(hu1, soft, level)
     yield
     tissue &= ~compact_dark_spots(hu1, soft, level)
@@ -425,7 +455,7 @@ def evidence_maps_steps(ct: sitk.Image, labels: sitk.Image,
         region_pair_evidence(hu1, lab, tissue, r.label, r.mirror_label, evidence)
         yield
     evidence[in_region] -= shade[in_region]
-    return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level)
+    return EvidenceMaps(grid, lab, hu1, in_region | (both & (lab == 0)), evidence, level, dense)
 
 
 def region_cores(lab: np.ndarray, edge_mm: float = REGION_EDGE_MM) -> np.ndarray:
@@ -457,6 +487,23 @@ def parenchyma_mask(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarr
     dense = hu1 > hi + DENSE_GAP_HU
     return ((hu1 >= lo) & (hu1 <= hi) & soft & ~_near_regions(fluid, CSF_MARGIN_MM)
             & ~_near_regions(dense, DENSE_MARGIN_MM))
+
+
+def dense_lesions(hu: np.ndarray, hu1: np.ndarray, level: float) -> np.ndarray:
+    """Dense-lesion voxels of the mirror grid (see :data:`DENSE_LESION_HU`): ``hu`` the
+    resampled scan (for the bone), ``hu1`` its 1.5 mm smoothed soft tissue."""
+    candidates = ((hu1 > level + DENSE_LESION_HU) & (hu1 < BONE_HU)
+                  & (hu1 - hu1[..., ::-1] > DENSE_LESION_ASYMMETRY_HU))
+    if not candidates.any():
+        return candidates
+    candidates &= ~_near_regions(hu >= BONE_HU, DENSE_LESION_BONE_MM)
+    parts = sitk.ConnectedComponent(sitk.GetImageFromArray(candidates.astype(np.uint8)))
+    min_voxels = int(math.ceil(DENSE_LESION_PART_ML * 1000.0 / GRID_MM ** 3))
+    parts = sitk.RelabelComponent(parts, minimumObjectSize=min_voxels)
+    stats = sitk.LabelStatisticsImageFilter()
+    stats.Execute(sitk.GetImageFromArray(hu1.astype(np.float32)), parts)
+    blood = [k for k in stats.GetLabels() if k > 0 and stats.GetMaximum(k) <= level + DENSE_LESION_PEAK_HU]
+    return np.isin(sitk.GetArrayFromImage(parts), blood)
 
 
 def compact_dark_spots(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.ndarray:
@@ -608,6 +655,8 @@ def _region_measures_steps(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dar
     a step per 2 regions (each darkest part is a smoothing, the card's take two per region).
     ``dark_parts``: which of :data:`DARK_PART_SCALES_MM` to measure."""
     ml = GRID_MM ** 3 / 1000.0
+    dense = np.zeros(regions.NUM_LABELS + 1) if maps.dense is None else \
+        np.bincount(maps.labels[maps.dense], minlength=regions.NUM_LABELS + 1) * ml
     lab = maps.labels.ravel()
     keep = maps.tissue.ravel() & (lab > 0)
     idx = np.flatnonzero(keep)
@@ -619,6 +668,7 @@ def _region_measures_steps(maps: EvidenceMaps, dark_parts: Sequence[str] = ("dar
         sel = lab_k == r.label
         ev, hu = ev_k[sel], hu_k[sel]
         out[r.label] = {"n": int(sel.sum()), "ml": float(sel.sum() * ml), "ev": ev,
+                        "dense_ml": float(dense[r.label]),
                         "mean": float(hu.mean()) if hu.size else None,
                         "gw": float(np.percentile(hu, 90) - np.percentile(hu, 10)) if hu.size > 10 else None,
                         **{name: darkest_part(maps, r.label, DARK_PART_SCALES_MM[name]) if sel.any() else None
@@ -644,7 +694,7 @@ def region_values(me: dict, mirror: dict, expected: Optional[float]) -> Dict[str
     """Every measure of :data:`aspects_card.MEASURES` that ``me`` allows (None where the
     region has too little tissue): the inputs of the call and of the benchmark's dumps."""
     ev = np.sort(me["ev"])
-    if me["ml"] < MIN_MEASURED_ML or ev.size == 0:
+    if me["ml"] < MIN_MEASURED_ML or ev.size == 0 or dense_pair_ml(me, mirror) is not None:
         return {name: None for name in aspects_card.MEASURES}
     out: Dict[str, Optional[float]] = {name: me.get(name) for name in DARK_PART_SCALES_MM}
     out["mean"] = float(ev.mean())
@@ -653,6 +703,13 @@ def region_values(me: dict, mirror: dict, expected: Optional[float]) -> Dict[str
     out["expected"] = expected
     out["gw_loss"] = mirror["gw"] - me["gw"] if me["gw"] is not None and mirror["gw"] is not None else None
     return out
+
+
+def dense_pair_ml(me: dict, mirror: dict) -> Optional[float]:
+    """The larger dense-lesion volume (ml) of a region and its mirror when it leaves the
+    pair not assessed (:data:`DENSE_LESION_ML`), else None."""
+    most = max(me.get("dense_ml", 0.0), mirror.get("dense_ml", 0.0))
+    return most if most >= DENSE_LESION_ML else None
 
 
 def call_of_values(code: str, values: Dict[str, Optional[float]],
@@ -679,7 +736,8 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
                 card: aspects_card.ReadoutCard) -> RegionCall:
     """The evidence of one region, its call score and call, with the reasons in words."""
     ml = GRID_MM ** 3 / 1000.0
-    measured = me["ml"] >= MIN_MEASURED_ML
+    dense = dense_pair_ml(me, mirror)
+    measured = me["ml"] >= MIN_MEASURED_ML and dense is None
     values = region_values(me, mirror, expected)
     frac = aff_ml = drop = score = None
     reasons: List[str] = []
@@ -698,6 +756,11 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
             reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")
+    elif dense is not None:
+        where = r.segment_name if me.get("dense_ml", 0.0) >= mirror.get("dense_ml", 0.0) else "the mirror region"
+        reasons.append(f"not assessed: a dense lesion ({dense:.1f} ml, brighter than the other side) in {where}, "
+                       "a haemorrhage or calcification; its rim makes the comparison with the mirror side "
+                       "meaningless: read the images")
     else:
         reasons.append(f"too little tissue measured ({me['ml']:.1f} ml): not called")
     return RegionCall(label=r.label, region=r.segment_name, code=r.code, side=r.side,
@@ -705,7 +768,7 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
                       median_drop_hu=drop, darkest_part_hu=values["dark"],
                       diff_to_mirror_hu=values["mean"], diff_to_expected_hu=expected if measured else None,
                       gw_contrast_hu=me["gw"], gw_loss_hu=values["gw_loss"], call_score=score,
-                      called=called, reasons=reasons, measures=values)
+                      called=called, reasons=reasons, measures=values, dense_lesion_ml=dense)
 
 
 def propose_side(calls: Sequence[RegionCall]) -> Tuple[str, str]:

@@ -160,7 +160,8 @@ def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str],
     Labels that do not define the mid-sagittal plane (fewer than 3 left/right region
     pairs) or hold no soft tissue cannot give a score; the volumes and densities of the
     regions that are there still can, so the run goes on. Regions present but too small to
-    measure are counted as not affected by the engine; the warning says so.
+    measure, and region pairs not assessed for a dense lesion, are counted as not affected
+    by the engine; a warning says which and why.
     """
     from . import aspects
     try:
@@ -169,7 +170,13 @@ def assess_or_warn(scan: sitk.Image, labels: sitk.Image, side: Optional[str],
         message = f"{SKIPPED}: {exc}"
         warnings.warn(InputWarning(message), stacklevel=2)
         return None, message
-    unmeasured = [r.region for r in result.regions if r.affected_fraction is None]
+    dense = [r.region for r in result.regions if r.dense_lesion_ml is not None]
+    if dense:
+        warnings.warn(InputWarning(
+            f"ASPECTS: {', '.join(dense)}: not assessed, a dense lesion (haemorrhage or calcification) "
+            "in the region or its mirror makes the left/right comparison meaningless; the score counts "
+            "them as not affected: read the images there."), stacklevel=2)
+    unmeasured = [r.region for r in result.regions if r.affected_fraction is None and r.dense_lesion_ml is None]
     if unmeasured:
         warnings.warn(InputWarning(
             f"ASPECTS: {', '.join(unmeasured)}: too little tissue to measure (missing, or under "
