@@ -761,7 +761,8 @@ def aspects_table_node(scene, result, name: str = "ASPECTS", table_node=None):
             table.AddColumn(col)
         table.SetNumberOfRows(len(result.regions))
         for i, r in enumerate(result.regions):
-            values = {"region": r.region, "affected": 0, "called": "yes" if r.called else "no",
+            call = "yes" if r.called else "not assessed" if r.dense_lesion_ml is not None else "no"
+            values = {"region": r.region, "affected": 0, "called": call,
                       "override": "", "call_score": _number(r.call_score),
                       "affected_percent": _number(r.affected_fraction, 100.0),
                       "affected_ml": _number(r.affected_ml), "median_drop_hu": _number(r.median_drop_hu),
