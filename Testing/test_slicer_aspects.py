@@ -154,7 +154,6 @@ def test_a_darker_region_is_called_and_its_side_scores_9(scene, core, case, dark
     assert "left, proposed (1 region(s) affected on the left" in message and "not a diagnosis" in message
 
 
-
 def test_a_haemorrhage_pair_reads_not_assessed_in_the_table(scene, core, case, darker_ct):
     """A 65 HU haemorrhage of 7 mm in the left lentiform beside the darker M2 left: the
     table says "not assessed" for the lentiform pair with the reason, M2 left is still the
@@ -166,6 +165,7 @@ def test_a_haemorrhage_pair_reads_not_assessed_in_the_table(scene, core, case, d
     assert [column(readout.table, "called")[i] for i in lentiform] == ["not assessed"] * 2
     assert all("dense lesion" in column(readout.table, "reasons")[i] for i in lentiform)
     assert column(readout.table, "called")[row_of(M2_LEFT.label)] == "yes" and readout.score("left") == 9
+
 
 def test_a_normal_phantom_scores_10_on_both_sides(scene, core, case):
     volume, segmentation = add_case(scene, case.ct, case.labels_scan, transform=False)
