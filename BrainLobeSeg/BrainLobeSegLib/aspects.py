@@ -125,7 +125,7 @@ DENSE_GAP_HU = 5.0
 SPOT_GAP_HU = 10.0
 SPOT_SIGMA_MM = 5.0
 SPOT_MARGIN_MM = 1.5
-#: A dense lesion in a region (an acute haemorrhage, a large calcification) leaves the
+#: A dense lesion in a region (an acute haemorrhage; a calcification only as dense as blood) leaves the
 #: region and its mirror *not assessed*: its partial-volume rim lies inside the tissue
 #: window, so the region reads brighter and its mirror darker (seed 10100: a 64 HU
 #: haemorrhage of 10 mm in a left caudate had the right caudate called, call score 3.5).
@@ -692,7 +692,8 @@ def _expected_diffs(measures: Dict[int, dict]) -> Dict[int, Optional[float]]:
 
 def region_values(me: dict, mirror: dict, expected: Optional[float]) -> Dict[str, Optional[float]]:
     """Every measure of :data:`aspects_card.MEASURES` that ``me`` allows (None where the
-    region has too little tissue): the inputs of the call and of the benchmark's dumps."""
+    region has too little tissue, or a dense lesion leaves its pair not assessed): the
+    inputs of the call and of the benchmark's dumps."""
     ev = np.sort(me["ev"])
     if me["ml"] < MIN_MEASURED_ML or ev.size == 0 or dense_pair_ml(me, mirror) is not None:
         return {name: None for name in aspects_card.MEASURES}
