@@ -108,16 +108,17 @@ def is_target(drop: float, extent: float) -> bool:
 
 def _measured(reg: Dict[str, Any], features: Sequence[str]) -> bool:
     """Whether a dumped region has every measure in ``features`` (none when too little
-    tissue was measured in it or its mirror: it then has no call score)."""
+    tissue was measured in it or its mirror, or a dense lesion left the pair not assessed:
+    it then has no call score)."""
     values = reg.get("measures") or {}
     return all(values.get(f) is not None for f in features)
 
 
 def unmeasured_targets(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], features: Sequence[str]) -> int:
     """Infarcted regions of the target condition that :func:`rows_of` leaves out (a measure
-    missing: too little tissue in the region or its mirror). They have no call score, so the
-    fit's sensitivity, which counts score calls, counts them as missed instead of dropping
-    them from its denominator (a read-out can still call one whose mean is far below its
+    missing: too little tissue in the region or its mirror, or a dense lesion in either).
+    They have no call score, so the fit's sensitivity, which counts score calls, counts
+    them as missed instead of dropping them from its denominator (a read-out can still call one whose mean is far below its
     kind, ``aspects.EXPECTED_DROP_HU``)."""
     return sum(1 for _, records in read for rec in records
                if is_target(float(rec["drop"]), float(rec["extent"]))
