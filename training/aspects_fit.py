@@ -118,8 +118,8 @@ def unmeasured_targets(read: Sequence[Tuple[Path, List[Dict[str, Any]]]], featur
     """Infarcted regions of the target condition that :func:`rows_of` leaves out (a measure
     missing: too little tissue in the region or its mirror, or a dense lesion in either).
     They have no call score, so the fit's sensitivity, which counts score calls, counts
-    them as missed instead of dropping them from its denominator (a read-out can still call one whose mean is far below its
-    kind, ``aspects.EXPECTED_DROP_HU``)."""
+    them as missed instead of dropping them from its denominator (a read-out can still
+    call one whose mean is far below its kind, ``aspects.EXPECTED_DROP_HU``)."""
     return sum(1 for _, records in read for rec in records
                if is_target(float(rec["drop"]), float(rec["extent"]))
                for reg in rec["regions"] if reg["label"] in rec["truth"] and not _measured(reg, features))
