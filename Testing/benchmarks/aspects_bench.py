@@ -153,8 +153,15 @@ def features(result: aspects.AspectsResult) -> List[dict]:
 
 
 def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed: int,
-        dump: Optional[Path], cache: Optional[Path] = None, card: Optional[aspects_card.ReadoutCard] = None
-        ) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
+        dump: Optional[Path], cache: Optional[Path] = None, card: Optional[aspects_card.ReadoutCard] = None,
+        shard: Tuple[int, int] = (0, 1)) -> Tuple[Dict[Tuple[float, float], Tally], Tally, dict]:
+    """Read every case (or shard ``(k, n)``: the cases whose index is k modulo n) normal and
+    with each condition. The infarcts drawn depend only on the case's index in ``cases`` and
+    the condition's index in the full DROPS x EXTENTS grid, so shards and runs restricted to
+    some conditions insert exactly the infarcts a full run does."""
+    grid = [(d, e) for d in DROPS for e in EXTENTS]
+    conditions = [(grid.index((d, e)) if (d, e) in grid else len(grid) + k, d, e)
+                  for k, (d, e) in enumerate((d, e) for d in drops for e in extents)]
     tallies = {(d, e): Tally() for d in drops for e in extents}
     normal = Tally()
     records: List[dict] = []
@@ -180,12 +187,14 @@ def run(cases: List[Case], segmenter: inference.Segmenter, drops, extents, seed:
         return res, (features(res) if dump else [])
 
     for i, case in enumerate(cases):
+        if i % shard[1] != shard[0]:
+            continue
         res, feats = read_out(case.ct, case, "normal")
         called = {r.label for r in res.regions if r.called}
         normal.add(set(), called, 10, 10)
         records.append({"case": case.name, "drop": 0, "extent": 0, "truth": [], "regions": feats,
                         "settings": settings})
-        for j, (d, e) in enumerate((d, e) for d in drops for e in extents):
+        for j, d, e in conditions:
             rng = np.random.default_rng([seed, int(case.name), j])
             kind = KINDS[(i + j) % len(KINDS)]
             labs = choose_regions(case, kind, rng)
@@ -262,6 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cache", type=Path, help="folder to keep (and reuse) each run's segmentation")
     p.add_argument("--markdown", type=Path, help="write the result table there")
     p.add_argument("--card", type=Path, help="read-out card to measure (default: the bundled one)")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="read only the cases whose index is K modulo N (parallel runs; default 0/1)")
     p.add_argument("--rescore", type=Path, nargs="+", metavar="DUMP",
                    help="no read-out: score the measures in these --dump files with the card")
     args = p.parse_args(argv)
@@ -279,8 +290,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.cache.mkdir(parents=True, exist_ok=True)
     segmenter = inference.Segmenter(args.mode, args.model, "cpu")
     t0 = time.perf_counter()
+    shard = tuple(int(v) for v in args.shard.split("/"))
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache,
-                                  card)
+                                  card, shard)
 
     lines = table(tallies, normal, args.drops, args.extents)
     print("\n".join(lines))
