@@ -285,14 +285,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.data is None:
         p.error("--data is needed (or --rescore DUMP ...)")
+    try:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+    except ValueError:
+        shard = ()
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     cases = load_cases(args.data, args.cases)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     segmenter = inference.Segmenter(args.mode, args.model, "cpu")
     t0 = time.perf_counter()
-    shard = tuple(int(v) for v in args.shard.split("/"))
-    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache,
                                   card, shard)
 
