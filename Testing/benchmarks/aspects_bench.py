@@ -258,6 +258,14 @@ def table(tallies, normal: Tally, drops, extents) -> List[str]:
     return lines
 
 
+def shard_of(text: str) -> Tuple[int, int]:
+    """``--shard K/N`` as (K, N); argparse reports anything else as a usage error."""
+    parts = text.split("/")
+    if len(parts) == 2 and all(v.strip().isdigit() for v in parts) and 0 <= int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="folder of normal synthetic cases (synth --no-infarcts)")
@@ -271,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cache", type=Path, help="folder to keep (and reuse) each run's segmentation")
     p.add_argument("--markdown", type=Path, help="write the result table there")
     p.add_argument("--card", type=Path, help="read-out card to measure (default: the bundled one)")
-    p.add_argument("--shard", default="0/1", metavar="K/N",
+    p.add_argument("--shard", type=shard_of, default="0/1", metavar="K/N",
                    help="read only the cases whose index is K modulo N (parallel runs; default 0/1)")
     p.add_argument("--rescore", type=Path, nargs="+", metavar="DUMP",
                    help="no read-out: score the measures in these --dump files with the card")
@@ -285,19 +293,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.data is None:
         p.error("--data is needed (or --rescore DUMP ...)")
-    try:
-        shard = tuple(int(v) for v in args.shard.split("/"))
-    except ValueError:
-        shard = ()
-    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N")
     cases = load_cases(args.data, args.cases)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     segmenter = inference.Segmenter(args.mode, args.model, "cpu")
     t0 = time.perf_counter()
     tallies, normal, timing = run(cases, segmenter, args.drops, args.extents, args.seed, args.dump, args.cache,
-                                  card, shard)
+                                  card, args.shard)
 
     lines = table(tallies, normal, args.drops, args.extents)
     print("\n".join(lines))
