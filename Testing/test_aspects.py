@@ -304,3 +304,25 @@ def test_regions_are_measured_without_their_edge():
     np.testing.assert_array_equal(aspects.region_cores(lab), expected)
     np.testing.assert_array_equal(lab, given)
     np.testing.assert_array_equal(aspects.region_cores(lab, edge_mm=0.0), lab)
+
+
+def test_a_region_box_of_one_voxel_around_gives_the_full_grid_values():
+    """The darkest part and the pair evidence smooth a box around the region only (one
+    zero voxel around its bounding box): the recursive Gaussian carries the zero border on,
+    so the values inside the region must equal a smoothing of the whole grid."""
+    rng = np.random.default_rng(3)
+    shape = (30, 40, 44)
+    mask = np.zeros(shape, bool)
+    mask[8:17, 12:25, 5:14] = True
+    mask[10:14, 15:20, 7:10] = False          # a hole: weights vary inside the region
+    values = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    box = aspects._region_box(mask)
+    assert [(s.start, s.stop) for s in box] == [(7, 18), (11, 26), (4, 15)]
+    for sigma in (3.0, 8.0, 12.0):
+        whole, whole_w = aspects._normalised(values, mask, sigma)
+        boxed, boxed_w = aspects._normalised(values[box], mask[box], sigma)
+        np.testing.assert_allclose(boxed[mask[box]], whole[box][mask[box]], atol=1e-4)
+        np.testing.assert_allclose(boxed_w[mask[box]], whole_w[box][mask[box]], atol=1e-5)
+    edge = np.zeros(shape, bool)
+    edge[0:3, 0:2, 40:44] = True              # at the grid's border: the box is clipped, not wrapped
+    assert [(s.start, s.stop) for s in aspects._region_box(edge)] == [(0, 4), (0, 3), (39, 44)]

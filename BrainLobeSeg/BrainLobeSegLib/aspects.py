@@ -523,10 +523,17 @@ def compact_dark_spots(hu1: np.ndarray, soft: np.ndarray, level: float) -> np.nd
     return _near_regions(spots, SPOT_MARGIN_MM) if spots.any() else spots
 
 
-def _region_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + margin + 1, mask.shape)
+def _region_box(mask: np.ndarray) -> Tuple[slice, ...]:
+    """The bounding box of ``mask`` and one voxel around it: all a normalised convolution
+    over ``mask`` needs. Its inputs are zero outside the mask and the recursive Gaussian
+    carries a border value on as a constant, so a zero border equals unlimited zero
+    padding; a 3-sigma margin gave the same values bit for bit (seed 10100 scans) at about
+    1.6 times the read-out time."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(max(int(hit[0]) - 1, 0))
+        hi.append(min(int(hit[-1]) + 2, mask.shape[axis]))
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
@@ -543,8 +550,7 @@ def region_pair_evidence(hu: np.ndarray, lab: np.ndarray, tissue: np.ndarray, le
     b_flipped = ((lab == right) & tissue)[..., ::-1]
     if not a.any() or not b_flipped.any():
         return
-    margin = int(math.ceil(3 * EVIDENCE_SIGMA_MM / GRID_MM))
-    box = _region_box(a | b_flipped, margin)
+    box = _region_box(a | b_flipped)
     hu_a, hu_b = hu[box], hu[..., ::-1][box]
     ma, mb = a[box], b_flipped[box]
     sa, wa = _normalised(hu_a, ma, EVIDENCE_SIGMA_MM)
@@ -649,7 +655,7 @@ def darkest_part(maps: EvidenceMaps, label: int, sigma_mm: float = DARK_PART_SIG
     m = (maps.labels == label) & maps.tissue
     if m.sum() < 30:
         return None
-    box = _region_box(m, int(math.ceil(3 * sigma_mm / GRID_MM)))
+    box = _region_box(m)
     mean, weight = _normalised(maps.evidence[box], m[box], sigma_mm)
     inside = m[box]
     values = mean[inside & (weight >= 0.3 * weight[inside].max())]
