@@ -9,6 +9,7 @@ and a haemorrhage leaves its region pair not assessed.
 from __future__ import annotations
 
 import json
+import warnings
 import sys
 from pathlib import Path
 
@@ -326,3 +327,50 @@ def test_a_region_box_of_one_voxel_around_gives_the_full_grid_values():
     edge = np.zeros(shape, bool)
     edge[0:3, 0:2, 40:44] = True              # at the grid's border: the box is clipped, not wrapped
     assert [(s.start, s.stop) for s in aspects._region_box(edge)] == [(0, 4), (0, 3), (39, 44)]
+
+
+def _with_shading_wave(case, amplitude_hu: float, wavelength_mm: float, direction, phase: float) -> sitk.Image:
+    """The scan with a slow sinusoidal shading on its soft tissue (the synthetic scanner's kind)."""
+    hu = _hu(case)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in case.ct.GetSize()[::-1]], indexing="ij")
+    phys = np.stack([xx, yy, zz], -1) * np.array(case.ct.GetSpacing())
+    k = 2 * np.pi / wavelength_mm * np.asarray(direction) / np.linalg.norm(direction)
+    soft = (hu > 0) & (hu < 80)
+    return _image(case, np.where(soft, hu + amplitude_hu * np.sin(phys @ k + phase), hu))
+
+
+def test_the_finer_shading_field_follows_a_shading_wave(case, monkeypatch):
+    """A 6 HU shading wave of 120 mm: the order-2 field (7 terms, the default) leaves
+    regions several HU off their mirror and calls three; the order-3 field
+    (``SHADING_ORDER = 3``, 13 terms) keeps every region within 1 HU and calls none. (The
+    bundled card was fitted with order 2, so the read-out warns about the setting.)"""
+    img = _with_shading_wave(case, 6.0, 120.0, (0.8, 0.5, 0.3), 0.7)
+    spread = {}
+    for order in (2, 3):
+        monkeypatch.setattr(aspects, "SHADING_ORDER", order)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)
+            result = aspects.assess(img, case.labels_scan, with_evidence_map=False)
+        spread[order] = (max(abs(r.diff_to_mirror_hu) for r in result.regions), called(result))
+    assert spread[2][0] > 3.0 and len(spread[2][1]) >= 2
+    assert spread[3][0] < 1.0 and spread[3][1] == []
+
+
+def test_the_finer_shading_field_is_not_fitted_around_a_large_infarct(case, monkeypatch):
+    """With order 3, -4 HU over M1-M6 leaves more than a third of the fit's tissue out in
+    the coarse fit, so the coarse field is kept and all six are called; fitting the finer
+    field anyway (the guard lifted) lets it take most of the drop."""
+    ct = case.ct
+    for code in ("M1", "M2", "M3", "M4", "M5", "M6"):
+        ct = phantom.lower_region(ct, case.labels_scan, regions.region(code, "left").label, 4.0)
+    monkeypatch.setattr(aspects, "SHADING_ORDER", 3)
+    kept = {}
+    for name, guard in (("guarded", aspects.FINE_SHADING_MAX_LEFT_OUT), ("unguarded", 1.0)):
+        monkeypatch.setattr(aspects, "FINE_SHADING_MAX_LEFT_OUT", guard)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)
+            result = aspects.assess(ct, case.labels_scan, with_evidence_map=False)
+        kept[name] = (max(result.region(f"{c} left").diff_to_mirror_hu for c in ("M1", "M2", "M3", "M4", "M5", "M6")),
+                      result.score("left"))
+    assert kept["guarded"][0] < -2.0 and kept["guarded"][1] == 4, kept
+    assert kept["unguarded"][0] > -1.0 and kept["unguarded"][1] > 4, kept

@@ -172,6 +172,11 @@ def test_the_card_records_the_read_out_settings_of_its_dumps(tmp_path):
         aspects_fit.dump_settings(aspects_fit.read_dumps([same, unsaid]))
     older = aspects_card.card_from_json({**card.to_json(), "readout": {**card.readout, "csf_margin_mm": 1.5}})
     assert aspects.card_settings_mismatch(older) == [f"csf_margin_mm: 1.5 -> {aspects.CSF_MARGIN_MM!r}"]
+    # a block written before a setting was recorded was made with its earlier value
+    before = {k: v for k, v in card.readout.items() if k not in aspects.SETTINGS_BEFORE_RECORDED}
+    legacy = aspects_card.card_from_json({**card.to_json(), "readout": before})
+    assert aspects.card_settings_mismatch(legacy) == (
+        [] if aspects.SHADING_ORDER == 2 else [f"shading_order: 2 -> {aspects.SHADING_ORDER!r}"])
 
 
 def test_dumps_without_settings_make_a_card_without_the_block(dump, tmp_path):

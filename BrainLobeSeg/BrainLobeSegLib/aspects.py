@@ -113,6 +113,23 @@ MIRROR_WEIGHT = 0.1
 #: normal cortical pairs vary a little more (SD of the mean evidence on seed 10100's normal
 #: scans M1 0.42 -> 0.56, M3 0.38 -> 0.50 HU), which the card's normal values take in.
 PAIR_EXCLUDE_HU = 0.5
+#: Order of the shading field fitted to the mirror difference (:func:`_odd_basis`): x times
+#: the polynomials in x^2, y, z up to this order. Order 2 (7 fields) cannot follow a slow
+#: sinusoidal shading of the kind the synthetic scanner makes (a wave of 120-300 mm and up
+#: to 6 HU): on seed 10400's 30 normal scans the regions' mean evidence varied with SD 0.754
+#: HU and 94 of 594 regions read more than 1 HU off their mirror; order 3 (13 fields, below)
+#: 0.611 HU and 47; order 4 (22 fields) 0.588 HU and 43. Order 3 is not the default yet: it
+#: weakened the darkest-part signal of -4 HU x 30 % infarcts on seed 10100 (median z -2.03
+#: against -2.30) and was not measured through a refitted card (ASPECTS_RESULTS.md, 19th
+#: session); the bundled card is fitted with order 2.
+SHADING_ORDER = 2
+#: With an order above 2 the finer field is fitted only when the coarse fit (order 2, pairs
+#: left out as below) left out at most this share of the fit's tissue; beyond it (a large
+#: infarct) too little tissue pins the extra terms, and the coarse field is kept: -4 HU over
+#: M1-M6 of the code phantom leaves 55 % out, and an order-3 field then kept -0.6 to -2.1 HU
+#: of the drop (score 5 for 4) where order 2 keeps 2.6-2.9 HU. Normal synthetic scans leave
+#: 0-29 % out (seed 10400).
+FINE_SHADING_MAX_LEFT_OUT = 0.33
 #: Fewest tissue voxels a shading fit uses (fewer: no correction).
 MIN_FIT_VOXELS = 1000
 #: Tissue this close (mm) to dense voxels (calcification, blood, bone: more than
@@ -574,7 +591,10 @@ def robust_shading_steps(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray)
     A large infarct (a whole region or several) is a big share of the tissue and would
     pull the fit towards itself, halving its own evidence. After a fit, every left/right
     pair whose median corrected difference exceeds :data:`PAIR_EXCLUDE_HU` (an infarct,
-    or its mirror) is left out and the field is fitted again, twice at most.
+    or its mirror) is left out and the field is fitted again, twice at most. This is done
+    with the order-2 field; with :data:`SHADING_ORDER` above 2 the finer field is then fitted
+    the same way, unless the order-2 fit left out more than
+    :data:`FINE_SHADING_MAX_LEFT_OUT` of the tissue.
 
     Limit: an infarct of most of the MCA cortex of one side is most of the regions' tissue
     and the first fit takes part of it for shading: -4 HU over M1-M6 on the code phantom
@@ -582,22 +602,35 @@ def robust_shading_steps(raw: np.ndarray, fit_mask: np.ndarray, lab: np.ndarray)
     fit to the tissue outside the regions avoided that but let normal cortical regions
     vary twice as much (12 synthetic normal scans), so it is not used.
     """
-    basis = _odd_basis(raw.shape)
-    shade = shading_difference(raw, fit_mask, basis)
     mirrored = lab[..., ::-1]
     idx = np.flatnonzero(fit_mask & (lab > 0))
     lab_fit = lab.ravel()[idx]
-    left_out: List[int] = []
-    for _ in range(2):
-        yield
+
+    def standing_out(shade: np.ndarray) -> List[int]:
         corrected = (raw - shade).ravel()[idx]
         odd = [r for r in regions.REGIONS if (lab_fit == r.label).sum() > 50
                and abs(float(np.median(corrected[lab_fit == r.label]))) > PAIR_EXCLUDE_HU]
-        ids = sorted({r.label for r in odd} | {r.mirror_label for r in odd})
-        if ids == left_out:
-            break
-        left_out = ids
-        shade = shading_difference(raw, fit_mask & ~(np.isin(lab, ids) | np.isin(mirrored, ids)), basis)
+        return sorted({r.label for r in odd} | {r.mirror_label for r in odd})
+
+    def without(ids: List[int]) -> np.ndarray:
+        return fit_mask & ~(np.isin(lab, ids) | np.isin(mirrored, ids))
+
+    def fitted(basis: List[np.ndarray]) -> "steps.Steps[Tuple[np.ndarray, List[int]]]":
+        shade = shading_difference(raw, fit_mask, basis)
+        left_out: List[int] = []
+        for _ in range(2):
+            yield
+            ids = standing_out(shade)
+            if ids == left_out:
+                break
+            left_out = ids
+            shade = shading_difference(raw, without(ids), basis)
+        return shade, left_out
+
+    shade, left_out = yield from fitted(_odd_basis(raw.shape, 2))
+    if SHADING_ORDER <= 2 or without(left_out).sum() < (1.0 - FINE_SHADING_MAX_LEFT_OUT) * fit_mask.sum():
+        return shade
+    shade, _ = yield from fitted(_odd_basis(raw.shape, SHADING_ORDER))
     return shade
 
 
@@ -609,12 +642,13 @@ def _near_regions(mask: np.ndarray, mm: float) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [r] * 3)).astype(bool)
 
 
-def _odd_basis(shape: Tuple[int, int, int]) -> List[np.ndarray]:
-    """Smooth fields that change sign under the mirror flip (odd in x), scaled to ~1."""
+def _odd_basis(shape: Tuple[int, int, int], order: int = SHADING_ORDER) -> List[np.ndarray]:
+    """Smooth fields that change sign under the mirror flip (odd in x), scaled to ~1: x
+    times every monomial y^a z^b x^2c with a + b + 2c <= ``order`` (order 3: 13 fields)."""
     nz, ny, nx = shape
-    z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx),
-                          indexing="ij")
-    return [x * t for t in (1, y, z, y * y, z * z, y * z, x * x)]
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (nz, ny, nx)), indexing="ij")
+    return [x * y ** a * z ** b * (x * x) ** c for c in range(order // 2 + 1)
+            for a in range(order + 1) for b in range(order + 1) if a + b + 2 * c <= order]
 
 
 def shading_difference(raw: np.ndarray, tissue: np.ndarray,
@@ -892,6 +926,11 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
                          settings=settings)
 
 
+#: Settings added to :func:`measure_settings` after cards recorded their ``readout`` block,
+#: with the value every read-out had before: a card that does not name one was made with it.
+SETTINGS_BEFORE_RECORDED: Dict[str, Any] = {"shading_order": 2, "fine_shading_max_left_out": 0.33}
+
+
 def measure_settings() -> Dict[str, Any]:
     """The settings that change what a region's measures read (JSON values).
 
@@ -905,6 +944,7 @@ def measure_settings() -> Dict[str, Any]:
             "csf_gap_hu": CSF_GAP_HU, "dense_margin_mm": DENSE_MARGIN_MM, "dense_gap_hu": DENSE_GAP_HU,
             "spot_gap_hu": SPOT_GAP_HU, "spot_sigma_mm": SPOT_SIGMA_MM, "spot_margin_mm": SPOT_MARGIN_MM,
             "mirror_weight": MIRROR_WEIGHT, "shading_pair_exclude_hu": PAIR_EXCLUDE_HU,
+            "shading_order": SHADING_ORDER, "fine_shading_max_left_out": FINE_SHADING_MAX_LEFT_OUT,
             "voxel_drop_hu": VOXEL_DROP_HU, "dark_part_scales_mm": dict(DARK_PART_SCALES_MM),
             "dark_part_sigma_mm": DARK_PART_SIGMA_MM, "dark_part_percentile": DARK_PART_PERCENTILE,
             "low_shares": dict(LOW_SHARES), "min_measured_ml": MIN_MEASURED_ML}
@@ -915,8 +955,9 @@ def card_settings_mismatch(card: aspects_card.ReadoutCard) -> List[str]:
     card's ``readout`` block and :func:`measure_settings`; empty when they agree or the
     card does not record them (cards fitted before the block existed)."""
     here = json.loads(json.dumps(measure_settings()))   # the JSON form the card holds
-    return [f"{k}: {card.readout.get(k)!r} -> {v!r}" for k, v in here.items()
-            if card.readout and card.readout.get(k) != v]
+    said = {**SETTINGS_BEFORE_RECORDED, **card.readout}
+    return [f"{k}: {said.get(k)!r} -> {v!r}" for k, v in here.items()
+            if card.readout and said.get(k) != v]
 
 
 def warn_if_card_mismatch(card: aspects_card.ReadoutCard) -> None:
