@@ -544,8 +544,8 @@ def _region_box(mask: np.ndarray) -> Tuple[slice, ...]:
     """The bounding box of ``mask`` and one voxel around it: all a normalised convolution
     over ``mask`` needs. Its inputs are zero outside the mask and the recursive Gaussian
     carries a border value on as a constant, so a zero border equals unlimited zero
-    padding; a 3-sigma margin gave the same values bit for bit (seed 10100 scans) at about
-    1.6 times the read-out time."""
+    padding; a 3-sigma margin gave the same values bit for bit (seed 9700 and 10100 scans)
+    at 1.6-1.9 times the read-out time."""
     lo, hi = [], []
     for axis in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
@@ -642,9 +642,10 @@ def _near_regions(mask: np.ndarray, mm: float) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.BinaryDilate(img, [r] * 3)).astype(bool)
 
 
-def _odd_basis(shape: Tuple[int, int, int], order: int = SHADING_ORDER) -> List[np.ndarray]:
+def _odd_basis(shape: Tuple[int, int, int], order: int = 2) -> List[np.ndarray]:
     """Smooth fields that change sign under the mirror flip (odd in x), scaled to ~1: x
-    times every monomial y^a z^b x^2c with a + b + 2c <= ``order`` (order 3: 13 fields)."""
+    times every monomial y^a z^b x^2c with a + b + 2c <= ``order`` (order 2: 7 fields, the
+    coarse field :func:`robust_shading_steps` fits first; order 3: 13)."""
     nz, ny, nx = shape
     z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (nz, ny, nx)), indexing="ij")
     return [x * y ** a * z ** b * (x * x) ** c for c in range(order // 2 + 1)
