@@ -374,3 +374,24 @@ def test_the_finer_shading_field_is_not_fitted_around_a_large_infarct(case, monk
                       result.score("left"))
     assert kept["guarded"][0] < -2.0 and kept["guarded"][1] == 4, kept
     assert kept["unguarded"][0] > -1.0 and kept["unguarded"][1] > 4, kept
+
+
+def test_a_bilateral_drop_is_called_from_its_kind_only_when_marked(case, monkeypatch):
+    """Both M2 lowered: the mirror comparison sees nothing, the regions of their kind do.
+    7.5 HU (about -6.6 HU against the cortical median: the size a scanner shading wave gives
+    a whole part of the head) is not called since the bound is 8 HU (at 6 HU it was); 12 HU
+    is called."""
+    def both_lowered(drop: float) -> aspects.AspectsResult:
+        ct = case.ct
+        for side in ("left", "right"):
+            ct = phantom.lower_region(ct, case.labels_scan, regions.region("M2", side).label, drop)
+        return aspects.assess(ct, case.labels_scan, with_evidence_map=False)
+
+    assert aspects.EXPECTED_DROP_HU == 8.0
+    moderate = both_lowered(7.5)
+    assert -aspects.EXPECTED_DROP_HU < moderate.region("M2 left").measures["expected"] < -6.0
+    assert called(moderate) == []
+    monkeypatch.setattr(aspects, "EXPECTED_DROP_HU", 6.0)
+    assert sorted(called(both_lowered(7.5))) == ["M2 left", "M2 right"]
+    monkeypatch.undo()
+    assert sorted(called(both_lowered(12.0))) == ["M2 left", "M2 right"]
