@@ -9,8 +9,8 @@ and a haemorrhage leaves its region pair not assessed.
 from __future__ import annotations
 
 import json
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +43,18 @@ def _lowered(case, code: str, side: str, drop: float) -> sitk.Image:
     return phantom.lower_region(case.ct, case.labels_scan, regions.region(code, side).label, drop)
 
 
+def _offsets_mm(case) -> np.ndarray:
+    """(z, y, x, 3): each voxel's (x, y, z) offset in mm from the first voxel (the phantom's
+    grid is axis-aligned)."""
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in case.ct.GetSize()[::-1]], indexing="ij")
+    return np.stack([xx, yy, zz], -1) * np.array(case.ct.GetSpacing())
+
+
 def _ball(case, code: str, side: str, radius_mm: float) -> np.ndarray:
     """Voxels of the region within ``radius_mm`` of its centroid."""
     label = regions.region(code, side).label
     centre = aspects.region_centroids(case.labels_scan)[label]
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in case.ct.GetSize()[::-1]], indexing="ij")
-    phys = np.array(case.ct.GetOrigin()) + np.stack([xx, yy, zz], -1) * np.array(case.ct.GetSpacing())
+    phys = np.array(case.ct.GetOrigin()) + _offsets_mm(case)
     near = np.linalg.norm(phys - centre, axis=-1) <= radius_mm
     return near & (sitk.GetArrayFromImage(case.labels_scan) == label)
 
@@ -332,11 +338,9 @@ def test_a_region_box_of_one_voxel_around_gives_the_full_grid_values():
 def _with_shading_wave(case, amplitude_hu: float, wavelength_mm: float, direction, phase: float) -> sitk.Image:
     """The scan with a slow sinusoidal shading on its soft tissue (the synthetic scanner's kind)."""
     hu = _hu(case)
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in case.ct.GetSize()[::-1]], indexing="ij")
-    phys = np.stack([xx, yy, zz], -1) * np.array(case.ct.GetSpacing())
     k = 2 * np.pi / wavelength_mm * np.asarray(direction) / np.linalg.norm(direction)
     soft = (hu > 0) & (hu < 80)
-    return _image(case, np.where(soft, hu + amplitude_hu * np.sin(phys @ k + phase), hu))
+    return _image(case, np.where(soft, hu + amplitude_hu * np.sin(_offsets_mm(case) @ k + phase), hu))
 
 
 def test_the_finer_shading_field_follows_a_shading_wave(case, monkeypatch):
