@@ -111,6 +111,30 @@ def test_reasons_name_the_measures_that_push_the_call(dump):
     assert card.score("M2", {**values, "frac": None}) is None   # a missing measure: no score
 
 
+def test_a_missing_context_measure_counts_as_normal_and_the_reason_says_so():
+    """A region whose mirror comparison stands is scored when its comparison with its kind
+    is missing (the kind's median needs two measured regions of the kind; a scan cut at the
+    basal ganglia may hold one): that measure counts as normal for the region, the call
+    stands on the others and its reasons say what was left out. A missing mirror measure
+    still leaves the region unscored."""
+    card = aspects.bundled_card()
+    assert set(aspects_card.CONTEXT_MEASURES) <= set(card.features)
+    caudate = regions.region("C", "left")
+    normal = {f: card.normal["C"][f][0] for f in card.features}
+    dark = {**normal, **{f: card.normal["C"][f][0] - 4 * card.normal["C"][f][1] for f in ("mean", "dark")}}
+    without_kind = {**dark, "expected": None}
+    assert card.score("C", without_kind) == pytest.approx(card.score("C", dark))
+    assert card.score("C", without_kind) >= card.threshold
+    assert card.score("C", {**dark, "mean": None}) is None
+    assert card.score("C", {**dark, "expected": None, "gw_loss": None}) is None   # a sliver of a mirror
+    me = {"ml": 1.0, "ev": np.full(200, dark["mean"]), "gw": 8.0, "dense_ml": 0.0,
+          **{name: dark["dark"] for name in aspects.DARK_PART_SCALES_MM}}
+    call = aspects.call_region(caudate, me, {"ml": 1.0, "gw": 8.0, "dense_ml": 0.0}, None, card)
+    assert call.measures["expected"] is None and call.called
+    assert any(why.startswith("scored without the comparison with the other deep grey regions")
+               for why in call.reasons)
+
+
 def test_a_wider_spread_than_the_mirror_is_read_as_such():
     """A card that weighs a negative grey/white measure as evidence (as the fitted ones do:
     part of the region darker widens its spread) names it as a wider spread, not as a

@@ -788,6 +788,13 @@ def _below_its_kind(expected: Optional[float]) -> bool:
     return expected is not None and expected <= -EXPECTED_DROP_HU
 
 
+#: How a reason names a context measure (:data:`aspects_card.CONTEXT_MEASURES`) that could
+#: not be measured for a region.
+_CONTEXT_WORDS: Dict[str, str] = {
+    "expected": "the comparison with the other {kind} regions (fewer than two of them measured)",
+}
+
+
 def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
                 card: aspects_card.ReadoutCard) -> RegionCall:
     """The evidence of one region, its call score and call, with the reasons in words."""
@@ -809,6 +816,10 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
                            + "; ".join(card.reasons(r.code, values) or ["several small differences together"]))
         if _below_its_kind(expected):
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
+        unmeasured = [_CONTEXT_WORDS[f].format(kind=KIND_OF_CODE[r.code]) for f in card.missing(values)
+                      if f in aspects_card.CONTEXT_MEASURES and score is not None]
+        if unmeasured:
+            reasons.append(f"scored without {' and '.join(unmeasured)}, counted as normal")
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
             reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")

@@ -59,6 +59,15 @@ NEGATIVE_READING: Dict[str, str] = {
 }
 #: A measure's contribution (weight x z) at least this large is named as a reason.
 REASON_CONTRIBUTION = 0.75
+#: Measures that compare a region with something other than its mirror region, so they can
+#: be missing while the mirror comparison stands: "expected" needs two measured regions of
+#: the region's kind (a scan cut at the basal ganglia may hold one). A missing one counts as
+#: normal for the region (z = 0) instead of leaving the region unscored: a caudate 5.5 HU
+#: darker than its mirror was left uncalled for want of a second deep nucleus (synthetic seed
+#: 9600, case 27). Any other missing measure leaves the region without a score: "gw_loss" is
+#: missing when the mirror region holds almost no tissue, and a comparison with a sliver
+#: called the same normal region in all ten read-outs of one scan (seed 10300, case 5).
+CONTEXT_MEASURES: Tuple[str, ...] = ("expected",)
 
 
 @dataclass(frozen=True)
@@ -88,16 +97,33 @@ class ReadoutCard:
             out[f] = (v - median) / sd
         return out
 
+    def missing(self, values: Mapping[str, Optional[float]]) -> Tuple[str, ...]:
+        """The card's measures that ``values`` lacks (None or not finite)."""
+        return tuple(f for f in self.features if values.get(f) is None or not math.isfinite(values[f]))
+
+    def scored_values(self, code: str, values: Mapping[str, Optional[float]]
+                      ) -> Optional[Dict[str, Optional[float]]]:
+        """``values`` with each missing :data:`CONTEXT_MEASURES` set to its normal median
+        for ``code``; None when another measure is missing (the region is not scored)."""
+        lacking = self.missing(values)
+        if any(f not in CONTEXT_MEASURES for f in lacking):
+            return None
+        return {**values, **{f: self.normal[code][f][0] for f in lacking}}
+
     def score(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[float]:
-        """The call score (log-odds) of a region; None when a measure is missing."""
-        z = self.z_values(code, values)
+        """The call score (log-odds) of a region; None when a measure other than a
+        :data:`CONTEXT_MEASURES` one is missing."""
+        scored = self.scored_values(code, values)
+        z = None if scored is None else self.z_values(code, scored)
         if z is None:
             return None
         return self.bias + sum(self.weights[f] * z[f] for f in self.features)
 
     def reasons(self, code: str, values: Mapping[str, Optional[float]]) -> List[str]:
-        """The measures that push the score up most, in words with their normal range."""
-        z = self.z_values(code, values) or {}
+        """The measures that push the score up most, in words with their normal range (a
+        missing context measure counts as normal, so it is never one of them)."""
+        scored = self.scored_values(code, values)
+        z = (self.z_values(code, scored) if scored is not None else None) or {}
         pushes = sorted(((self.weights[f] * z[f], f) for f in z), reverse=True)
         out = []
         for contribution, f in pushes:
