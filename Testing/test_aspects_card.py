@@ -133,6 +133,10 @@ def test_a_missing_context_measure_counts_as_normal_and_the_reason_says_so():
     assert call.measures["expected"] is None and call.called
     assert any(why.startswith("scored without the comparison with the other deep grey regions")
                for why in call.reasons)
+    sliver = aspects.call_region(caudate, me, {"ml": 0.01, "gw": None, "dense_ml": 0.0}, None, card)
+    assert sliver.call_score is None and not sliver.called
+    assert any(why.startswith("not scored: the mirror region holds almost no measured tissue (0.01 ml)")
+               for why in sliver.reasons)
 
 
 def test_a_wider_spread_than_the_mirror_is_read_as_such():

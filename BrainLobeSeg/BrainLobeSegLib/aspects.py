@@ -820,6 +820,9 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
                       if f in aspects_card.CONTEXT_MEASURES and score is not None]
         if unmeasured:
             reasons.append(f"scored without {' and '.join(unmeasured)}, counted as normal")
+        if score is None:
+            reasons.append(f"not scored: the mirror region holds almost no measured tissue ({mirror['ml']:.2f} ml), "
+                           "nothing to compare with: read the images")
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
             reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")
