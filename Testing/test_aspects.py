@@ -285,9 +285,12 @@ def test_rescoring_a_dump_calls_what_the_read_out_called(case, tmp_path, capsys)
     dump = tmp_path / "dump.json"
     dump.write_text(json.dumps([{"case": "0", "drop": d, "extent": e, "truth": truth,
                                  "regions": aspects_bench.features(res)} for res, truth, d, e in runs]))
+    card = aspects.bundled_card()
     for res, _, _, _ in runs:
+        centre = aspects.scan_centre(card, {r.label: r.measures for r in res.regions})
+        assert centre == pytest.approx(res.settings["scan_centre"], abs=1e-4)
         for r in res.regions:
-            assert aspects.call_of_values(r.code, r.measures, aspects.bundled_card()) == (r.call_score, r.called)
+            assert aspects.call_of_values(r.code, r.measures, card, centre) == (r.call_score, r.called)
     assert aspects_bench.main(["--rescore", str(dump), "--drops", "-6", "--extents", "1"]) == 0
     out = capsys.readouterr().out
     assert "| -6 | 100 % | 1.000 | 1.000 | 1.000 | 1.000 |" in out

@@ -77,6 +77,44 @@ def test_fitted_card_calls_darker_regions_and_keeps_its_specificity(dump, tmp_pa
         aspects_fit.write_card(card, out, overwrite=False)
 
 
+def test_a_centred_card_reads_each_measure_against_the_scans_own_offset(dump, tmp_path):
+    """Noise pulls the darkest-part measures of every region of a scan the same way; a
+    centred card takes each measure less the scan's offset (the median over its regions of
+    value minus normal median), so a scan whose regions all read 1.5 HU darker scores as
+    before and its infarcted region stays the one called, while a plain card calls more.
+    The flag round-trips through the card file; a version-1 card reads as plain."""
+    rows = aspects_fit.load_rows([dump], FEATURES)
+    centred = aspects_fit.fit_card(rows, FEATURES, specificity=0.98)
+    plain = aspects_fit.fit_card(rows, FEATURES, specificity=0.98, centre=False)
+    assert centred.centred and not plain.centred
+    assert centred.normal["M2"]["dark"][0] == plain.normal["M2"]["dark"][0]   # the centring's reference
+    code = {r.label: r.code for r in regions.REGIONS}
+    scan = next(rec for rec in _records(10, 5) if rec["drop"] == -4.0)
+    pulled = [{**reg, "measures": {**reg["measures"], "dark": reg["measures"]["dark"] - 1.5}}
+              for reg in scan["regions"]]
+
+    def calls(card, regs):
+        centre = card.scan_centre((code[reg["label"]], reg["measures"]) for reg in regs)
+        scores = {reg["label"]: card.score(code[reg["label"]], reg["measures"], centre) for reg in regs}
+        return centre, scores, {lab for lab, v in scores.items() if v >= card.threshold}
+
+    centre, scores, called = calls(centred, scan["regions"])
+    centre_pulled, scores_pulled, called_pulled = calls(centred, pulled)
+    assert centre_pulled["dark"] == pytest.approx(centre["dark"] - 1.5)
+    assert scores_pulled == pytest.approx(scores) and called_pulled == called and set(scan["truth"]) <= called
+    assert len(calls(plain, pulled)[2]) > len(calls(plain, scan["regions"])[2])
+    out = tmp_path / "card.json"
+    aspects_fit.write_card(centred, out, overwrite=False)
+    back = aspects_card.load_card(out)
+    assert back.centred and calls(back, pulled)[1] == pytest.approx(scores, abs=1e-3)
+    data = centred.to_json()
+    assert aspects_card.card_from_json({**data, "version": 1}).centred is False
+    with pytest.raises(ValueError, match="reads versions 1, 2"):
+        aspects_card.card_from_json({**data, "version": 3})
+    with pytest.raises(TypeError, match="centred"):
+        aspects_card.card_from_json({**data, "centred": "yes"})
+
+
 def test_unmeasured_target_regions_count_as_missed_in_the_fit(tmp_path):
     """A target region without its measures (too little tissue) is left out of the fit but
     has no call score, so the card's fit sensitivity counts it as missed instead of quietly
@@ -121,16 +159,19 @@ def test_a_missing_context_measure_counts_as_normal_and_the_reason_says_so():
     assert set(aspects_card.CONTEXT_MEASURES) <= set(card.features)
     caudate = regions.region("C", "left")
     normal = {f: card.normal["C"][f][0] for f in card.features}
-    dark = {**normal, **{f: card.normal["C"][f][0] - 4 * card.normal["C"][f][1] for f in ("mean", "dark")}}
+    dark = {**normal, **{f: card.normal["C"][f][0] - 4 * card.normal["C"][f][1]
+                         for f in ("mean", "dark", "dark12", "low30", "low60")},
+            "frac": card.normal["C"]["frac"][0] + 4 * card.normal["C"]["frac"][1]}
     without_kind = {**dark, "expected": None}
     assert card.score("C", without_kind) == pytest.approx(card.score("C", dark))
-    assert card.score("C", without_kind) >= card.threshold
     assert card.score("C", {**dark, "mean": None}) is None
     assert card.score("C", {**dark, "expected": None, "gw_loss": None}) is None   # a sliver of a mirror
-    me = {"ml": 1.0, "ev": np.full(200, dark["mean"]), "gw": 8.0, "dense_ml": 0.0,
-          **{name: dark["dark"] for name in aspects.DARK_PART_SCALES_MM}}
+    me = {"ml": 1.0, "ev": np.full(200, -5.0), "gw": 8.0, "dense_ml": 0.0,   # 5 HU darker than its mirror
+          **{name: -5.0 for name in aspects.DARK_PART_SCALES_MM}}
     call = aspects.call_region(caudate, me, {"ml": 1.0, "gw": 8.0, "dense_ml": 0.0}, None, card)
-    assert call.measures["expected"] is None and call.called
+    assert call.measures["expected"] is None and call.call_score is not None
+    as_normal = {**call.measures, "expected": card.normal["C"]["expected"][0]}
+    assert call.call_score == pytest.approx(card.score("C", as_normal))
     assert any(why.startswith("scored without the comparison with the other deep grey regions")
                for why in call.reasons)
     sliver = aspects.call_region(caudate, me, {"ml": 0.01, "gw": None, "dense_ml": 0.0}, None, card)
@@ -190,6 +231,10 @@ def test_the_card_records_the_read_out_settings_of_its_dumps(tmp_path):
     assert done.returncode == 0, done.stderr
     card = aspects_card.load_card(out)
     assert card.readout == json.loads(json.dumps(settings)) and aspects.card_settings_mismatch(card) == []
+    older = tmp_path / "older.json"   # made before a setting was recorded, with the value it names
+    before = {k: v for k, v in settings.items() if k not in aspects.SETTINGS_BEFORE_RECORDED}
+    older.write_text(json.dumps([{**rec, "settings": before} for rec in recs]))
+    assert aspects_fit.dump_settings(aspects_fit.read_dumps([same, older])) == json.loads(json.dumps(settings))
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**rec, "settings": {**settings, "csf_margin_mm": 1.5}} for rec in recs]))
     with pytest.raises(InputError, match="2 different read-out settings"):

@@ -768,15 +768,16 @@ def dense_pair_ml(me: dict, mirror: dict) -> Optional[float]:
     return most if most >= DENSE_LESION_ML else None
 
 
-def call_of_values(code: str, values: Dict[str, Optional[float]],
-                   card: aspects_card.ReadoutCard) -> Tuple[Optional[float], bool]:
+def call_of_values(code: str, values: Dict[str, Optional[float]], card: aspects_card.ReadoutCard,
+                   centre: Optional[Dict[str, float]] = None) -> Tuple[Optional[float], bool]:
     """(call score, called) of a region with these :func:`region_values`: the card's score
     from its threshold on, or a mean this far below its kind (:data:`EXPECTED_DROP_HU`).
-    The one place the call is decided, so a benchmark re-scoring dumped values with
-    another card calls exactly what a read-out would."""
+    ``centre``: the scan's offsets (:func:`scan_centre`), for a centred card. The one place
+    the call is decided, so a benchmark re-scoring dumped values with another card calls
+    exactly what a read-out would."""
     if values.get("mean") is None:
         return None, False      # too little tissue measured
-    score = card.score(code, values)
+    score = card.score(code, values, centre)
     return score, _score_calls(score, card) or _below_its_kind(values.get("expected"))
 
 
@@ -795,9 +796,16 @@ _CONTEXT_WORDS: Dict[str, str] = {
 }
 
 
+def scan_centre(card: aspects_card.ReadoutCard, values: Dict[int, Dict[str, Optional[float]]]) -> Dict[str, float]:
+    """The scan's offset of each measure for a centred ``card`` ({} otherwise): ``values``
+    maps every region's label to its :func:`region_values` (``aspects_card.scan_centre``)."""
+    return card.scan_centre((regions.REGION_BY_LABEL[label].code, v) for label, v in values.items())
+
+
 def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[float],
-                card: aspects_card.ReadoutCard) -> RegionCall:
-    """The evidence of one region, its call score and call, with the reasons in words."""
+                card: aspects_card.ReadoutCard, centre: Optional[Dict[str, float]] = None) -> RegionCall:
+    """The evidence of one region, its call score and call, with the reasons in words
+    (``centre``: the scan's offsets, :func:`scan_centre`)."""
     ml = GRID_MM ** 3 / 1000.0
     dense = dense_pair_ml(me, mirror)
     measured = me["ml"] >= MIN_MEASURED_ML and dense is None
@@ -810,10 +818,10 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
         hit = ev <= -VOXEL_DROP_HU
         frac, aff_ml = values["frac"], float(hit.sum() * ml)
         drop = float(np.median(ev[hit])) if hit.any() else 0.0
-        score, called = call_of_values(r.code, values, card)
+        score, called = call_of_values(r.code, values, card, centre)
         if _score_calls(score, card):
             reasons.append(f"call score {score:.1f} (called from {card.threshold:.1f}): "
-                           + "; ".join(card.reasons(r.code, values) or ["several small differences together"]))
+                           + "; ".join(card.reasons(r.code, values, centre) or ["several small differences together"]))
         if _below_its_kind(expected):
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
         unmeasured = [_CONTEXT_WORDS[f].format(kind=KIND_OF_CODE[r.code]) for f in card.missing(values)
@@ -930,7 +938,9 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
         [m for m in aspects_card.measure_names(card, ("dark",)) if m in DARK_PART_SCALES_MM]
     measures = yield from _region_measures_steps(maps, dark_parts)
     expected = _expected_diffs(measures)
-    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label], card)
+    centre = scan_centre(card, {r.label: region_values(measures[r.label], measures[r.mirror_label], expected[r.label])
+                                for r in regions.REGIONS})
+    calls = [call_region(r, measures[r.label], measures[r.mirror_label], expected[r.label], card, centre)
              for r in regions.REGIONS]
     if side is None:
         side, reason = propose_side(calls)
@@ -941,6 +951,7 @@ def read_out_steps(maps: EvidenceMaps, side: Optional[str] = None,
     settings = {**measure_settings(), "expected_drop_hu": EXPECTED_DROP_HU,
                 "card": card.source, "card_measures": list(card.features),
                 "card_threshold": card.threshold, "card_trained_on": card.trained_on.get("summary", ""),
+                "card_centred": card.centred, "scan_centre": {f: round(v, 4) for f, v in centre.items()},
                 "card_readout": ("not recorded in the card" if not card.readout
                                  else "differs from this engine's" if mismatch else "matches"),
                 "card_readout_mismatch": mismatch}

@@ -5,8 +5,19 @@ turned into a z-value against what normal scans show *for that region* (a deep n
 of 4 ml differs more between normal hemispheres than a cortical region of 30 ml, so the
 same HU means less there)::
 
-    z_f   = (value_f - normal_median[code][f]) / normal_sd[code][f]
+    z_f   = (value_f - centre_f - normal_median[code][f]) / normal_sd[code][f]
     score = bias + sum_f weight_f * z_f          (log-odds; called when >= threshold)
+
+``centre_f`` is zero unless the card is *centred* (``"centred": true``, format version 2):
+then it is the scan's own darkening of the measure, the median over the read-out's scored
+regions of ``value_f - normal_median[code][f]``, kept only on the darker side
+(:func:`scan_centre`). Noise and cortical texture pull the tail measures (darkest part,
+darkest share, share >= 2 HU darker) of every region of a scan the same way, on both sides;
+an infarct lowers its region's values and raises its mirror region's about as much, so the
+median over the 20 regions stays near the scan's offset even when many regions are
+infarcted. One-sided, so that a scan quieter than the fitted ones (a noise-free phantom)
+is never read as darker than a plain card reads it. A centred card is fitted on measures
+centred the same way (``aspects_fit``).
 
 The card is plain JSON (``Resources/ASPECTS/readout-card.json``), written by
 ``python -m training aspects_fit`` from ``Testing/benchmarks/aspects_bench.py --dump``
@@ -26,14 +37,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import regions
 from .errors import InputError
 from .resources import bundled_dir
 
 FORMAT = "brainlobeseg-aspects-card"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this engine reads: 1 (before centring; read as not centred) and 2.
+READABLE_VERSIONS = (1, 2)
 CARD_FILE = "readout-card.json"
 
 #: Every measure a card may use: name -> how a reader says it (``{v}``: the value, HU
@@ -57,6 +70,8 @@ MEASURES: Dict[str, str] = {
 NEGATIVE_READING: Dict[str, str] = {
     "gw_loss": "density spread {v:.1f} HU wider than the mirror side (part of it darker)",
 }
+#: Measures for which a higher value means darker (the rest: lower means darker).
+HIGHER_IS_DARKER: Tuple[str, ...] = ("frac",)
 #: A measure's contribution (weight x z) at least this large is named as a reason.
 REASON_CONTRIBUTION = 0.75
 #: Measures that compare a region with something other than its mirror region, so they can
@@ -85,6 +100,13 @@ class ReadoutCard:
     #: The read-out settings the fitted measures were made with (``aspects.measure_settings``);
     #: empty in cards written before it was recorded.
     readout: Dict[str, Any] = field(default_factory=dict)
+    #: Whether each measure is taken less the scan's own offset (:func:`scan_centre`).
+    centred: bool = False
+
+    def scan_centre(self, scored: Iterable[Tuple[str, Mapping[str, Optional[float]]]]) -> Dict[str, float]:
+        """The scan's offset of each measure for this card ({} unless it is centred):
+        ``scored`` is (region code, measures) of every region of one read-out."""
+        return scan_centre(self.normal, self.features, scored) if self.centred else {}
 
     def z_values(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[Dict[str, float]]:
         """The measures as z-values for a region of ``code``; None if one is missing."""
@@ -101,28 +123,35 @@ class ReadoutCard:
         """The card's measures that ``values`` lacks (None or not finite)."""
         return tuple(f for f in self.features if values.get(f) is None or not math.isfinite(values[f]))
 
-    def scored_values(self, code: str, values: Mapping[str, Optional[float]]
-                      ) -> Optional[Dict[str, Optional[float]]]:
-        """``values`` with each missing :data:`CONTEXT_MEASURES` set to its normal median
-        for ``code``; None when another measure is missing (the region is not scored)."""
+    def scored_values(self, code: str, values: Mapping[str, Optional[float]],
+                      centre: Optional[Mapping[str, float]] = None) -> Optional[Dict[str, Optional[float]]]:
+        """``values`` less the scan's ``centre`` (:meth:`scan_centre`), with each missing
+        :data:`CONTEXT_MEASURES` set to its normal median for ``code``; None when another
+        measure is missing (the region is not scored)."""
         lacking = self.missing(values)
         if any(f not in CONTEXT_MEASURES for f in lacking):
             return None
-        return {**values, **{f: self.normal[code][f][0] for f in lacking}}
+        centre = centre or {}
+        return {**values, **{f: values[f] - centre.get(f, 0.0) for f in self.features if f not in lacking},
+                **{f: self.normal[code][f][0] for f in lacking}}
 
-    def score(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[float]:
+    def score(self, code: str, values: Mapping[str, Optional[float]],
+              centre: Optional[Mapping[str, float]] = None) -> Optional[float]:
         """The call score (log-odds) of a region; None when a measure other than a
-        :data:`CONTEXT_MEASURES` one is missing."""
-        scored = self.scored_values(code, values)
+        :data:`CONTEXT_MEASURES` one is missing. ``centre``: the scan's offsets
+        (:meth:`scan_centre`; needed for a centred card's calls)."""
+        scored = self.scored_values(code, values, centre)
         z = None if scored is None else self.z_values(code, scored)
         if z is None:
             return None
         return self.bias + sum(self.weights[f] * z[f] for f in self.features)
 
-    def reasons(self, code: str, values: Mapping[str, Optional[float]]) -> List[str]:
+    def reasons(self, code: str, values: Mapping[str, Optional[float]],
+                centre: Optional[Mapping[str, float]] = None) -> List[str]:
         """The measures that push the score up most, in words with their normal range (a
-        missing context measure counts as normal, so it is never one of them)."""
-        scored = self.scored_values(code, values)
+        missing context measure counts as normal, so it is never one of them). With a
+        centred card the normal range is this scan's: shifted by its offset."""
+        scored = self.scored_values(code, values, centre)
         z = (self.z_values(code, scored) if scored is not None else None) or {}
         pushes = sorted(((self.weights[f] * z[f], f) for f in z), reverse=True)
         out = []
@@ -130,16 +159,39 @@ class ReadoutCard:
             if contribution < REASON_CONTRIBUTION:
                 break
             median, sd = self.normal[code][f]
-            out.append(f"{_reading(f, values[f])} (normal for this region "
-                       f"{_plain(f, median)} +/- {_plain(f, sd, sign=False)})")
+            where = "this region on this scan" if (centre or {}).get(f) else "this region"
+            out.append(f"{_reading(f, values[f])} (normal for {where} "
+                       f"{_plain(f, median + (centre or {}).get(f, 0.0))} +/- {_plain(f, sd, sign=False)})")
         return out
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "features": list(self.features),
                 "normal": {c: {f: list(v) for f, v in m.items()} for c, m in self.normal.items()},
                 "weights": dict(self.weights), "bias": self.bias, "threshold": self.threshold,
-                "trained_on": self.trained_on, "fit": self.fit,
+                "trained_on": self.trained_on, "fit": self.fit, "centred": self.centred,
                 **({"readout": self.readout} if self.readout else {})}
+
+
+def scan_centre(normal: Mapping[str, Mapping[str, Tuple[float, float]]], features: Sequence[str],
+                scored: Iterable[Tuple[str, Mapping[str, Optional[float]]]]) -> Dict[str, float]:
+    """Per measure, the median over the regions that have every one of ``features`` of
+    (value - ``normal`` median for the region's code), kept only where it is on the darker
+    side (:data:`HIGHER_IS_DARKER`), else 0.0: the scan's own darkening of each measure
+    (module docstring). One formula for the read-out and the fit (``aspects_fit``); 0.0 for
+    a measure when no region has them all."""
+    offsets: Dict[str, List[float]] = {f: [] for f in features}
+    for code, values in scored:
+        if all(values.get(f) is not None and math.isfinite(values[f]) for f in features):
+            for f in features:
+                offsets[f].append(values[f] - normal[code][f][0])
+    centre = {f: _median(v) if v else 0.0 for f, v in offsets.items()}
+    return {f: max(c, 0.0) if f in HIGHER_IS_DARKER else min(c, 0.0) for f, c in centre.items()}
+
+
+def _median(v: List[float]) -> float:
+    v = sorted(v)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
 
 def _reading(measure: str, v: float) -> str:
@@ -183,8 +235,13 @@ def card_from_json(data: Any, source: str = "") -> ReadoutCard:
     """A card from its JSON; raises KeyError/TypeError/ValueError with what is wrong."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"format is not {FORMAT!r}")
-    if data.get("version") != FORMAT_VERSION:
-        raise ValueError(f"version {data.get('version')!r}, this engine reads version {FORMAT_VERSION}")
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"version {version!r}, this engine reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
+    centred = data["centred"] if version >= 2 else False
+    if not isinstance(centred, bool):
+        raise TypeError(f"centred is {centred!r}, not true or false")
     features = tuple(str(f) for f in data["features"])
     unknown = [f for f in features if f not in MEASURES]
     if not features or unknown:
@@ -203,7 +260,8 @@ def card_from_json(data: Any, source: str = "") -> ReadoutCard:
     if not isinstance(readout, dict):
         raise TypeError("readout is not a mapping of setting names to values")
     return ReadoutCard(features, normal, weights, _number(data["bias"]), _number(data["threshold"]),
-                       dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source, dict(readout))
+                       dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source, dict(readout),
+                       centred)
 
 
 def _number(v: Any) -> float:

@@ -222,9 +222,10 @@ def rescore(dumps: Sequence[Path], card: aspects_card.ReadoutCard, drops, extent
     runs = 0
     for path in dumps:
         for rec in json.loads(path.read_text()):
+            centre = aspects.scan_centre(card, {reg["label"]: reg["measures"] for reg in rec["regions"]})
             called = {reg["label"] for reg in rec["regions"]
                       if aspects.call_of_values(regions.REGION_BY_LABEL[reg["label"]].code,
-                                                reg["measures"], card)[1]}
+                                                reg["measures"], card, centre)[1]}
             runs += 1
             if not rec["truth"]:
                 normal.add(set(), called, 10, 10)
