@@ -20,7 +20,7 @@ The fit, and why:
    (``aspects_card.scan_centre``); the card keeps the
    normal medians (the centring uses them) and the SDs of the centred normal values. Noise
    and texture shift the tail measures of all regions of a scan alike; leaving one set out
-   over eight synthetic sets, centring raised the target sensitivity by 0.005-0.013 at
+   over eight synthetic sets, centring raised the mean target sensitivity by 0.006-0.010 at
    each operating point (ASPECTS_RESULTS.md, twentieth session).
 4. *Threshold*: the score that the given share (``--specificity``) of the unaffected
    regions stays below. Chosen a little stricter than the target so that new scans,

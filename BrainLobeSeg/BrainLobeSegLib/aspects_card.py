@@ -100,7 +100,7 @@ class ReadoutCard:
     #: The read-out settings the fitted measures were made with (``aspects.measure_settings``);
     #: empty in cards written before it was recorded.
     readout: Dict[str, Any] = field(default_factory=dict)
-    #: Whether each measure is taken less the scan's own offset (:func:`scan_centre`).
+    #: Whether each measure is taken less the scan's own darkening (:func:`scan_centre`).
     centred: bool = False
 
     def scan_centre(self, scored: Iterable[Tuple[str, Mapping[str, Optional[float]]]]) -> Dict[str, float]:
