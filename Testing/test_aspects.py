@@ -152,6 +152,23 @@ def test_an_infarct_of_several_regions_is_not_taken_for_scanner_shading(case, co
     assert all(result.region(f"{code} left").diff_to_mirror_hu < -kept_hu for code in codes)
 
 
+def test_a_whole_side_infarct_is_not_taken_for_the_scans_own_darkening(case):
+    """-4 HU over all ten regions of one side: the read-out takes each measure less the
+    scan's own darkening (a centred card), which must not come from the infarct. Its mirror
+    regions read a share of darker tissue near zero, not below normal, so with every region
+    counted the median share rose by 0.19 and one region was no longer called; regions whose
+    mean differs from the mirror's by more than 1.5 HU do not count, and all ten are called."""
+    assert aspects.bundled_card().centred
+    ct = case.ct
+    for r in regions.REGIONS:
+        if r.side == "left":
+            ct = phantom.lower_region(ct, case.labels_scan, r.label, 4.0)
+    result = aspects.assess(ct, case.labels_scan, with_evidence_map=False)
+    assert sorted(called(result)) == sorted(r.segment_name for r in regions.REGIONS if r.side == "left")
+    assert result.score("left") == 0 and result.score("right") == 10
+    assert result.settings["scan_centre"]["frac"] == 0.0
+
+
 def test_calcification_is_not_early_ischaemia(case):
     hu = _hu(case)
     hu[_ball(case, "L", "left", 4.0)] = 250.0

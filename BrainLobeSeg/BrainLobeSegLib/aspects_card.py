@@ -72,6 +72,12 @@ NEGATIVE_READING: Dict[str, str] = {
 }
 #: Measures for which a higher value means darker (the rest: lower means darker).
 HIGHER_IS_DARKER: Tuple[str, ...] = ("frac",)
+#: Regions whose mean differs from the mirror region's by more than this (HU) do not count
+#: towards the scan's darkening (:func:`scan_centre`): an infarct lowers its region and leaves
+#: its mirror's share of darker tissue near zero, not below normal, so a large one would move
+#: the median of that share (-4 HU over all ten regions of one side of the code phantom: +0.19,
+#: one region less called).
+CENTRE_MAX_MEAN_HU = 1.5
 #: A measure's contribution (weight x z) at least this large is named as a reason.
 REASON_CONTRIBUTION = 0.75
 #: Measures that compare a region with something other than its mirror region, so they can
@@ -174,13 +180,17 @@ class ReadoutCard:
 
 def scan_centre(normal: Mapping[str, Mapping[str, Tuple[float, float]]], features: Sequence[str],
                 scored: Iterable[Tuple[str, Mapping[str, Optional[float]]]]) -> Dict[str, float]:
-    """Per measure, the median over the regions that have every one of ``features`` of
-    (value - ``normal`` median for the region's code), kept only where it is on the darker
+    """Per measure, the median over the regions that have every one of ``features`` and a
+    mean within :data:`CENTRE_MAX_MEAN_HU` of their mirror's, of (value - ``normal`` median
+    for the region's code), kept only where it is on the darker
     side (:data:`HIGHER_IS_DARKER`), else 0.0: the scan's own darkening of each measure
     (module docstring). One formula for the read-out and the fit (``aspects_fit``); 0.0 for
     a measure when no region has them all."""
     offsets: Dict[str, List[float]] = {f: [] for f in features}
     for code, values in scored:
+        mean = values.get("mean")
+        if mean is None or abs(mean) > CENTRE_MAX_MEAN_HU:
+            continue   # an infarct (or its mirror): not the scan's own darkening
         if all(values.get(f) is not None and math.isfinite(values[f]) for f in features):
             for f in features:
                 offsets[f].append(values[f] - normal[code][f][0])
