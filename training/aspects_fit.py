@@ -15,8 +15,8 @@ The fit, and why:
    more over at least 30 % of a region count as positives (issue 16's target condition):
    a -2 HU or 10 % infarct is left out of the fit rather than taught as normal.
 3. *Centring* (default; ``--no-centre`` for a plain card): each measure is taken less the
-   scan's own darkening, the median over the read-out's regions of its value less the
-   normal median of the region's code, kept on the darker side only
+   scan's own darkening, the median over the read-out's regions (within 1.5 HU of their
+   mirror) of its value less the normal median of the region's code, kept on the darker side only
    (``aspects_card.scan_centre``); the card keeps the
    normal medians (the centring uses them) and the SDs of the centred normal values. Noise
    and texture shift the tail measures of all regions of a scan alike; leaving one set out
