@@ -10,12 +10,12 @@ same HU means less there)::
 
 ``centre_f`` is zero unless the card is *centred* (``"centred": true``, format version 2):
 then it is the scan's own darkening of the measure, the median over the read-out's scored
-regions of ``value_f - normal_median[code][f]``, kept only on the darker side
-(:func:`scan_centre`). Noise and cortical texture pull the tail measures (darkest part,
-darkest share, share >= 2 HU darker) of every region of a scan the same way, on both sides;
-an infarct lowers its region's values and raises its mirror region's about as much, so the
-median over the 20 regions stays near the scan's offset even when many regions are
-infarcted. One-sided, so that a scan quieter than the fitted ones (a noise-free phantom)
+regions within :data:`CENTRE_MAX_MEAN_HU` of their mirror of
+``value_f - normal_median[code][f]``, kept only on the darker side (:func:`scan_centre`).
+Noise and cortical texture pull the tail measures (darkest part, darkest share, share
+>= 2 HU darker) of every region of a scan the same way, on both sides; an infarct's regions
+and their mirrors differ by more than that bound and do not count, so the median stays near
+the scan's own darkening even when many regions are infarcted. One-sided, so that a scan quieter than the fitted ones (a noise-free phantom)
 is never read as darker than a plain card reads it. A centred card is fitted on measures
 centred the same way (``aspects_fit``).
 
