@@ -15,9 +15,9 @@ regions within :data:`CENTRE_MAX_MEAN_HU` of their mirror of
 Noise and cortical texture pull the tail measures (darkest part, darkest share, share
 >= 2 HU darker) of every region of a scan the same way, on both sides; an infarct's regions
 and their mirrors differ by more than that bound and do not count, so the median stays near
-the scan's own darkening even when many regions are infarcted. One-sided, so that a scan quieter than the fitted ones (a noise-free phantom)
-is never read as darker than a plain card reads it. A centred card is fitted on measures
-centred the same way (``aspects_fit``).
+the scan's own darkening even when many regions are infarcted. One-sided, so that a scan
+quieter than the fitted ones (a noise-free phantom) is never read as darker than a plain
+card reads it. A centred card is fitted on measures centred the same way (``aspects_fit``).
 
 The card is plain JSON (``Resources/ASPECTS/readout-card.json``), written by
 ``python -m training aspects_fit`` from ``Testing/benchmarks/aspects_bench.py --dump``
