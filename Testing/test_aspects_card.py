@@ -231,10 +231,10 @@ def test_the_card_records_the_read_out_settings_of_its_dumps(tmp_path):
     assert done.returncode == 0, done.stderr
     card = aspects_card.load_card(out)
     assert card.readout == json.loads(json.dumps(settings)) and aspects.card_settings_mismatch(card) == []
-    older = tmp_path / "older.json"   # made before a setting was recorded, with the value it names
+    older_dump = tmp_path / "older.json"   # made before a setting was recorded, with the value it names
     before = {k: v for k, v in settings.items() if k not in aspects.SETTINGS_BEFORE_RECORDED}
-    older.write_text(json.dumps([{**rec, "settings": before} for rec in recs]))
-    assert aspects_fit.dump_settings(aspects_fit.read_dumps([same, older])) == json.loads(json.dumps(settings))
+    older_dump.write_text(json.dumps([{**rec, "settings": before} for rec in recs]))
+    assert aspects_fit.dump_settings(aspects_fit.read_dumps([same, older_dump])) == json.loads(json.dumps(settings))
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**rec, "settings": {**settings, "csf_margin_mm": 1.5}} for rec in recs]))
     with pytest.raises(InputError, match="2 different read-out settings"):

@@ -789,13 +789,6 @@ def _below_its_kind(expected: Optional[float]) -> bool:
     return expected is not None and expected <= -EXPECTED_DROP_HU
 
 
-#: How a reason names a context measure (:data:`aspects_card.CONTEXT_MEASURES`) that could
-#: not be measured for a region.
-_CONTEXT_WORDS: Dict[str, str] = {
-    "expected": "the comparison with the other {kind} regions (fewer than two of them measured)",
-}
-
-
 def scan_centre(card: aspects_card.ReadoutCard, values: Dict[int, Dict[str, Optional[float]]]) -> Dict[str, float]:
     """The scan's offset of each measure for a centred ``card`` ({} otherwise): ``values``
     maps every region's label to its :func:`region_values` (``aspects_card.scan_centre``)."""
@@ -824,13 +817,14 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
                            + "; ".join(card.reasons(r.code, values, centre) or ["several small differences together"]))
         if _below_its_kind(expected):
             reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
-        unmeasured = [_CONTEXT_WORDS[f].format(kind=KIND_OF_CODE[r.code]) for f in card.missing(values)
-                      if f in aspects_card.CONTEXT_MEASURES and score is not None]
-        if unmeasured:
-            reasons.append(f"scored without {' and '.join(unmeasured)}, counted as normal")
         if score is None:
             reasons.append(f"not scored: the mirror region holds almost no measured tissue ({mirror['ml']:.2f} ml), "
                            "nothing to compare with: read the images")
+        else:
+            unmeasured = [aspects_card.CONTEXT_MEASURES[f].format(kind=KIND_OF_CODE[r.code])
+                          for f in card.missing(values)]   # only context measures: it was scored
+            if unmeasured:
+                reasons.append(f"scored without {' and '.join(unmeasured)}, counted as normal")
         gw_loss = values["gw_loss"]
         if gw_loss is not None and gw_loss >= GW_LOSS_HU:
             reasons.append(f"grey/white contrast {gw_loss:.1f} HU lower than the mirror side")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics   # the standard library's (this package's own is BrainLobeSegLib.statistics)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -88,7 +89,10 @@ REASON_CONTRIBUTION = 0.75
 #: 9600, case 27). Any other missing measure leaves the region without a score: "gw_loss" is
 #: missing when the mirror region holds almost no tissue, and a comparison with a sliver
 #: called the same normal region in all ten read-outs of one scan (seed 10300, case 5).
-CONTEXT_MEASURES: Tuple[str, ...] = ("expected",)
+#: Each maps to how a reason names it when it is missing (``{kind}``: the region's kind).
+CONTEXT_MEASURES: Dict[str, str] = {
+    "expected": "the comparison with the other {kind} regions (fewer than two of them measured)",
+}
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class ReadoutCard:
         """The measures that push the score up most, in words with their normal range (a
         missing context measure counts as normal, so it is never one of them). With a
         centred card the normal range is this scan's: shifted by its offset."""
+        centre = centre or {}
         scored = self.scored_values(code, values, centre)
         z = (self.z_values(code, scored) if scored is not None else None) or {}
         pushes = sorted(((self.weights[f] * z[f], f) for f in z), reverse=True)
@@ -164,10 +169,10 @@ class ReadoutCard:
         for contribution, f in pushes:
             if contribution < REASON_CONTRIBUTION:
                 break
-            median, sd = self.normal[code][f]
-            where = "this region on this scan" if (centre or {}).get(f) else "this region"
+            normal_median, sd = self.normal[code][f]
+            where = "this region on this scan" if centre.get(f) else "this region"
             out.append(f"{_reading(f, values[f])} (normal for {where} "
-                       f"{_plain(f, median + (centre or {}).get(f, 0.0))} +/- {_plain(f, sd, sign=False)})")
+                       f"{_plain(f, normal_median + centre.get(f, 0.0))} +/- {_plain(f, sd, sign=False)})")
         return out
 
     def to_json(self) -> dict:
@@ -194,14 +199,8 @@ def scan_centre(normal: Mapping[str, Mapping[str, Tuple[float, float]]], feature
         if all(values.get(f) is not None and math.isfinite(values[f]) for f in features):
             for f in features:
                 offsets[f].append(values[f] - normal[code][f][0])
-    centre = {f: _median(v) if v else 0.0 for f, v in offsets.items()}
+    centre = {f: statistics.median(v) if v else 0.0 for f, v in offsets.items()}
     return {f: max(c, 0.0) if f in HIGHER_IS_DARKER else min(c, 0.0) for f, c in centre.items()}
-
-
-def _median(v: List[float]) -> float:
-    v = sorted(v)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
 
 def _reading(measure: str, v: float) -> str:
