@@ -23,8 +23,9 @@ FEATURES = ("mean", "dark", "frac")
 
 
 def _records(n_scans: int, seed: int):
-    """aspects_bench --dump records: per scan a normal read-out and one with a region
-    whose measures are darker (-4 HU over 60 % of it) or faint (-2 HU over 10 %)."""
+    """aspects_bench --dump records: per scan a normal read-out, one with a region of each
+    kind (the card weighs measures per kind) on one side whose measures are darker (-4 HU
+    over 60 % of it), and one with a faint region (-2 HU over 10 %)."""
     rng = np.random.default_rng(seed)
 
     def regs(hit, strength):
@@ -41,7 +42,9 @@ def _records(n_scans: int, seed: int):
     recs = []
     for case in range(n_scans):
         recs.append({"case": str(case), "drop": 0, "extent": 0, "kind": "normal", "truth": [], "regions": regs([], 0)})
-        hit = [int(rng.integers(1, 21))]
+        side = str(rng.choice(aspects.SIDES))
+        hit = [regions.region(str(rng.choice(codes)), side).label
+               for codes in (("C", "L"), ("IC",), ("I",), tuple(f"M{i}" for i in range(1, 7)))]
         recs.append({"case": str(case), "drop": -4.0, "extent": 0.6, "kind": "cortical", "truth": hit,
                      "regions": regs(hit, 2.0)})
         faint = [int(rng.integers(1, 21))]
@@ -61,7 +64,8 @@ def test_fitted_card_calls_darker_regions_and_keeps_its_specificity(dump, tmp_pa
     rows = aspects_fit.load_rows([dump], FEATURES)
     card = aspects_fit.fit_card(rows, FEATURES, specificity=0.98)
     assert card.fit["specificity"] >= 0.975 and card.fit["target_sensitivity"] > 0.9
-    assert card.weights["dark"] < 0 and card.normal["M2"]["dark"][0] < 0   # darker (lower) -> called
+    assert all(card.weights[kind]["dark"] < 0 for kind in aspects_card.KINDS)   # darker (lower) -> called
+    assert card.normal["M2"]["dark"][0] < 0
     # the normal values are per region code: deep nuclei vary more than cortex
     assert card.normal["L"]["mean"][1] > 1.8 * card.normal["M2"]["mean"][1]
     # written, it reads back as the same card and scores a fresh scan's regions the same way
@@ -108,11 +112,43 @@ def test_a_centred_card_reads_each_measure_against_the_scans_own_offset(dump, tm
     back = aspects_card.load_card(out)
     assert back.centred and calls(back, pulled)[1] == pytest.approx(scores, abs=1e-3)
     data = centred.to_json()
-    assert aspects_card.card_from_json({**data, "version": 1}).centred is False
-    with pytest.raises(ValueError, match="reads versions 1, 2"):
-        aspects_card.card_from_json({**data, "version": 3})
+    assert aspects_card.card_from_json({**data, "version": 1, "weights": data["weights"]["cortex"]}).centred is False
+    with pytest.raises(ValueError, match="reads versions 1, 2, 3"):
+        aspects_card.card_from_json({**data, "version": 4})
     with pytest.raises(TypeError, match="centred"):
         aspects_card.card_from_json({**data, "centred": "yes"})
+
+
+def test_each_kind_of_region_has_its_own_weights(tmp_path):
+    """An infarct shows in different measures in a nucleus and in a cortical ribbon. Here
+    the cortex's infarcts show only in the share of darker voxels and the deep regions'
+    only in their darkest part: a card with weights per kind finds more of them at the
+    same specificity than one set of weights for all. A one-set card written as a
+    version-2 card (flat weights) reads back with the same weights for every kind."""
+    rng = np.random.default_rng(11)
+    records = _records(60, 7)
+    code = {r.label: r.code for r in regions.REGIONS}
+    for rec in records:
+        for reg in rec["regions"]:
+            if reg["label"] in rec["truth"] and rec["drop"] == -4.0:
+                m, deep = reg["measures"], code[reg["label"]] in ("C", "L", "IC")
+                m["mean"] = float(rng.normal(0.0, 1.0 if deep else 0.4))
+                if deep:
+                    m["frac"] = float(np.clip(rng.normal(0.05, 0.03), 0, 1))
+                else:
+                    m["dark"] = float(rng.normal(-1.0, 0.4))
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps(records))
+    rows = aspects_fit.load_rows([path], FEATURES)
+    by_kind = aspects_fit.fit_card(rows, FEATURES, specificity=0.98)
+    one_set = aspects_fit.fit_card(rows, FEATURES, specificity=0.98, by_kind=False)
+    assert by_kind.fit["target_sensitivity"] > one_set.fit["target_sensitivity"] + 0.05
+    assert by_kind.weights["cortex"]["frac"] > by_kind.weights["deep grey"]["frac"]
+    assert all(w == one_set.weights["cortex"] for w in one_set.weights.values())
+    flat = {**one_set.to_json(), "version": 2, "weights": one_set.weights["cortex"]}
+    assert aspects_card.card_from_json(flat).weights == one_set.weights
+    with pytest.raises(InputError, match="infarcted insula regions"):
+        aspects_fit.fit_card([r for r in rows if not (r["truth"] and r["code"] == "I")], FEATURES)
 
 
 def test_unmeasured_target_regions_count_as_missed_in_the_fit(tmp_path):
@@ -122,7 +158,7 @@ def test_unmeasured_target_regions_count_as_missed_in_the_fit(tmp_path):
     records = _records(40, 1)
     hit = next(r for r in records if r["drop"] == -4.0)
     for reg in hit["regions"]:
-        if reg["label"] in hit["truth"]:
+        if reg["label"] == hit["truth"][0]:
             reg["measures"] = {f: None for f in reg["measures"]}
     path = tmp_path / "dump.json"
     path.write_text(json.dumps(records))
@@ -185,11 +221,13 @@ def test_a_wider_spread_than_the_mirror_is_read_as_such():
     part of the region darker widens its spread) names it as a wider spread, not as a
     contrast "-2.5 HU lower"; a positive value keeps the contrast wording."""
     normal = {r.code: {"gw_loss": (0.0, 1.0)} for r in regions.REGIONS}
-    card = aspects_card.ReadoutCard(("gw_loss",), normal, {"gw_loss": -1.0}, 0.0, 1.0, {}, {})
+    card = aspects_card.ReadoutCard(("gw_loss",), normal, aspects_card.same_for_every_kind({"gw_loss": -1.0}),
+                                    0.0, 1.0, {}, {})
     wider = card.reasons("M3", {"gw_loss": -2.5})
     assert len(wider) == 1 and wider[0].startswith("density spread 2.5 HU wider than the mirror side")
     assert "lower" not in wider[0]
-    flat = aspects_card.ReadoutCard(("gw_loss",), normal, {"gw_loss": 1.0}, 0.0, 1.0, {}, {})
+    flat = aspects_card.ReadoutCard(("gw_loss",), normal, aspects_card.same_for_every_kind({"gw_loss": 1.0}),
+                                    0.0, 1.0, {}, {})
     assert flat.reasons("M3", {"gw_loss": 3.0})[0].startswith("grey/white contrast +3.0 HU lower")
 
 
@@ -271,6 +309,7 @@ def test_dumps_without_settings_make_a_card_without_the_block(dump, tmp_path):
     (lambda d: d.update(bias="os.system('x')"), "not a finite number"),
     (lambda d: d.update(threshold=float("nan")), "not a finite number"),
     (lambda d: d.update(readout=["csf_margin_mm", 3.0]), "readout"),
+    (lambda d: d["weights"].pop("insula"), "insula"),
 ])
 def test_broken_card_is_one_clear_error(tmp_path, edit, message):
     data = json.loads(aspects_card.default_card_path().read_text())

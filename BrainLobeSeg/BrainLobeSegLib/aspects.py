@@ -203,9 +203,6 @@ NOTICE = ("Decision support, not a diagnosis. Calls are made from density differ
           "and segmentation errors also cause them. Read the images; the score neither "
           "confirms nor excludes a stroke.")
 
-#: Kinds of regions compared for the expected density (ASPECTS codes).
-KIND_OF_CODE: Dict[str, str] = {"C": "deep grey", "L": "deep grey", "IC": "capsule", "I": "insula",
-                                **{f"M{i}": "cortex" for i in range(1, 7)}}
 SIDES = ("left", "right")
 
 
@@ -735,9 +732,9 @@ def _expected_diffs(measures: Dict[int, dict]) -> Dict[int, Optional[float]]:
     """Region mean minus the median mean of the regions of its kind (both sides)."""
     out: Dict[int, Optional[float]] = {}
     for r in regions.REGIONS:
-        kind = KIND_OF_CODE[r.code]
+        kind = aspects_card.KIND_OF_CODE[r.code]
         peers = [measures[q.label]["mean"] for q in regions.REGIONS
-                 if KIND_OF_CODE[q.code] == kind and measures[q.label]["mean"] is not None
+                 if aspects_card.KIND_OF_CODE[q.code] == kind and measures[q.label]["mean"] is not None
                  and measures[q.label]["ml"] >= MIN_MEASURED_ML]
         me = measures[r.label]
         out[r.label] = (me["mean"] - float(np.median(peers))) if me["mean"] is not None and len(peers) >= 2 \
@@ -816,12 +813,12 @@ def call_region(r: regions.Region, me: dict, mirror: dict, expected: Optional[fl
             reasons.append(f"call score {score:.1f} (called from {card.threshold:.1f}): "
                            + "; ".join(card.reasons(r.code, values, centre) or ["several small differences together"]))
         if _below_its_kind(expected):
-            reasons.append(f"{-expected:.1f} HU below the other {KIND_OF_CODE[r.code]} regions")
+            reasons.append(f"{-expected:.1f} HU below the other {aspects_card.KIND_OF_CODE[r.code]} regions")
         if score is None:
             reasons.append(f"not scored: the mirror region holds almost no measured tissue ({mirror['ml']:.2f} ml), "
                            "nothing to compare with: read the images")
         else:
-            unmeasured = [aspects_card.CONTEXT_MEASURES[f].format(kind=KIND_OF_CODE[r.code])
+            unmeasured = [aspects_card.CONTEXT_MEASURES[f].format(kind=aspects_card.KIND_OF_CODE[r.code])
                           for f in card.missing(values)]   # only context measures: it was scored
             if unmeasured:
                 reasons.append(f"scored without {' and '.join(unmeasured)}, counted as normal")

@@ -6,7 +6,12 @@ of 4 ml differs more between normal hemispheres than a cortical region of 30 ml,
 same HU means less there)::
 
     z_f   = (value_f - centre_f - normal_median[code][f]) / normal_sd[code][f]
-    score = bias + sum_f weight_f * z_f          (log-odds; called when >= threshold)
+    score = bias + sum_f weight[kind][f] * z_f   (log-odds; called when >= threshold)
+
+``kind`` is the region's kind (:data:`KIND_OF_CODE`: deep grey, capsule, insula, cortex):
+since format version 3 each kind has its own weights, because the same measure says
+different things in a 4 ml nucleus and in a cortical ribbon (the grey/white spread, the
+share of darker voxels); cards of versions 1 and 2 have one set of weights for every kind.
 
 ``centre_f`` is zero unless the card is *centred* (``"centred": true``, format version 2):
 then it is the scan's own darkening of the measure, the median over the read-out's scored
@@ -45,10 +50,18 @@ from .errors import InputError
 from .resources import bundled_dir
 
 FORMAT = "brainlobeseg-aspects-card"
-FORMAT_VERSION = 2
-#: Versions this engine reads: 1 (before centring; read as not centred) and 2.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this engine reads: 1 (before centring; read as not centred), 2 (one set of
+#: weights for every kind) and 3.
+READABLE_VERSIONS = (1, 2, 3)
 CARD_FILE = "readout-card.json"
+
+#: The kind of tissue of each region code: the card weighs measures per kind, and a region's
+#: "expected" measure compares it with the other regions of its kind (both sides).
+KIND_OF_CODE: Dict[str, str] = {"C": "deep grey", "L": "deep grey", "IC": "capsule", "I": "insula",
+                                **{f"M{i}": "cortex" for i in range(1, 7)}}
+#: The kinds, in the order cards list their weights.
+KINDS: Tuple[str, ...] = ("deep grey", "capsule", "insula", "cortex")
 
 #: Every measure a card may use: name -> how a reader says it (``{v}``: the value, HU
 #: relative to the mirror region unless said otherwise). Negative means darker.
@@ -101,7 +114,7 @@ class ReadoutCard:
 
     features: Tuple[str, ...]
     normal: Dict[str, Dict[str, Tuple[float, float]]]   # code -> measure -> (median, sd)
-    weights: Dict[str, float]
+    weights: Dict[str, Dict[str, float]]                # kind -> measure -> weight
     bias: float
     threshold: float
     trained_on: Dict[str, Any]
@@ -117,6 +130,10 @@ class ReadoutCard:
         """The scan's offset of each measure for this card ({} unless it is centred):
         ``scored`` is (region code, measures) of every region of one read-out."""
         return scan_centre(self.normal, self.features, scored) if self.centred else {}
+
+    def weights_of(self, code: str) -> Dict[str, float]:
+        """The weights of the measures for a region of ``code`` (those of its kind)."""
+        return self.weights[KIND_OF_CODE[code]]
 
     def z_values(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[Dict[str, float]]:
         """The measures as z-values for a region of ``code``; None if one is missing."""
@@ -154,7 +171,8 @@ class ReadoutCard:
         z = None if scored is None else self.z_values(code, scored)
         if z is None:
             return None
-        return self.bias + sum(self.weights[f] * z[f] for f in self.features)
+        weights = self.weights_of(code)
+        return self.bias + sum(weights[f] * z[f] for f in self.features)
 
     def reasons(self, code: str, values: Mapping[str, Optional[float]],
                 centre: Optional[Mapping[str, float]] = None) -> List[str]:
@@ -164,7 +182,8 @@ class ReadoutCard:
         centre = centre or {}
         scored = self.scored_values(code, values, centre)
         z = (self.z_values(code, scored) if scored is not None else None) or {}
-        pushes = sorted(((self.weights[f] * z[f], f) for f in z), reverse=True)
+        weights = self.weights_of(code)
+        pushes = sorted(((weights[f] * z[f], f) for f in z), reverse=True)
         out = []
         for contribution, f in pushes:
             if contribution < REASON_CONTRIBUTION:
@@ -178,7 +197,8 @@ class ReadoutCard:
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "features": list(self.features),
                 "normal": {c: {f: list(v) for f, v in m.items()} for c, m in self.normal.items()},
-                "weights": dict(self.weights), "bias": self.bias, "threshold": self.threshold,
+                "weights": {k: dict(w) for k, w in self.weights.items()},
+                "bias": self.bias, "threshold": self.threshold,
                 "trained_on": self.trained_on, "fit": self.fit, "centred": self.centred,
                 **({"readout": self.readout} if self.readout else {})}
 
@@ -264,13 +284,21 @@ def card_from_json(data: Any, source: str = "") -> ReadoutCard:
             if sd <= 0:
                 raise ValueError(f"normal SD of {f} in {code} is not positive")
             normal[code][f] = (median, sd)
-    weights = {f: _number(data["weights"][f]) for f in features}
+    if version >= 3:
+        weights = {k: {f: _number(data["weights"][k][f]) for f in features} for k in KINDS}
+    else:
+        weights = same_for_every_kind({f: _number(data["weights"][f]) for f in features})
     readout = data.get("readout") or {}
     if not isinstance(readout, dict):
         raise TypeError("readout is not a mapping of setting names to values")
     return ReadoutCard(features, normal, weights, _number(data["bias"]), _number(data["threshold"]),
                        dict(data.get("trained_on") or {}), dict(data.get("fit") or {}), source, dict(readout),
                        centred)
+
+
+def same_for_every_kind(weights: Mapping[str, float]) -> Dict[str, Dict[str, float]]:
+    """One set of measure weights as the weights of every kind (a version-1 or 2 card)."""
+    return {k: dict(weights) for k in KINDS}
 
 
 def _number(v: Any) -> float:
