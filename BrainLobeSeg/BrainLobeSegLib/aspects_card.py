@@ -10,8 +10,10 @@ same HU means less there)::
 
 ``kind`` is the region's kind (:data:`KIND_OF_CODE`: deep grey, capsule, insula, cortex):
 since format version 3 each kind has its own weights, because the same measure says
-different things in a 4 ml nucleus and in a cortical ribbon (the grey/white spread, the
-share of darker voxels); cards of versions 1 and 2 have one set of weights for every kind.
+different things in a 4 ml nucleus and in a cortical ribbon (on the bundled card the mean
+of the darkest 30 % weighs +1.15 in the cortex and -0.10 in the capsule, the 12 mm darkest
+part -0.90 in the insula and about 0 elsewhere); cards of versions 1 and 2 have one set of
+weights for every kind.
 
 ``centre_f`` is zero unless the card is *centred* (``"centred": true``, format version 2):
 then it is the scan's own darkening of the measure, the median over the read-out's scored
