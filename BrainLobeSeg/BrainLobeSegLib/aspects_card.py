@@ -15,7 +15,7 @@ of the darkest 30 % weighs +1.15 in the cortex and -0.10 in the capsule, the 12 
 part -0.90 in the insula and about 0 elsewhere); cards of versions 1 and 2 have one set of
 weights for every kind.
 
-``centre_f`` is zero unless the card is *centred* (``"centred": true``, format version 2):
+``centre_f`` is zero unless the card is *centred* (``"centred": true``, since format version 2):
 then it is the scan's own darkening of the measure, the median over the read-out's scored
 regions within :data:`CENTRE_MAX_MEAN_HU` of their mirror of
 ``value_f - normal_median[code][f]``, kept only on the darker side (:func:`scan_centre`).
@@ -62,8 +62,8 @@ CARD_FILE = "readout-card.json"
 #: "expected" measure compares it with the other regions of its kind (both sides).
 KIND_OF_CODE: Dict[str, str] = {"C": "deep grey", "L": "deep grey", "IC": "capsule", "I": "insula",
                                 **{f"M{i}": "cortex" for i in range(1, 7)}}
-#: The kinds, in the order cards list their weights.
-KINDS: Tuple[str, ...] = ("deep grey", "capsule", "insula", "cortex")
+#: The kinds, in the order cards list their weights (that of :data:`KIND_OF_CODE`).
+KINDS: Tuple[str, ...] = tuple(dict.fromkeys(KIND_OF_CODE.values()))
 
 #: Every measure a card may use: name -> how a reader says it (``{v}``: the value, HU
 #: relative to the mirror region unless said otherwise). Negative means darker.
@@ -133,10 +133,6 @@ class ReadoutCard:
         ``scored`` is (region code, measures) of every region of one read-out."""
         return scan_centre(self.normal, self.features, scored) if self.centred else {}
 
-    def weights_of(self, code: str) -> Dict[str, float]:
-        """The weights of the measures for a region of ``code`` (those of its kind)."""
-        return self.weights[KIND_OF_CODE[code]]
-
     def z_values(self, code: str, values: Mapping[str, Optional[float]]) -> Optional[Dict[str, float]]:
         """The measures as z-values for a region of ``code``; None if one is missing."""
         out = {}
@@ -169,12 +165,19 @@ class ReadoutCard:
         """The call score (log-odds) of a region; None when a measure other than a
         :data:`CONTEXT_MEASURES` one is missing. ``centre``: the scan's offsets
         (:meth:`scan_centre`; needed for a centred card's calls)."""
+        parts = self.contributions(code, values, centre)
+        return None if parts is None else self.bias + sum(parts.values())
+
+    def contributions(self, code: str, values: Mapping[str, Optional[float]],
+                      centre: Optional[Mapping[str, float]] = None) -> Optional[Dict[str, float]]:
+        """Each measure's weight (of the region's kind) times its z-value: the terms of
+        :meth:`score` after the bias, which :meth:`reasons` names; None when not scored."""
         scored = self.scored_values(code, values, centre)
         z = None if scored is None else self.z_values(code, scored)
         if z is None:
             return None
-        weights = self.weights_of(code)
-        return self.bias + sum(weights[f] * z[f] for f in self.features)
+        weights = self.weights[KIND_OF_CODE[code]]
+        return {f: weights[f] * z[f] for f in self.features}
 
     def reasons(self, code: str, values: Mapping[str, Optional[float]],
                 centre: Optional[Mapping[str, float]] = None) -> List[str]:
@@ -182,10 +185,7 @@ class ReadoutCard:
         missing context measure counts as normal, so it is never one of them). With a
         centred card the normal range is this scan's: shifted by its offset."""
         centre = centre or {}
-        scored = self.scored_values(code, values, centre)
-        z = (self.z_values(code, scored) if scored is not None else None) or {}
-        weights = self.weights_of(code)
-        pushes = sorted(((weights[f] * z[f], f) for f in z), reverse=True)
+        pushes = sorted(((v, f) for f, v in (self.contributions(code, values, centre) or {}).items()), reverse=True)
         out = []
         for contribution, f in pushes:
             if contribution < REASON_CONTRIBUTION:
